@@ -1,0 +1,193 @@
+"""Configurations of the CED audio encoder and of the LAVCap captioning model."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import CLIPVisionConfig, PretrainedConfig
+from transformers.models.auto import CONFIG_MAPPING, AutoConfig
+
+FUSION_TYPES = (
+    "ot_att",
+    "ot_concat",
+    "concat",
+    "channel_concat",
+    "cross_attention",
+    "audio_only",
+    "visual_only",
+)
+"""One fusion type per row of the paper's fusion ablation; ``"ot_att"`` is the paper's model."""
+
+OT_FUSION_TYPES = ("ot_att", "ot_concat")
+USES_AUDIO = tuple(t for t in FUSION_TYPES if t != "visual_only")
+USES_VISUAL = tuple(t for t in FUSION_TYPES if t != "audio_only")
+
+
+class CedConfig(PretrainedConfig):
+    r"""Configuration of [`CedModel`], the CED audio transformer (Dinkel et al., 2023).
+
+    The defaults are CED-base as used by LAVCap: 64 mel bins, 1024 frames (10.24 s), 16x16 patches, 768-d, 12 layers.
+
+    Args:
+        num_mel_bins: mel bins of the input fbank.
+        target_length: frames of the input fbank the time position embeddings cover.
+        patch_size: side of the square patches cut from the (mel, time) plane.
+        hidden_size: token width.
+        num_hidden_layers: transformer blocks.
+        num_attention_heads: attention heads per block.
+        mlp_ratio: width of the MLP hidden layer relative to `hidden_size`.
+        qkv_bias: whether the q/k/v projections have a bias.
+        layer_norm_eps: epsilon of the LayerNorms.
+        batch_norm_momentum: momentum of the input BatchNorm over mel bins.
+        initializer_range: std of the truncated normal used to initialise weights.
+    """
+
+    model_type = "ced"
+
+    def __init__(
+        self,
+        num_mel_bins: int = 64,
+        target_length: int = 1024,
+        patch_size: int = 16,
+        hidden_size: int = 768,
+        num_hidden_layers: int = 12,
+        num_attention_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        layer_norm_eps: float = 1e-6,
+        batch_norm_momentum: float = 0.01,
+        initializer_range: float = 0.02,
+        **kwargs: Any,
+    ) -> None:
+        if num_mel_bins % patch_size or target_length % patch_size:
+            raise ValueError(
+                f"num_mel_bins ({num_mel_bins}) and target_length ({target_length}) must be multiples of "
+                f"patch_size ({patch_size})"
+            )
+        if hidden_size % num_attention_heads:
+            raise ValueError(
+                f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_attention_heads}"
+            )
+        self.num_mel_bins = num_mel_bins
+        self.target_length = target_length
+        self.patch_size = patch_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.mlp_ratio = mlp_ratio
+        self.qkv_bias = qkv_bias
+        self.layer_norm_eps = layer_norm_eps
+        self.batch_norm_momentum = batch_norm_momentum
+        self.initializer_range = initializer_range
+        super().__init__(**kwargs)
+
+    @property
+    def freq_patches(self) -> int:
+        """Patch rows along the mel axis (4 for 64 mel bins)."""
+        return self.num_mel_bins // self.patch_size
+
+    @property
+    def time_patches(self) -> int:
+        """Patch columns along time (64 for 1024 frames)."""
+        return self.target_length // self.patch_size
+
+
+def _sub_config(value: Any, default_type: str | None) -> PretrainedConfig | None:
+    """Build a sub-config from a config, a dict with `model_type`, or None (then `default_type`'s defaults)."""
+    if isinstance(value, PretrainedConfig):
+        return value
+    if value is None:
+        return None if default_type is None else CONFIG_MAPPING[default_type]()
+    value = dict(value)
+    model_type = value.pop("model_type", default_type)
+    if model_type == CedConfig.model_type:
+        return CedConfig(**value)
+    return CONFIG_MAPPING[model_type](**value)
+
+
+class LavCapConfig(PretrainedConfig):
+    r"""Configuration of [`LavCapForConditionalGeneration`].
+
+    Args:
+        audio_config: [`CedConfig`] (or dict) of the audio encoder.
+        vision_config: CLIP vision config (or dict) of the frozen frame encoder, or None when the model only ever gets
+            precomputed `video_embeds`.
+        text_config: config (or dict with `model_type`) of any causal LM; LLaMA by default.
+        fusion_type: one of `FUSION_TYPES`.
+        ot_loss_weight: weight of the OT alignment loss in `loss = lm_loss + ot_loss`.
+        sinkhorn_epsilon: entropic regularisation of the Sinkhorn iterations.
+        sinkhorn_iterations: Sinkhorn iterations.
+        num_frames: frames per clip (visual tokens).
+        visual_embed_dim: width of one frame's visual embedding (CLIP's `projection_dim`, 768 for ViT-L/14).
+        audio_token_id: id of the `<|audio|>` placeholder token in the text vocabulary.
+        video_token_id: id of the `<|video|>` placeholder token.
+        logit_scale_init: initial OT logit scale (ln(1/0.07)).
+        logit_scale_max: the scale is clamped to [0, logit_scale_max] every forward (ln 100).
+    """
+
+    model_type = "lavcap"
+    sub_configs = {"audio_config": CedConfig, "vision_config": CLIPVisionConfig, "text_config": AutoConfig}
+
+    def __init__(
+        self,
+        audio_config: CedConfig | dict | None = None,
+        vision_config: CLIPVisionConfig | dict | None = None,
+        text_config: PretrainedConfig | dict | None = None,
+        fusion_type: str = "ot_att",
+        ot_loss_weight: float = 1.0,
+        sinkhorn_epsilon: float = 0.1,
+        sinkhorn_iterations: int = 50,
+        num_frames: int = 20,
+        visual_embed_dim: int | None = None,
+        audio_token_id: int | None = None,
+        video_token_id: int | None = None,
+        logit_scale_init: float = 2.6592600369262695,
+        logit_scale_max: float = 4.605170249938965,
+        **kwargs: Any,
+    ) -> None:
+        if fusion_type not in FUSION_TYPES:
+            raise ValueError(f"fusion_type must be one of {FUSION_TYPES}, got {fusion_type!r}")
+        if isinstance(audio_config, dict):
+            audio_config = CedConfig(**{k: v for k, v in audio_config.items() if k != "model_type"})
+        self.audio_config = audio_config if audio_config is not None else CedConfig()
+        if isinstance(vision_config, dict):
+            vision_config = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
+        self.vision_config = vision_config
+        self.text_config = _sub_config(text_config, "llama")
+        self.fusion_type = fusion_type
+        self.ot_loss_weight = ot_loss_weight
+        self.sinkhorn_epsilon = sinkhorn_epsilon
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.num_frames = num_frames
+        if visual_embed_dim is None:
+            visual_embed_dim = vision_config.projection_dim if vision_config is not None else 768
+        self.visual_embed_dim = visual_embed_dim
+        self.audio_token_id = audio_token_id
+        self.video_token_id = video_token_id
+        self.logit_scale_init = logit_scale_init
+        self.logit_scale_max = logit_scale_max
+        super().__init__(**kwargs)
+
+    @property
+    def num_audio_tokens(self) -> int:
+        """Audio tokens after the frequency mean-pooling: one per CED time patch (64)."""
+        return self.audio_config.time_patches
+
+    @property
+    def uses_audio(self) -> bool:
+        return self.fusion_type in USES_AUDIO
+
+    @property
+    def uses_visual(self) -> bool:
+        return self.fusion_type in USES_VISUAL
+
+    @property
+    def placeholder_counts(self) -> tuple[int, int]:
+        """(audio placeholders, video placeholders) the prompt carries for this fusion type.
+
+        Token-concatenating fusions emit 64 audio tokens then 20 visual tokens; fusions that keep the audio sequence
+        (channel concat, cross-attention) emit audio tokens only.
+        """
+        audio = self.num_audio_tokens if self.uses_audio else 0
+        video = self.num_frames if self.fusion_type in ("ot_att", "ot_concat", "concat", "visual_only") else 0
+        return audio, video

@@ -1,0 +1,188 @@
+"""CED audio transformer (Dinkel et al., "CED: Consistent ensemble distillation for audio tagging", 2023).
+
+A ViT over 16x16 patches of a log-mel fbank with separate time and frequency position embeddings. The module names
+follow the released CED checkpoints (``init_bn``, ``patch_embed.proj``, ``blocks.N.attn.q_proj`` ...) so that the
+original weights and the LoRA'd LAVCap checkpoints map onto this model key for key, except that the fused ``qkv``
+projection of the original release is split into ``q_proj``/``k_proj``/``v_proj`` for LoRA.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.modeling_outputs import BaseModelOutput
+
+from .configuration_lavcap import CedConfig
+
+
+class CedAttention(nn.Module):
+    """Multi-head self-attention with separate q/k/v projections (LoRA targets) and SDPA."""
+
+    def __init__(self, config: CedConfig) -> None:
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.num_attention_heads
+        self.q_proj = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(dim, dim, bias=config.qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B, N, C)."""
+        batch, length, dim = hidden_states.shape
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+        query, key, value = (heads(p(hidden_states)) for p in (self.q_proj, self.k_proj, self.v_proj))
+        attended = F.scaled_dot_product_attention(query, key, value)
+        return self.proj(attended.transpose(1, 2).reshape(batch, length, dim))
+
+
+class CedMlp(nn.Module):
+    def __init__(self, config: CedConfig) -> None:
+        super().__init__()
+        hidden = int(config.hidden_size * config.mlp_ratio)
+        self.fc1 = nn.Linear(config.hidden_size, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(hidden_states)))
+
+
+class CedBlock(nn.Module):
+    """Pre-norm transformer block."""
+
+    def __init__(self, config: CedConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.attn = CedAttention(config)
+        self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.mlp = CedMlp(config)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = hidden_states + self.attn(self.norm1(hidden_states))
+        return hidden_states + self.mlp(self.norm2(hidden_states))
+
+
+class CedPatchEmbed(nn.Module):
+    def __init__(self, config: CedConfig) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(1, config.hidden_size, kernel_size=config.patch_size, stride=config.patch_size)
+
+    def forward(self, spectrogram: torch.Tensor) -> torch.Tensor:
+        """(B, 1, mel, frames) -> (B, C, mel/16, frames/16)."""
+        return self.proj(spectrogram)
+
+
+class CedPreTrainedModel(PreTrainedModel):
+    config_class = CedConfig
+    base_model_prefix = "ced"
+    main_input_name = "input_features"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["CedBlock"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Conv2d)):
+            nn.init.trunc_normal_(module.weight, std=std)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm2d):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+            if module.running_mean is not None:
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0)
+                module.num_batches_tracked.zero_()
+        elif isinstance(module, CedModel):
+            nn.init.normal_(module.time_pos_embed, std=std)
+            nn.init.normal_(module.freq_pos_embed, std=std)
+
+
+class CedModel(CedPreTrainedModel):
+    """CED encoder: fbank (B, frames, mel) -> patch tokens (B, (mel/16) * (frames/16), C), frequency-major.
+
+    For the paper's 64 x 1024 input this is (B, 256, 768): token `f * 64 + t` is frequency row `f`, time column `t`.
+    Inputs shorter than `target_length` use the first time position embeddings; longer ones are rejected.
+    """
+
+    def __init__(self, config: CedConfig) -> None:
+        super().__init__(config)
+        self.init_bn = nn.BatchNorm2d(config.num_mel_bins, momentum=config.batch_norm_momentum)
+        self.patch_embed = CedPatchEmbed(config)
+        self.time_pos_embed = nn.Parameter(torch.zeros(1, config.hidden_size, 1, config.time_patches))
+        self.freq_pos_embed = nn.Parameter(torch.zeros(1, config.hidden_size, config.freq_patches, 1))
+        self.blocks = nn.ModuleList(CedBlock(config) for _ in range(config.num_hidden_layers))
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def forward(
+        self,
+        input_features: torch.Tensor,
+        output_hidden_states: bool = False,
+        return_dict: bool = True,
+    ) -> BaseModelOutput | tuple:
+        """
+        Args:
+            input_features: normalised log-mel fbank (B, frames, mel), frames <= `target_length`, frames and mel
+                multiples of the patch size.
+        Returns:
+            `last_hidden_state` (B, (mel/16) * (frames/16), C), frequency-major.
+        """
+        self._check_input(input_features)
+        input_features = input_features.to(self.init_bn.weight.dtype)
+        # BatchNorm over mel bins: (B, frames, mel) -> (B, mel, 1, frames), the layout the release normalises.
+        spectrogram = self.init_bn(input_features.transpose(1, 2).unsqueeze(2)).transpose(1, 2)
+        patches = self.patch_embed(spectrogram)
+        time_patches = patches.shape[-1]
+        patches = patches + self.time_pos_embed[..., :time_patches] + self.freq_pos_embed
+        hidden_states = patches.flatten(2).transpose(1, 2)  # (B, C, F, T) -> (B, F*T, C), frequency-major
+        all_hidden = [hidden_states] if output_hidden_states else None
+        for block in self.blocks:
+            if self.gradient_checkpointing and self.training:
+                hidden_states = self._gradient_checkpointing_func(block.__call__, hidden_states)
+            else:
+                hidden_states = block(hidden_states)
+            if all_hidden is not None:
+                all_hidden.append(hidden_states)
+        hidden_states = self.norm(hidden_states)
+        hidden_tuple = tuple(all_hidden) if all_hidden is not None else None
+        if not return_dict:
+            return (hidden_states,) if hidden_tuple is None else (hidden_states, hidden_tuple)
+        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=hidden_tuple)
+
+    def _check_input(self, input_features: torch.Tensor) -> None:
+        config = self.config
+        if input_features.ndim != 3 or input_features.shape[-1] != config.num_mel_bins:
+            raise ValueError(
+                f"input_features must have shape (batch, frames, {config.num_mel_bins}), got {tuple(input_features.shape)}"
+            )
+        frames = input_features.shape[1]
+        if frames > config.target_length or frames % config.patch_size:
+            raise ValueError(
+                f"input_features has {frames} frames; CED takes a multiple of {config.patch_size} frames up to "
+                f"target_length={config.target_length}"
+            )
+
+
+def interpolate_time_pos_embed(time_pos_embed: torch.Tensor, time_patches: int) -> torch.Tensor:
+    """Resize CED time position embeddings (1, C, 1, T) -> (1, C, 1, time_patches).
+
+    Cut when shorter, bilinear interpolation (align_corners=False) when longer, as the official CED loader does
+    (the original release covers 63 patches, LAVCap's 1024 frames need 64).
+    """
+    if time_patches <= time_pos_embed.shape[-1]:
+        return time_pos_embed[..., :time_patches].clone()
+    resized = F.interpolate(
+        time_pos_embed.float(), size=(1, time_patches), mode="bilinear", align_corners=False
+    )
+    return resized.to(time_pos_embed.dtype)

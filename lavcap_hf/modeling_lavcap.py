@@ -1,0 +1,341 @@
+"""LAVCap: audio encoder + frozen CLIP frames + optimal-transport fusion + causal LM decoder."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoModelForCausalLM, CLIPVisionModelWithProjection, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
+
+from .configuration_lavcap import OT_FUSION_TYPES, LavCapConfig
+from .modeling_ced import CedModel
+from .optimal_transport import build_fusion
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LavCapModelOutput(ModelOutput):
+    """
+    Args:
+        multimodal_embeds: fused tokens projected to the LM width (B, N, d_llm); N = 84 for the paper's model.
+        ot_loss: `ot_loss_weight * (loss_v + loss_a)` for the OT fusion types, else None.
+        ot_plan: transport plan exp(L) (B, V, A), rows sum to 1/V and columns to 1/A; only with `output_ot_plan`.
+        audio_embeds: audio tokens after frequency pooling (B, A, C).
+        video_embeds: one visual embedding per frame (B, V, C).
+    """
+
+    multimodal_embeds: torch.Tensor | None = None
+    ot_loss: torch.Tensor | None = None
+    ot_plan: torch.Tensor | None = None
+    audio_embeds: torch.Tensor | None = None
+    video_embeds: torch.Tensor | None = None
+
+
+@dataclass
+class LavCapCausalLMOutput(CausalLMOutputWithPast):
+    """Causal LM output plus `lm_loss`, `ot_loss` (`loss = lm_loss + ot_loss`) and the OT plan on request."""
+
+    lm_loss: torch.Tensor | None = None
+    ot_loss: torch.Tensor | None = None
+    ot_plan: torch.Tensor | None = None
+
+
+class LavCapPreTrainedModel(PreTrainedModel):
+    config_class = LavCapConfig
+    base_model_prefix = "model"
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["CedBlock", "CLIPEncoderLayer", "LlamaDecoderLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = getattr(self.config.text_config, "initializer_range", 0.02)
+        if isinstance(module, nn.Linear):
+            module.weight.normal_(mean=0.0, std=std)
+            if module.bias is not None:
+                module.bias.zero_()
+        elif isinstance(module, nn.LayerNorm):
+            module.weight.fill_(1.0)
+            module.bias.zero_()
+        if hasattr(module, "logit_scale") and isinstance(module.logit_scale, nn.Parameter):
+            module.logit_scale.fill_(self.config.logit_scale_init)
+
+
+class LavCapModel(LavCapPreTrainedModel):
+    """The audio-visual front end: encoders, OT fusion and the projector to the LM width (no language model)."""
+
+    def __init__(self, config: LavCapConfig) -> None:
+        super().__init__(config)
+        self._check_widths(config)
+        self.audio_tower = CedModel(config.audio_config) if config.uses_audio else None
+        has_vision = config.uses_visual and config.vision_config is not None
+        self.vision_tower = CLIPVisionModelWithProjection(config.vision_config) if has_vision else None
+        fusion_width = config.audio_config.hidden_size if config.uses_audio else config.visual_embed_dim
+        self.fusion = build_fusion(
+            config.fusion_type,
+            hidden_size=fusion_width,
+            sinkhorn_epsilon=config.sinkhorn_epsilon,
+            sinkhorn_iterations=config.sinkhorn_iterations,
+            logit_scale_init=config.logit_scale_init,
+            logit_scale_max=config.logit_scale_max,
+        )
+        self.multi_modal_projector = nn.Linear(self.fusion.output_dim, config.text_config.hidden_size)
+        self.post_init()
+
+    @staticmethod
+    def _check_widths(config: LavCapConfig) -> None:
+        if (
+            config.uses_audio
+            and config.uses_visual
+            and config.audio_config.hidden_size != config.visual_embed_dim
+        ):
+            raise ValueError(
+                f"fusion_type={config.fusion_type!r} fuses audio tokens of width {config.audio_config.hidden_size} "
+                f"with visual embeddings of width {config.visual_embed_dim}; they must be equal"
+            )
+
+    def get_audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
+        """fbank (B, frames, mel) -> audio tokens (B, frames/16, C), CED patches averaged over frequency rows."""
+        patches = self.audio_tower(input_features).last_hidden_state  # (B, F*T, C), frequency-major
+        batch, _, width = patches.shape
+        freq_rows = self.config.audio_config.freq_patches
+        return patches.view(batch, freq_rows, -1, width).mean(dim=1)
+
+    def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """frames (B, V, 3, H, W) -> projected CLIP image embeddings (B, V, C)."""
+        if self.vision_tower is None:
+            raise ValueError(
+                "this model has no vision tower (vision_config is None): pass precomputed `video_embeds` "
+                "of shape (batch, frames, visual_embed_dim) instead of `pixel_values_videos`"
+            )
+        if pixel_values_videos.ndim != 5:
+            raise ValueError(
+                f"pixel_values_videos must have shape (batch, frames, 3, height, width), got {tuple(pixel_values_videos.shape)}"
+            )
+        batch, frames = pixel_values_videos.shape[:2]
+        pixels = pixel_values_videos.flatten(0, 1).to(self.vision_tower.dtype)
+        return self.vision_tower(pixel_values=pixels).image_embeds.view(batch, frames, -1)
+
+    def forward(
+        self,
+        input_features: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_embeds: torch.Tensor | None = None,
+        output_ot_plan: bool = False,
+    ) -> LavCapModelOutput:
+        """Encode a batch of clips into the LM input vectors that replace the placeholder tokens.
+
+        Args:
+            input_features: normalised fbank (B, 1024, 64).
+            pixel_values_videos: CLIP-preprocessed frames (B, V, 3, 224, 224), or
+            video_embeds: precomputed projected CLIP embeddings (B, V, 768).
+        """
+        audio_embeds = self._audio_tokens(input_features)
+        video_embeds = self._visual_tokens(pixel_values_videos, video_embeds)
+        fused = self.fusion(audio_embeds, video_embeds, output_ot_plan=output_ot_plan)
+        ot_loss = None
+        if self.config.fusion_type in OT_FUSION_TYPES:
+            ot_loss = self.config.ot_loss_weight * (fused.loss_v + fused.loss_a)
+        projector_dtype = self.multi_modal_projector.weight.dtype
+        return LavCapModelOutput(
+            multimodal_embeds=self.multi_modal_projector(fused.fused.to(projector_dtype)),
+            ot_loss=ot_loss,
+            ot_plan=fused.log_plan.exp() if fused.log_plan is not None else None,
+            audio_embeds=audio_embeds,
+            video_embeds=video_embeds,
+        )
+
+    def _audio_tokens(self, input_features: torch.Tensor | None) -> torch.Tensor | None:
+        if not self.config.uses_audio:
+            return None
+        if input_features is None:
+            raise ValueError(
+                f"fusion_type={self.config.fusion_type!r} needs `input_features` (batch, frames, mel)"
+            )
+        return self.get_audio_features(input_features)
+
+    def _visual_tokens(
+        self, pixel_values_videos: torch.Tensor | None, video_embeds: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        if not self.config.uses_visual:
+            return None
+        if video_embeds is not None:
+            expected = self.config.visual_embed_dim
+            if video_embeds.ndim != 3 or video_embeds.shape[-1] != expected:
+                raise ValueError(
+                    f"video_embeds must have shape (batch, frames, {expected}), got {tuple(video_embeds.shape)}"
+                )
+            return video_embeds
+        if pixel_values_videos is None:
+            raise ValueError(
+                f"fusion_type={self.config.fusion_type!r} needs `pixel_values_videos` or precomputed `video_embeds`"
+            )
+        return self.get_video_features(pixel_values_videos)
+
+
+class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
+    """LAVCap captioner: [`LavCapModel`] front end + any causal LM; fused vectors replace the placeholder tokens.
+
+    The encoders and the fusion run once per `generate()` call, on the prefill step only.
+    """
+
+    def __init__(self, config: LavCapConfig) -> None:
+        super().__init__(config)
+        self.model = LavCapModel(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
+        """Save as usual; `auto_map` also names this class for `AutoModel`, the users' entry point.
+
+        `register_for_auto_class` keeps one auto class per model class (AutoModelForCausalLM here), so the
+        AutoModel entry is added to the config before the library writes it.
+        """
+        if getattr(type(self), "_auto_class", None) is not None:
+            module = type(self).__module__.split(".")[-1]
+            self.config.auto_map = {
+                **(getattr(self.config, "auto_map", None) or {}),
+                "AutoModel": f"{module}.{type(self).__name__}",
+            }
+        super().save_pretrained(save_directory, *args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    @property
+    def placeholder_token_ids(self) -> list[int]:
+        return [i for i in (self.config.audio_token_id, self.config.video_token_id) if i is not None]
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        input_features: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        output_ot_plan: bool = False,
+        **lm_kwargs: Any,
+    ) -> LavCapCausalLMOutput:
+        """
+        Args:
+            input_ids: prompt (+ caption) tokens with `placeholder_counts` placeholder tokens per row (B, L).
+            attention_mask: (B, L), 0 on padding.
+            position_ids: (B, L); generation derives them from the attention mask so left padding is harmless.
+            input_features: normalised fbank (B, 1024, 64).
+            pixel_values_videos: CLIP-preprocessed frames (B, V, 3, 224, 224), or
+            video_embeds: precomputed projected CLIP embeddings (B, V, 768).
+            labels: (B, L), -100 everywhere but the caption and EOS.
+            lm_kwargs: passed to the language model (cache, position ids, `use_cache`, ...).
+        Returns:
+            `loss = lm_loss + ot_loss`, `lm_loss`, `ot_loss`, `logits` (B, L, vocab), the cache, and `ot_plan`
+            (B, V, A) when `output_ot_plan`.
+        """
+        has_media = any(x is not None for x in (input_features, pixel_values_videos, video_embeds))
+        front = None
+        if inputs_embeds is None:
+            inputs_embeds = self._embed_tokens(input_ids)
+            if has_media:
+                front = self.model(
+                    input_features, pixel_values_videos, video_embeds, output_ot_plan=output_ot_plan
+                )
+                inputs_embeds = self._scatter_multimodal(input_ids, inputs_embeds, front.multimodal_embeds)
+            elif self._count_placeholders(input_ids).any() and not self._has_cache(lm_kwargs):
+                raise ValueError(
+                    "input_ids contain audio/video placeholder tokens but no input_features, pixel_values_videos "
+                    "or video_embeds were given"
+                )
+        lm_out = self.language_model(
+            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs
+        )
+        lm_loss = self._lm_loss(lm_out.logits, labels) if labels is not None else None
+        ot_loss = front.ot_loss if front is not None else None
+        loss = None
+        if lm_loss is not None:
+            loss = lm_loss + ot_loss if ot_loss is not None else lm_loss
+        extra = {k: v for k, v in lm_out.items() if k not in ("loss", "logits")}
+        return LavCapCausalLMOutput(
+            loss=loss,
+            logits=lm_out.logits,
+            lm_loss=lm_loss,
+            ot_loss=ot_loss,
+            ot_plan=front.ot_plan if front is not None else None,
+            **extra,
+        )
+
+    def _embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Token embeddings (B, L, d); placeholders are looked up too (they are in the vocabulary) then replaced."""
+        if input_ids is None:
+            raise ValueError("pass either input_ids or inputs_embeds")
+        return self.get_input_embeddings()(input_ids)
+
+    def _count_placeholders(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        ids = torch.tensor(self.placeholder_token_ids, device=input_ids.device, dtype=input_ids.dtype)
+        return torch.isin(input_ids, ids).sum(dim=1)
+
+    def _scatter_multimodal(
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, multimodal_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """Put the N fused vectors of each row (B, N, d) at that row's N placeholder positions, in order."""
+        if not self.placeholder_token_ids:
+            raise ValueError(
+                "config.audio_token_id / video_token_id are not set: the prompt has no placeholders"
+            )
+        counts = self._count_placeholders(input_ids)
+        expected = multimodal_embeds.shape[1]
+        if multimodal_embeds.shape[0] != input_ids.shape[0] or (counts != expected).any():
+            raise ValueError(
+                f"each prompt must hold {expected} placeholder tokens (audio then video) for fusion_type="
+                f"{self.config.fusion_type!r}; got {counts.tolist()} for a batch of {multimodal_embeds.shape[0]} clips"
+            )
+        ids = torch.tensor(self.placeholder_token_ids, device=input_ids.device, dtype=input_ids.dtype)
+        mask = torch.isin(input_ids, ids).unsqueeze(-1).expand_as(inputs_embeds)
+        return inputs_embeds.masked_scatter(mask, multimodal_embeds.to(inputs_embeds.dtype))
+
+    @staticmethod
+    def _has_cache(lm_kwargs: dict[str, Any]) -> bool:
+        cache = lm_kwargs.get("cache", lm_kwargs.get("past_key_values"))
+        return cache is not None and cache.get_seq_length() > 0
+
+    @staticmethod
+    def _lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
+        """Mean next-token cross entropy over the label positions that are not -100, in fp32."""
+        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
+        shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
+        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+    def prepare_inputs_for_generation(
+        self,
+        *args: Any,
+        input_features: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        """Pass the media inputs on the prefill step only, so that the encoders run once per `generate()` call."""
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        if not self._has_cache(model_inputs) or not kwargs.get("use_cache", True):
+            model_inputs.update(
+                input_features=input_features,
+                pixel_values_videos=pixel_values_videos,
+                video_embeds=video_embeds,
+            )
+        return model_inputs

@@ -1,0 +1,71 @@
+"""Tiny random LAVCap configurations for tests, the demo and benchmarks (seconds on a CPU)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from transformers import CLIPVisionConfig, LlamaConfig
+
+from .configuration_lavcap import CedConfig, LavCapConfig
+
+
+def tiny_lavcap_config(
+    fusion_type: str = "ot_att",
+    vocab_size: int = 96,
+    width: int = 32,
+    target_length: int = 128,
+    num_frames: int = 4,
+    image_size: int = 32,
+    with_vision: bool = True,
+    **overrides: Any,
+) -> LavCapConfig:
+    """A LAVCap config with a 2-layer CED, a 2-layer CLIP vision tower and a 2-layer LLaMA.
+
+    The two last ids of the vocabulary are the audio and video placeholders unless `overrides` set them.
+    `target_length / 16` audio tokens and `num_frames` visual tokens of width `width` meet in the fusion.
+    """
+    audio = CedConfig(
+        num_mel_bins=64,
+        target_length=target_length,
+        hidden_size=width,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+    )
+    vision = None
+    if with_vision:
+        vision = CLIPVisionConfig(
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            image_size=image_size,
+            patch_size=image_size // 4,
+            projection_dim=width,
+        )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=2 * width,
+        intermediate_size=4 * width,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    settings: dict[str, Any] = {
+        "audio_token_id": vocab_size - 2,
+        "video_token_id": vocab_size - 1,
+        "visual_embed_dim": width,
+    }
+    settings.update(overrides)
+    return LavCapConfig(
+        audio_config=audio,
+        vision_config=vision,
+        text_config=text,
+        fusion_type=fusion_type,
+        num_frames=num_frames,
+        **settings,
+    )

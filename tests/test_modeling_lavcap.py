@@ -1,0 +1,353 @@
+"""LavCapForConditionalGeneration on tiny random configs: losses, freezing, generate(), save/load, paper sizes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from transformers import AutoModel, CLIPVisionConfig, LlamaConfig
+
+from lavcap_hf import FUSION_TYPES, CedConfig, LavCapConfig, LavCapForConditionalGeneration
+from lavcap_hf.testing_utils import tiny_lavcap_config
+from lavcap_hf.training import apply_lora
+
+BOS, PAD = 1, 0
+
+
+def make_batch(config: LavCapConfig, caption_lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
+    """Left-padded prompts `BOS, placeholders, caption` with random media; labels on the caption only."""
+    gen = torch.Generator().manual_seed(seed)
+    audio, video = config.placeholder_counts
+    rows = []
+    for length in caption_lengths:
+        caption = torch.randint(3, config.audio_token_id, (length,), generator=gen)
+        rows.append(
+            torch.cat(
+                [
+                    torch.tensor([BOS]),
+                    torch.full((audio,), config.audio_token_id),
+                    torch.full((video,), config.video_token_id),
+                    caption,
+                ]
+            )
+        )
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), PAD)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, (row, length) in enumerate(zip(rows, caption_lengths, strict=True)):
+        input_ids[i, width - len(row) :] = row
+        attention_mask[i, width - len(row) :] = 1
+        labels[i, width - length :] = row[-length:]
+    batch = len(rows)
+    frames = config.audio_config.target_length
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention_mask,
+        "labels": labels,
+        "input_features": torch.randn(batch, frames, 64, generator=gen),
+        "pixel_values_videos": torch.randn(batch, config.num_frames, 3, 32, 32, generator=gen),
+    }
+
+
+def media(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: batch[k] for k in ("input_features", "pixel_values_videos")}
+
+
+@pytest.fixture(scope="module")
+def model() -> LavCapForConditionalGeneration:
+    torch.manual_seed(0)
+    return LavCapForConditionalGeneration(tiny_lavcap_config()).eval()
+
+
+@pytest.mark.parametrize("fusion_type", FUSION_TYPES)
+def test_forward_losses_for_every_fusion_type(fusion_type: str) -> None:
+    torch.manual_seed(0)
+    config = tiny_lavcap_config(fusion_type)
+    model = LavCapForConditionalGeneration(config)
+    batch = make_batch(config, [3, 5])
+    out = model(**batch)
+    assert torch.isfinite(out.lm_loss)
+    assert out.logits.shape == (*batch["input_ids"].shape, config.text_config.vocab_size)
+    if fusion_type.startswith("ot_"):
+        assert torch.isfinite(out.ot_loss) and out.ot_loss > 0
+        torch.testing.assert_close(out.loss, out.lm_loss + out.ot_loss)
+    else:
+        assert out.ot_loss is None
+        torch.testing.assert_close(out.loss, out.lm_loss)
+    # lm_loss is next-token cross entropy over the caption positions only.
+    logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+    keep = labels != -100
+    expected = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
+    torch.testing.assert_close(out.lm_loss, expected)
+
+
+def test_ot_loss_weight_scales_ot_loss() -> None:
+    batch = make_batch(tiny_lavcap_config(), [4])
+    losses = []
+    for weight in (1.0, 0.25):
+        torch.manual_seed(0)
+        losses.append(
+            LavCapForConditionalGeneration(tiny_lavcap_config(ot_loss_weight=weight))(**batch).ot_loss
+        )
+    torch.testing.assert_close(losses[1], 0.25 * losses[0])
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(model: LavCapForConditionalGeneration) -> None:
+    batch = make_batch(model.config, [3])
+    batch["input_ids"][0, 2] = 5  # one audio placeholder fewer
+    with pytest.raises(ValueError, match="placeholder tokens"):
+        model(**batch)
+    without_media = {
+        k: v for k, v in make_batch(model.config, [3]).items() if k in ("input_ids", "attention_mask")
+    }
+    with pytest.raises(ValueError, match="no input_features"):
+        model(**without_media)
+
+
+def test_precomputed_video_embeds_match_the_vision_tower(model: LavCapForConditionalGeneration) -> None:
+    batch = make_batch(model.config, [3, 4])
+    with torch.no_grad():
+        embeds = model.model.get_video_features(batch["pixel_values_videos"])
+        from_pixels = model(**batch).logits
+        batch_embeds = {k: v for k, v in batch.items() if k != "pixel_values_videos"}
+        from_embeds = model(**batch_embeds, video_embeds=embeds).logits
+    torch.testing.assert_close(from_pixels, from_embeds)
+    with pytest.raises(ValueError, match="video_embeds must have shape"):
+        model(**batch_embeds, video_embeds=embeds[..., :-1])
+
+
+def test_model_without_vision_tower_takes_video_embeds() -> None:
+    config = tiny_lavcap_config(with_vision=False)
+    model = LavCapForConditionalGeneration(config)
+    assert model.model.vision_tower is None
+    batch = make_batch(config, [3])
+    batch.pop("pixel_values_videos")
+    out = model(**batch, video_embeds=torch.randn(1, config.num_frames, config.visual_embed_dim))
+    assert torch.isfinite(out.loss)
+
+
+def test_ot_plan_on_request_has_the_marginals(model: LavCapForConditionalGeneration) -> None:
+    batch = make_batch(model.config, [3, 3])
+    out = model(**batch, output_ot_plan=True)
+    audio, video = model.config.placeholder_counts
+    assert out.ot_plan.shape == (2, video, audio)
+    torch.testing.assert_close(out.ot_plan.sum(-1), torch.full((2, video), 1 / video), atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.ot_plan.sum(-2), torch.full((2, audio), 1 / audio), atol=1e-4, rtol=0)
+    assert model(**batch).ot_plan is None
+
+
+def test_paper_freezing_trains_exactly_lora_projector_and_logit_scale() -> None:
+    torch.manual_seed(0)
+    config = tiny_lavcap_config()
+    peft_model = apply_lora(LavCapForConditionalGeneration(config))
+    peft_model.train()
+    batch = make_batch(config, [3, 4])
+    peft_model(**batch).loss.backward()
+    trainable = {n for n, p in peft_model.named_parameters() if p.requires_grad}
+    # lora_B starts at zero, so lora_A's first gradient is zero but present; every other trained weight moves.
+    with_grad = {n for n, p in peft_model.named_parameters() if p.grad is not None}
+    assert with_grad == trainable
+    nonzero = {n for n in trainable if peft_model.get_parameter(n).grad.abs().sum() > 0}
+    assert nonzero == {n for n in trainable if "lora_A" not in n}
+    for name in trainable:
+        is_lora = "lora_" in name and (".audio_tower." in name or ".language_model." in name)
+        is_head = "modules_to_save" in name and (".multi_modal_projector." in name or ".fusion." in name)
+        assert is_lora or is_head, name
+    assert any("audio_tower" in n and "q_proj.lora_A" in n for n in trainable)
+    assert any("audio_tower" in n and "v_proj.lora_B" in n for n in trainable)
+    assert any("language_model" in n and "q_proj.lora_A" in n for n in trainable)
+    assert any(n.endswith("fusion.modules_to_save.default.logit_scale") for n in trainable)
+    assert not any("vision_tower" in n for n in trainable)
+    assert not any("k_proj" in n for n in trainable)
+
+
+def greedy_reference(model: LavCapForConditionalGeneration, batch: dict, steps: int) -> torch.Tensor:
+    """Step-by-step argmax with the full forward (no cache), pad after EOS as generate() does."""
+    eos, pad = model.config.text_config.eos_token_id, model.config.text_config.pad_token_id
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    done = torch.zeros(ids.shape[0], dtype=torch.bool)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    for _ in range(steps):
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **media(batch)
+            ).logits
+        nxt = logits[:, -1].argmax(-1)
+        nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
+        done |= nxt == eos
+        ids = torch.cat([ids, nxt[:, None]], 1)
+        mask = torch.cat([mask, torch.ones_like(nxt[:, None])], 1)
+        position_ids = torch.cat([position_ids, position_ids[:, -1:] + 1], 1)
+    return ids
+
+
+class CallCounter:
+    def __init__(self, module: torch.nn.Module) -> None:
+        self.calls = 0
+        module.register_forward_hook(self)
+
+    def __call__(self, *_: object) -> None:
+        self.calls += 1
+
+
+def test_greedy_generate_equals_stepwise_argmax_and_encodes_once(
+    model: LavCapForConditionalGeneration,
+) -> None:
+    counter = CallCounter(model.model.audio_tower)
+    batch = make_batch(model.config, [2, 5], seed=3)
+    generated = model.generate(
+        input_ids=batch["input_ids"],
+        attention_mask=batch["attention_mask"],
+        **media(batch),
+        max_new_tokens=8,
+        do_sample=False,
+    )
+    assert counter.calls == 1
+    reference = greedy_reference(model, batch, steps=generated.shape[1] - batch["input_ids"].shape[1])
+    assert torch.equal(generated, reference)
+
+
+def test_batched_left_padded_generation_equals_one_by_one(model: LavCapForConditionalGeneration) -> None:
+    batch = make_batch(model.config, [1, 6], seed=4)
+    kwargs = {"max_new_tokens": 6, "do_sample": False}
+    together = model.generate(
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **media(batch), **kwargs
+    )
+    for i in range(2):
+        keep = batch["attention_mask"][i].bool()
+        alone = model.generate(
+            input_ids=batch["input_ids"][i : i + 1, keep],
+            attention_mask=batch["attention_mask"][i : i + 1, keep],
+            input_features=batch["input_features"][i : i + 1],
+            pixel_values_videos=batch["pixel_values_videos"][i : i + 1],
+            **kwargs,
+        )
+        new_together = together[i, batch["input_ids"].shape[1] :]
+        new_alone = alone[0, keep.sum() :]
+        assert torch.equal(new_together[: len(new_alone)], new_alone)
+
+
+def test_beam_search_and_sampling_encode_once(model: LavCapForConditionalGeneration) -> None:
+    counter = CallCounter(model.model.audio_tower)
+    batch = make_batch(model.config, [2, 3], seed=5)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **media(batch)}
+    beams = model.generate(**inputs, max_new_tokens=5, num_beams=4, num_return_sequences=2)
+    assert beams.shape[0] == 4 and counter.calls == 1
+    torch.manual_seed(0)
+    first = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=0, temperature=1.5)
+    torch.manual_seed(0)
+    again = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=0, temperature=1.5)
+    assert torch.equal(first, again) and counter.calls == 3
+
+
+def test_save_and_load_give_identical_logits(model: LavCapForConditionalGeneration, tmp_path) -> None:
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    batch = make_batch(model.config, [3, 2])
+    with torch.no_grad():
+        expected = model(**batch).logits
+        for loaded in (
+            LavCapForConditionalGeneration.from_pretrained(tmp_path),
+            AutoModel.from_pretrained(tmp_path),
+        ):
+            assert isinstance(loaded, LavCapForConditionalGeneration)
+            torch.testing.assert_close(loaded.eval()(**batch).logits, expected, rtol=0, atol=0)
+
+
+BLOCK_PACKAGE = textwrap.dedent(
+    """
+    import sys
+    class _Block:
+        def find_spec(self, name, path=None, target=None):
+            if name == "lavcap_hf" or name.startswith("lavcap_hf."):
+                raise ImportError("lavcap_hf is blocked in this process")
+    sys.meta_path.insert(0, _Block())
+    """
+)
+
+
+def run_without_package(code: str, tmp_path) -> str:
+    """Run `code` in a fresh interpreter in which `import lavcap_hf` fails; returns stdout."""
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", BLOCK_PACKAGE + textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_trust_remote_code_loads_without_the_package(model: LavCapForConditionalGeneration, tmp_path) -> None:
+    folder = tmp_path / "saved"
+    model.save_pretrained(folder)
+    batch = make_batch(model.config, [3, 2])
+    torch.save(batch, tmp_path / "batch.pt")
+    with torch.no_grad():
+        expected = model(**batch).logits
+    run_without_package(
+        f"""
+        import torch
+        from transformers import AutoModel
+        try:
+            import lavcap_hf
+            raise SystemExit("lavcap_hf should not be importable here")
+        except ImportError:
+            pass
+        model = AutoModel.from_pretrained({str(folder)!r}, trust_remote_code=True).eval()
+        assert type(model).__name__ == "LavCapForConditionalGeneration"
+        assert "lavcap_hf" not in type(model).__module__
+        batch = torch.load({str(tmp_path / "batch.pt")!r})
+        with torch.no_grad():
+            torch.save(model(**batch).logits, {str(tmp_path / "logits.pt")!r})
+        """,
+        tmp_path,
+    )
+    torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=0)
+
+
+def paper_config() -> LavCapConfig:
+    """CED-base, CLIP ViT-L/14 and LLaMA-2-7B dimensions; LLaMA's 32000 tokens + pad + 2 placeholders."""
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        projection_dim=768,
+    )
+    text = LlamaConfig(vocab_size=32003, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
+    return LavCapConfig(
+        audio_config=CedConfig(),
+        vision_config=vision,
+        text_config=text,
+        audio_token_id=32001,
+        video_token_id=32002,
+    )
+
+
+def test_paper_sized_model_on_meta_reports_trainable_parameters(capsys) -> None:
+    config = paper_config()
+    with torch.device("meta"):
+        peft_model = apply_lora(LavCapForConditionalGeneration(config))
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in peft_model.parameters())
+    # Expected by construction: LoRA r=8 on 12 CED blocks (768 x 768 q/v) and 32 LLaMA layers (4096 x 4096 q/v),
+    # the 768 -> 4096 projector and the logit scale.
+    ced_lora = 12 * 2 * 8 * (768 + 768)
+    llm_lora = 32 * 2 * 8 * (4096 + 4096)
+    projector = 768 * 4096 + 4096
+    assert trainable == ced_lora + llm_lora + projector + 1
+    with capsys.disabled():
+        print(
+            f"\npaper-sized LAVCap: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)"
+        )
