@@ -1,8 +1,10 @@
 """LAVCap audio-visual captioning as a Hugging Face Transformers model."""
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoProcessor
+from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_lavcap import FUSION_TYPES, CedConfig, LavCapConfig
+from .feature_extraction_lavcap import LavCapFeatureExtractor
 from .modeling_ced import CedModel
 from .modeling_lavcap import (
     LavCapCausalLMOutput,
@@ -11,6 +13,8 @@ from .modeling_lavcap import (
     LavCapModelOutput,
     LavCapPreTrainedModel,
 )
+from .pipeline_lavcap import TASK, AudioVisualCaptioningPipeline
+from .processing_lavcap import LavCapProcessor
 
 __version__ = "0.1.0"
 
@@ -19,21 +23,31 @@ AutoConfig.register(LavCapConfig.model_type, LavCapConfig, exist_ok=True)
 AutoModel.register(CedConfig, CedModel, exist_ok=True)
 AutoModel.register(LavCapConfig, LavCapForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(LavCapConfig, LavCapForConditionalGeneration, exist_ok=True)
+AutoFeatureExtractor.register(LavCapConfig, LavCapFeatureExtractor, exist_ok=True)
+AutoProcessor.register(LavCapConfig, LavCapProcessor, exist_ok=True)
 
 # `auto_map` entries written by save_pretrained, so that a saved folder loads with trust_remote_code=True
 # where this package is not installed.
 LavCapConfig.register_for_auto_class()
 # One auto class per model class is kept; save_pretrained adds the AutoModel entry.
 LavCapForConditionalGeneration.register_for_auto_class("AutoModelForCausalLM")
+LavCapProcessor.register_for_auto_class("AutoProcessor")
+
+PIPELINE_REGISTRY.register_pipeline(
+    TASK, pipeline_class=AudioVisualCaptioningPipeline, pt_model=AutoModel, type="multimodal"
+)
 
 __all__ = [
+    "AudioVisualCaptioningPipeline",
     "FUSION_TYPES",
     "CedConfig",
     "CedModel",
     "LavCapCausalLMOutput",
     "LavCapConfig",
+    "LavCapFeatureExtractor",
     "LavCapForConditionalGeneration",
     "LavCapModel",
     "LavCapModelOutput",
     "LavCapPreTrainedModel",
+    "LavCapProcessor",
 ]

@@ -193,18 +193,36 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         self.post_init()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
-        """Save as usual; `auto_map` also names this class for `AutoModel`, the users' entry point.
+        """Save as usual, with the remote-code entries a folder needs where this package is not installed.
 
         `register_for_auto_class` keeps one auto class per model class (AutoModelForCausalLM here), so the
-        AutoModel entry is added to the config before the library writes it.
+        AutoModel entry is added here; the registered `audio-visual-captioning` pipeline is saved alongside as
+        `custom_pipelines`, so that `pipeline(model=folder, trust_remote_code=True)` finds it.
         """
         if getattr(type(self), "_auto_class", None) is not None:
             module = type(self).__module__.split(".")[-1]
-            self.config.auto_map = {
-                **(getattr(self.config, "auto_map", None) or {}),
-                "AutoModel": f"{module}.{type(self).__name__}",
-            }
+            auto_map = getattr(self.config, "auto_map", None) or {}
+            self.config.auto_map = {**auto_map, "AutoModel": f"{module}.{type(self).__name__}"}
+            self._save_custom_pipeline(save_directory)
         super().save_pretrained(save_directory, *args, **kwargs)
+
+    def _save_custom_pipeline(self, save_directory: str | os.PathLike) -> None:
+        from transformers.dynamic_module_utils import custom_object_save
+        from transformers.pipelines import PIPELINE_REGISTRY
+
+        task = "audio-visual-captioning"
+        if task not in PIPELINE_REGISTRY.supported_tasks:
+            return
+        impl = PIPELINE_REGISTRY.supported_tasks[task]
+        os.makedirs(save_directory, exist_ok=True)
+        custom_object_save(impl["impl"], save_directory)
+        self.config.custom_pipelines = {
+            task: {
+                "impl": f"{impl['impl'].__module__.split('.')[-1]}.{impl['impl'].__name__}",
+                "pt": [c.__name__ for c in impl["pt"]],
+                "type": impl.get("type", "multimodal"),
+            }
+        }
 
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()

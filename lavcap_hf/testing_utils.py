@@ -1,10 +1,12 @@
-"""Tiny random LAVCap configurations for tests, the demo and benchmarks (seconds on a CPU)."""
+"""Tiny random LAVCap configurations and an offline word-level tokenizer for tests, the demo and benchmarks."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
-from transformers import CLIPVisionConfig, LlamaConfig
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
 
 from .configuration_lavcap import CedConfig, LavCapConfig
 
@@ -69,3 +71,26 @@ def tiny_lavcap_config(
         num_frames=num_frames,
         **settings,
     )
+
+
+def word_level_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the words of `texts` and of the LAVCap prompts, with the placeholder tokens.
+
+    Ids: 0 `[PAD]`, 1 `<s>`, 2 `</s>`, 3 `[UNK]`, then the words, then `<|audio|>` and `<|video|>`.
+    Built offline in milliseconds: the demo and tests use it in place of LLaMA's tokenizer.
+    """
+    from .processing_lavcap import TRAINING_INSTRUCTIONS, add_lavcap_special_tokens
+
+    pre_tokenizer = pre_tokenizers.Whitespace()
+    corpus = [*texts, *TRAINING_INSTRUCTIONS, "USER: <Speech> </Speech> ASSISTANT:"]
+    words = sorted({w for text in corpus for w, _ in pre_tokenizer.pre_tokenize_str(text)})
+    specials = ["[PAD]", "<s>", "</s>", "[UNK]"]
+    vocab = {token: i for i, token in enumerate(specials + [w for w in words if w not in specials])}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizer
+    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="[PAD]", bos_token="<s>", eos_token="</s>", unk_token="[UNK]"
+    )
+    add_lavcap_special_tokens(tokenizer)
+    return tokenizer

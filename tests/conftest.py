@@ -1,0 +1,53 @@
+"""Shared fixtures: synthetic audio and frames for media and feature-extraction tests."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+# Frames carry their index in binary, one black (0) or white (1) vertical stripe per bit, which survives any
+# lossy codec; this many stripes allows 64 frames.
+INDEX_BITS = 6
+
+
+@pytest.fixture
+def make_sine():
+    """make_sine(frequency, seconds, sampling_rate, channels=1, amplitude=0.5) -> float32 (samples,) when
+    channels == 1, else (samples, channels) with the same tone in every channel."""
+
+    def make(frequency: float, seconds: float, sampling_rate: int, channels: int = 1, amplitude: float = 0.5):
+        time = np.arange(int(round(seconds * sampling_rate))) / sampling_rate
+        tone = (amplitude * np.sin(2 * np.pi * frequency * time)).astype(np.float32)
+        return tone if channels == 1 else np.repeat(tone[:, None], channels, axis=1)
+
+    return make
+
+
+@pytest.fixture
+def indexed_frames():
+    """indexed_frames(count, height=48, width=64) -> uint8 RGB (count, height, width, 3) where frame i shows i in
+    binary as INDEX_BITS vertical stripes (least significant bit on the left)."""
+
+    def make(count: int, height: int = 48, width: int = 64) -> np.ndarray:
+        if count > 2**INDEX_BITS:
+            raise ValueError(f"at most {2**INDEX_BITS} indexed frames, got {count}")
+        stripe = np.arange(width) * INDEX_BITS // width  # bit shown in each column
+        bits = (np.arange(count)[:, None] >> stripe[None, :]) & 1  # (count, width)
+        frames = np.broadcast_to((bits * 255).astype(np.uint8)[:, None, :, None], (count, height, width, 3))
+        return frames.copy()
+
+    return make
+
+
+@pytest.fixture
+def read_frame_indices():
+    """read_frame_indices(frames) -> int (F,): the indices that `indexed_frames` drew into decoded frames."""
+
+    def read(frames: np.ndarray) -> np.ndarray:
+        width = frames.shape[2]
+        centres = ((np.arange(INDEX_BITS) + 0.5) * width / INDEX_BITS).astype(int)
+        # Sample each stripe's centre column, away from edges that codecs blur.
+        bits = frames[:, :, centres, :].mean(axis=(1, 3)) > 127
+        return (bits * (1 << np.arange(INDEX_BITS))).sum(axis=1)
+
+    return read
