@@ -1,0 +1,358 @@
+"""Caption metrics as the COCO caption evaluation computes them (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE, SPIDEr).
+
+Built on `pycocoevalcap` (the `eval` extra). As in its `COCOEvalCap.evaluate`, references and predictions are
+tokenised by the Stanford PTB tokenizer (Java, lower-cased, punctuation tokens removed) and every scorer gets
+the tokenised text. Corpus-level BLEU uses the closest reference length; `CIDEr` is the toolkit's CIDEr-D
+(clipped TF-IDF n-grams 1..4, Gaussian length penalty sigma 6, x10) with document frequencies taken over the
+references of the scored clips, so it depends on the whole set of clips scored together.
+
+Availability is reported, never approximated:
+- without `java` on PATH, predictions and references go through `fallback_tokenize` (a pure-Python imitation of
+  the PTB step) and BLEU, ROUGE-L and CIDEr-D are computed from it; METEOR, SPICE and SPIDEr are `None`;
+- SPICE (and so SPIDEr) needs the Stanford CoreNLP 3.6.0 jars in pycocoevalcap's `spice/lib`. pycocoevalcap
+  downloads them when its `Spice` scorer is built; this module builds it only when they are already present.
+The reason for each missing metric is in the result's `unavailable` dict.
+
+The METEOR JVM is started on the first call and reused by later ones (its start-up takes 10-30 s).
+"""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import inspect
+import re
+import shutil
+import subprocess
+import zipfile
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CAPTION_METRICS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "SPIDEr")
+_DISPLAY_NAMES = {"BLEU_1": "BLEU-1", "BLEU_2": "BLEU-2", "BLEU_3": "BLEU-3", "BLEU_4": "BLEU-4"}
+_DISPLAY_NAMES.update({"ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr-D"})
+
+PTB_TOKENIZER = "ptb"
+FALLBACK_TOKENIZER = "python-fallback"
+
+_INSTALL_HINT = 'caption metrics need pycocoevalcap: install the `eval` extra, pip install "lavcap-hf[eval]"'
+_SPICE_JAR = "spice-1.0.jar"
+
+
+def compute_caption_metrics(
+    predictions: Sequence[str] | Mapping[Hashable, str],
+    references: Sequence[Sequence[str]] | Mapping[Hashable, Sequence[str]],
+) -> dict[str, Any]:
+    """Score one predicted caption per clip against that clip's reference captions.
+
+    Args:
+        predictions: one caption per clip, as a list (clip ids are the positions) or a dict {clip id: caption}.
+        references: the clips' reference captions, a list of lists aligned with a list of predictions, or a
+            dict with the same clip ids as a dict of predictions.
+
+    Returns:
+        A dict with one entry per name in `CAPTION_METRICS` (a float, or `None` when unavailable) and
+        `unavailable` ({metric: reason}), `num_clips` (int), `tokenizer` (`"ptb"` or `"python-fallback"`).
+
+    Raises:
+        ImportError: pycocoevalcap is not installed.
+        ValueError: the inputs do not pair up, a clip has no reference, or a caption is not a string.
+    """
+    scorers = _import_scorers()
+    ids, hypotheses, reference_lists = _pair_inputs(predictions, references)
+    # Integer keys: pycocoevalcap sorts and JSON-dumps them (SPICE), which arbitrary user ids may not survive.
+    gts = {index: refs for index, refs in enumerate(reference_lists)}
+    res = {index: [hypothesis] for index, hypothesis in enumerate(hypotheses)}
+
+    java = shutil.which("java") is not None
+    if java:
+        tokenizer = scorers["PTBTokenizer"]()
+        gts, res = (tokenizer.tokenize(_as_coco_annotations(captions)) for captions in (gts, res))
+    else:
+        gts = {index: [fallback_tokenize(text) for text in texts] for index, texts in gts.items()}
+        res = {index: [fallback_tokenize(text) for text in texts] for index, texts in res.items()}
+
+    scores: dict[str, Any] = dict.fromkeys(CAPTION_METRICS)
+    unavailable: dict[str, str] = {}
+    bleu, _ = scorers["Bleu"](4).compute_score(gts, res, verbose=0)
+    scores.update({f"BLEU_{order}": float(value) for order, value in enumerate(bleu, start=1)})
+    scores["ROUGE_L"] = float(scorers["Rouge"]().compute_score(gts, res)[0])
+    scores["CIDEr"] = float(scorers["Cider"]().compute_score(gts, res)[0])
+
+    if java:
+        scores["METEOR"] = _meteor_score(scorers["Meteor"], gts, res)
+    else:
+        unavailable["METEOR"] = "METEOR 1.5 runs on Java and no `java` executable is on PATH"
+
+    spice_reason = _spice_unavailable_reason(scorers["Spice"], java)
+    if spice_reason is None:
+        spice_reason = _spice_score(scorers["Spice"], gts, res, scores)
+    if spice_reason is None:
+        scores["SPIDEr"] = (scores["CIDEr"] + scores["SPICE"]) / 2
+    else:
+        unavailable["SPICE"] = spice_reason
+        unavailable["SPIDEr"] = "SPIDEr is (CIDEr-D + SPICE) / 2 and SPICE is unavailable (see its reason)"
+
+    scores.update(
+        unavailable=unavailable, num_clips=len(ids), tokenizer=PTB_TOKENIZER if java else FALLBACK_TOKENIZER
+    )
+    return scores
+
+
+def _import_scorers() -> dict[str, type]:
+    """pycocoevalcap's tokenizer and scorer classes, or an ImportError that says how to install them."""
+    try:
+        import pycocoevalcap  # noqa: F401  (imported first so that a missing package fails here)
+        from pycocoevalcap.bleu.bleu import Bleu
+        from pycocoevalcap.cider.cider import Cider
+        from pycocoevalcap.meteor.meteor import Meteor
+        from pycocoevalcap.rouge.rouge import Rouge
+        from pycocoevalcap.spice.spice import Spice
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    except ImportError as error:
+        raise ImportError(_INSTALL_HINT) from error
+    return {
+        "Bleu": Bleu,
+        "Cider": Cider,
+        "Meteor": Meteor,
+        "Rouge": Rouge,
+        "Spice": Spice,
+        "PTBTokenizer": PTBTokenizer,
+    }
+
+
+def _pair_inputs(
+    predictions: Sequence[str] | Mapping[Hashable, str],
+    references: Sequence[Sequence[str]] | Mapping[Hashable, Sequence[str]],
+) -> tuple[list[Hashable], list[str], list[list[str]]]:
+    """Validate and align the inputs: (clip ids, one prediction per clip, the references of each clip)."""
+    if isinstance(predictions, Mapping) != isinstance(references, Mapping):
+        raise ValueError("predictions and references must both be dicts keyed by clip id or both be lists")
+    if isinstance(predictions, Mapping):
+        missing = [clip for clip in predictions if clip not in references]
+        extra = [clip for clip in references if clip not in predictions]
+        if missing or extra:
+            raise ValueError(
+                f"predictions and references must have the same clip ids: no references for clips {missing[:5]}, "
+                f"no prediction for clips {extra[:5]}"
+            )
+        ids = list(predictions)
+        reference_lists = [references[clip] for clip in ids]
+    else:
+        if len(predictions) != len(references):
+            raise ValueError(
+                f"got {len(predictions)} predictions but {len(references)} reference lists; "
+                "there must be one list of references per prediction"
+            )
+        ids = list(range(len(predictions)))
+        reference_lists = list(references)
+    if not ids:
+        raise ValueError("no clips to score: predictions and references are empty")
+
+    hypotheses = []
+    for clip, prediction, refs in zip(ids, (predictions[clip] for clip in ids), reference_lists, strict=True):
+        if not isinstance(prediction, str):
+            raise ValueError(
+                f"prediction for clip {clip!r} must be a string, got {type(prediction).__name__}"
+            )
+        if isinstance(refs, str) or not isinstance(refs, Sequence):
+            raise ValueError(
+                f"references for clip {clip!r} must be a list of strings, got {type(refs).__name__}"
+            )
+        if not refs:
+            raise ValueError(f"clip {clip!r} has no reference captions")
+        for position, ref in enumerate(refs):
+            if not isinstance(ref, str) or not ref.strip():
+                raise ValueError(
+                    f"reference {position} of clip {clip!r} must be a non-blank string, got {ref!r}"
+                )
+        hypotheses.append(prediction)
+    # Whitespace runs become one space: Java's tokenizer treats e.g. U+2028 as a line break, which would shift
+    # every later caption onto the wrong clip; the tokenisers split on whitespace anyway.
+    return (
+        ids,
+        [" ".join(text.split()) for text in hypotheses],
+        [[" ".join(r.split()) for r in refs] for refs in reference_lists],
+    )
+
+
+def _as_coco_annotations(captions: dict[int, list[str]]) -> dict[int, list[dict[str, str]]]:
+    """{clip: [caption, ...]} -> the {clip: [{"caption": caption}, ...]} layout PTBTokenizer.tokenize reads."""
+    return {clip: [{"caption": text} for text in texts] for clip, texts in captions.items()}
+
+
+# The PTB tokenizer's output after pycocoevalcap's punctuation filter, imitated for machines without Java.
+_UNICODE_PUNCTUATION = str.maketrans(
+    {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "--", "\u2014": "--"}
+)
+_CLITIC = re.compile(r"(?<=\w)(n't|'(?:s|re|ve|ll|d|m))\b")
+_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
+_TOKEN = re.compile(
+    r"""'(?:s|re|ve|ll|d|m)\b          # clitics split off by _CLITIC: 's 're 've 'll 'd 'm
+      | \d+(?:[.,/:-]\d+)+             # numbers: 3.5 1,000 50-60 1/2
+      | \w+(?:\.\w+)+\.?               # dotted abbreviations: u.s. e.g.
+      | \w+(?:[-/'&]\w+)*              # words, with inner hyphens, slashes, apostrophes: high-pitched km/h o'neil
+      | ([^\w\s])\1*                   # a run of one punctuation character: . ... -- !!
+    """,
+    re.VERBOSE,
+)
+# pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS, plus the raw forms the Java tokenizer would have turned
+# into those tokens (a double quote becomes `` or '', a run of hyphens becomes -- and -).
+_REMOVED_TOKENS = frozenset(["''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"'])
+
+
+def fallback_tokenize(text: str) -> str:
+    """Pure-Python stand-in for the PTB tokenisation used when Java is missing.
+
+    Lower-cases, splits clitics as PTB does (`dog's` -> `dog 's`, `can't` -> `ca n't`), keeps numbers, dotted
+    abbreviations and hyphenated words whole, turns brackets into `-lrb-`-style tokens (which the COCO
+    punctuation filter, written for upper-case names, keeps) and drops the punctuation tokens that filter
+    drops. It matches the Java output on ordinary captions; rare constructs (`rock'n'roll`, `mr.`, `?!`,
+    emoji) can differ, so scores from it are not comparable with published PTB-tokenised scores to the
+    last digit.
+
+    Args:
+        text: one caption.
+
+    Returns:
+        The space-joined tokens.
+    """
+    text = _CLITIC.sub(r" \1", text.translate(_UNICODE_PUNCTUATION).lower())
+    tokens = (match.group(0) for match in _TOKEN.finditer(text))
+    tokens = (_BRACKETS.get(token, token) for token in tokens)
+    return " ".join(
+        t for t in tokens if t not in _REMOVED_TOKENS and not (t.startswith("-") and set(t) == {"-"})
+    )
+
+
+def _meteor_score(meteor_cls: type, gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
+    """Corpus METEOR 1.5 from pycocoevalcap's scorer, on a JVM kept for later calls (see `_meteor_process`)."""
+    meteor = _meteor_process(meteor_cls)
+    try:
+        return float(meteor.compute_score(gts, res)[0])
+    except BaseException:
+        _meteor_process.cache_clear()
+        _stop_meteor(meteor)
+        raise
+
+
+@functools.cache
+def _meteor_process(meteor_cls: type) -> Any:
+    """The METEOR JVM, started on first use and kept until exit: loading its paraphrase table takes 10-30 s,
+    which repeated evaluations (one per Trainer evaluation) would otherwise pay each time. It holds ~1.2 GB."""
+    meteor = meteor_cls()
+    atexit.register(_stop_meteor, meteor)
+    return meteor
+
+
+def _stop_meteor(meteor: Any) -> None:
+    """Stop the JVM. After an error `Meteor.compute_score` leaves its lock held, on which `Meteor.__del__`
+    would wait forever, so release it first."""
+    if meteor.lock.locked():
+        meteor.lock.release()
+    meteor.meteor_p.stdin.close()
+    meteor.meteor_p.kill()
+    meteor.meteor_p.wait()
+
+
+def _spice_unavailable_reason(spice_cls: type, java: bool) -> str | None:
+    """Why SPICE cannot run here, or None when Java and every jar on SPICE's class path are present."""
+    spice_dir = Path(inspect.getfile(spice_cls)).parent
+    reasons = [] if java else ["SPICE runs on Java and no `java` executable is on PATH"]
+    missing = missing_spice_files(spice_dir)
+    if missing:
+        reasons.append(
+            f"SPICE needs Stanford CoreNLP 3.6.0 and {spice_dir} lacks {', '.join(missing)}; "
+            "pycocoevalcap would download them, this package never does: put stanford-corenlp-3.6.0.jar and "
+            "stanford-corenlp-3.6.0-models.jar (from stanford-corenlp-full-2015-12-09.zip) in spice/lib"
+        )
+    return "; ".join(reasons) or None
+
+
+def missing_spice_files(spice_dir: Path) -> list[str]:
+    """Files SPICE needs that are absent from `spice_dir`: `spice-1.0.jar` and its manifest's Class-Path.
+
+    pycocoevalcap ships all of them except `lib/stanford-corenlp-3.6.0.jar` and
+    `lib/stanford-corenlp-3.6.0-models.jar`. `Spice()` downloads CoreNLP when the first of these is absent, so
+    an empty list here is also what guarantees that building the scorer downloads nothing.
+    """
+    jar = spice_dir / _SPICE_JAR
+    if not jar.is_file():
+        return [_SPICE_JAR]
+    with zipfile.ZipFile(jar) as archive:
+        manifest = archive.read("META-INF/MANIFEST.MF").decode("utf-8")
+    # Manifest lines are folded at 72 bytes; a continuation line starts with one space.
+    lines = re.sub(r"\r?\n ", "", manifest).splitlines()
+    class_path = next((line.split(":", 1)[1].split() for line in lines if line.startswith("Class-Path:")), [])
+    return [name for name in class_path if not (spice_dir / name).is_file()]
+
+
+def _spice_score(
+    spice_cls: type, gts: dict[int, list[str]], res: dict[int, list[str]], scores: dict[str, Any]
+) -> str | None:
+    """Put corpus SPICE into `scores`; return why it failed instead when the Java scorer exits with an error."""
+    try:
+        scores["SPICE"] = float(spice_cls().compute_score(gts, res)[0])
+    except subprocess.CalledProcessError as error:
+        return f"the SPICE scorer failed (java exit status {error.returncode}; it asks for an 8 GB heap)"
+    return None
+
+
+def make_compute_metrics(
+    decode: Callable[[np.ndarray], list[str]], references: Sequence[Sequence[str]], *, pad_token_id: int
+) -> Callable[[Any], dict[str, float]]:
+    """A `compute_metrics` for `transformers.Trainer` that scores generated captions.
+
+    The evaluation loop must hand over generated token ids (e.g. `Seq2SeqTrainer` with
+    `predict_with_generate=True`), not logits, for an unshuffled eval set whose clip i has `references[i]`.
+    Example: `make_compute_metrics(lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True),
+    refs, pad_token_id=tokenizer.pad_token_id)`.
+
+    Args:
+        decode: token ids (num_clips, length) -> one caption string per clip.
+        references: the reference captions of each eval clip, in eval-set order.
+        pad_token_id: written where the Trainer padded the ids with -100 before `decode` sees them.
+
+    Returns:
+        fn(EvalPrediction) -> {metric: float} for the available metrics of `CAPTION_METRICS`.
+    """
+
+    def compute_metrics(eval_prediction: Any) -> dict[str, float]:
+        token_ids = eval_prediction.predictions
+        if isinstance(token_ids, tuple):
+            token_ids = token_ids[0]
+        token_ids = np.asarray(token_ids)
+        if token_ids.ndim != 2 or not np.issubdtype(token_ids.dtype, np.integer):
+            raise ValueError(
+                f"expected generated token ids of shape (num_clips, length), got {token_ids.dtype} array of shape "
+                f"{token_ids.shape}; logits mean the evaluation did not generate (use predict_with_generate)"
+            )
+        captions = decode(np.where(token_ids == -100, pad_token_id, token_ids))
+        scores = compute_caption_metrics(list(captions), references)
+        return {name: scores[name] for name in CAPTION_METRICS if scores[name] is not None}
+
+    return compute_metrics
+
+
+def format_metrics_table(scores: Mapping[str, Any]) -> str:
+    """A markdown table of the metrics in `scores` (the output of `compute_caption_metrics` or of
+    `make_compute_metrics`), four decimals, `n/a` for unavailable ones with their reasons below the table."""
+    names = [name for name in CAPTION_METRICS if name in scores]
+    if not names:
+        raise ValueError(
+            f"no caption metric among the keys {sorted(scores)}; expected some of {CAPTION_METRICS}"
+        )
+    lines = ["| Metric | Score |", "| --- | ---: |"]
+    for name in names:
+        value = scores[name]
+        lines.append(f"| {_DISPLAY_NAMES.get(name, name)} | {'n/a' if value is None else f'{value:.4f}'} |")
+    notes = [
+        f"- {_DISPLAY_NAMES.get(name, name)} n/a: {reason}"
+        for name, reason in scores.get("unavailable", {}).items()
+    ]
+    if "num_clips" in scores:
+        notes.append(f"- {scores['num_clips']} clips scored, tokenizer: {scores.get('tokenizer', 'unknown')}")
+    return "\n".join(lines + ([""] + notes if notes else []))
