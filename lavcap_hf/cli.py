@@ -1,0 +1,120 @@
+"""The `lavcap` command: caption, demo, train, evaluate, convert, push-to-hub."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import sys
+from typing import Any
+
+
+def _add_caption_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "paths", nargs="+", help="media files, folders (searched recursively) or glob patterns"
+    )
+    parser.add_argument("--model", required=True, help="model folder or Hub id (model + processor)")
+    parser.add_argument("--output", help="write JSONL (.jsonl) or CSV (.csv) here instead of JSONL to stdout")
+    parser.add_argument(
+        "--format", choices=("jsonl", "csv"), help="output format (default: from --output, else jsonl)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument(
+        "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if present)"
+    )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--plot-ot", metavar="DIR", help="save a picture of each clip's OT plan in DIR")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def load_captioning_pipeline(
+    model: str, device: str | None = None, dtype: str = "float32", trust_remote_code=False
+):
+    """An `AudioVisualCaptioningPipeline` for a saved model folder or Hub id (model and processor)."""
+    import torch
+
+    from .modeling_lavcap import LavCapForConditionalGeneration
+    from .pipeline_lavcap import AudioVisualCaptioningPipeline
+    from .processing_lavcap import LavCapProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    network = LavCapForConditionalGeneration.from_pretrained(model, trust_remote_code=trust_remote_code)
+    network = network.to(device=device, dtype=getattr(torch, dtype)).eval()
+    processor = LavCapProcessor.from_pretrained(model)
+    return AudioVisualCaptioningPipeline(model=network, processor=processor, device=torch.device(device))
+
+
+def _write_rows(rows: list[dict[str, Any]], output: str | None, fmt: str | None) -> None:
+    fmt = fmt or ("csv" if output and output.endswith(".csv") else "jsonl")
+    stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+    try:
+        if fmt == "csv":
+            writer = csv.DictWriter(stream, fieldnames=["path", "caption"])
+            writer.writeheader()
+            writer.writerows({"path": r["path"], "caption": r["caption"]} for r in rows)
+        else:
+            for row in rows:
+                stream.write(json.dumps({"path": row["path"], "caption": row["caption"]}) + "\n")
+    finally:
+        if output:
+            stream.close()
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    from .batch_captioning import caption_files, expand_media_paths
+
+    paths, failures = expand_media_paths(args.paths)
+    report = None
+    if paths:
+        pipe = load_captioning_pipeline(args.model, args.device, args.dtype, args.trust_remote_code)
+        report = caption_files(
+            pipe,
+            paths,
+            batch_size=args.batch_size,
+            return_ot_plan=bool(args.plot_ot),
+            progress=not args.quiet,
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+        )
+        failures += report.failures
+        _write_rows(report.captions, args.output, args.format)
+        if args.plot_ot:
+            _plot_plans(report.captions, args.plot_ot)
+    captioned = len(report.captions) if report else 0
+    if failures:
+        print(f"\n{len(failures)} file(s) could not be captioned:", file=sys.stderr)
+        for path, reason in failures:
+            print(f"  {path}: {reason.removeprefix(path + ': ')}", file=sys.stderr)
+    print(f"captioned {captioned} of {captioned + len(failures)} file(s)", file=sys.stderr)
+    return 0 if captioned else 1
+
+
+def _plot_plans(rows: list[dict[str, Any]], folder: str) -> None:
+    from .plotting import plot_ot_plan
+
+    os.makedirs(folder, exist_ok=True)
+    for row in rows:
+        name = os.path.splitext(os.path.basename(row["path"]))[0]
+        plot_ot_plan(row["ot_plan"], os.path.join(folder, f"{name}.png"), title=row["caption"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lavcap", description="LAVCap audio-visual captioning")
+    commands = parser.add_subparsers(dest="command", required=True)
+    caption = commands.add_parser("caption", help="caption media files with a trained model")
+    _add_caption_arguments(caption)
+    caption.set_defaults(run=run_caption)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

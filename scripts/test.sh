@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Runs the whole test suite on both supported stacks, each in its own virtual environment under .venvs/:
+# transformers 5.x ("current") and optimum-habana 1.21.2's pins (transformers 4.55, "gaudi").
+# Extra arguments go to pytest.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+venvs=${LAVCAP_VENVS:-$root/.venvs}
+for stack in current gaudi; do
+  echo "== setting up the $stack stack in $venvs/$stack"
+  bash scripts/setup_env.sh "$venvs/$stack" "$stack"
+done
+status=0
+for stack in current gaudi; do
+  other=gaudi; [ "$stack" = gaudi ] && other=current
+  echo "== tests on the $stack stack"
+  LAVCAP_OTHER_STACK_PYTHON="$venvs/$other/bin/python" \
+    "$venvs/$stack/bin/python" -m pytest -q -p no:cacheprovider "$@" || status=1
+done
+exit $status

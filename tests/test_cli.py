@@ -1,0 +1,107 @@
+"""`lavcap caption` over a folder with good and broken files."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf.cli import main
+from lavcap_hf.media import write_media
+from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("model")
+    tokenizer = word_level_tokenizer(["a bird chirps in a forest"])
+    config = tiny_lavcap_config(
+        vocab_size=len(tokenizer),
+        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
+    )
+    LavCapForConditionalGeneration(config).save_pretrained(folder)
+    LavCapProcessor.from_model_config(config, tokenizer).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def media_dir(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("media")
+    rng = np.random.default_rng(0)
+    t = np.arange(32000) / 16000
+    for name in ("one.mp4", "nested/two.mkv"):
+        (folder / name).parent.mkdir(exist_ok=True)
+        audio = 0.3 * np.sin(2 * np.pi * rng.uniform(200, 2000) * t).astype(np.float32)
+        frames = rng.integers(0, 255, (20, 32, 32, 3), dtype=np.uint8)
+        write_media(folder / name, frames, 10, audio, 16000)
+    write_media(
+        folder / "silent_video.mp4", rng.integers(0, 255, (10, 32, 32, 3), dtype=np.uint8), 10, None, 16000
+    )
+    (folder / "not_media.mp4").write_text("this is text")
+    (folder / "truncated.mp4").write_bytes((folder / "one.mp4").read_bytes()[:2000])
+    (folder / "notes.txt").write_text("ignored: not a media extension")
+    return folder
+
+
+def test_caption_folder_reports_bad_files_and_captions_the_rest(
+    model_dir, media_dir, tmp_path, capsys
+) -> None:
+    output = tmp_path / "captions.jsonl"
+    plots = tmp_path / "plots"
+    code = main(
+        [
+            "caption",
+            str(media_dir),
+            str(tmp_path / "missing.mp4"),
+            "--model",
+            str(model_dir),
+            "--output",
+            str(output),
+            "--batch-size",
+            "2",
+            "--num-beams",
+            "2",
+            "--max-new-tokens",
+            "3",
+            "--plot-ot",
+            str(plots),
+            "--quiet",
+        ]
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert sorted(Path(r["path"]).name for r in rows) == ["one.mp4", "two.mkv"]
+    assert all(isinstance(r["caption"], str) for r in rows)
+    assert sorted(p.name for p in plots.iterdir()) == ["one.png", "two.png"]
+    err = capsys.readouterr().err
+    assert "4 file(s) could not be captioned" in err
+    assert "missing.mp4: file not found" in err
+    assert "silent_video.mp4: no audio stream" in err
+    assert "not_media.mp4: not a readable media file" in err
+    assert "truncated.mp4" in err
+    assert "captioned 2 of 6 file(s)" in err
+
+
+def test_caption_writes_csv_and_fails_only_when_nothing_was_captioned(model_dir, media_dir, tmp_path) -> None:
+    output = tmp_path / "out.csv"
+    args = [
+        "--model",
+        str(model_dir),
+        "--output",
+        str(output),
+        "--num-beams",
+        "1",
+        "--max-new-tokens",
+        "2",
+        "--quiet",
+    ]
+    assert main(["caption", str(media_dir / "one.mp4"), str(media_dir / "not_media.mp4"), *args]) == 0
+    with open(output, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["path"]).name for r in rows] == ["one.mp4"]
+    assert main(["caption", str(media_dir / "not_media.mp4"), *args]) == 1
