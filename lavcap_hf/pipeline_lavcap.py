@@ -60,10 +60,12 @@ class AudioVisualCaptioningPipeline(Pipeline):
 
     def preprocess(self, inputs: str | os.PathLike | dict[str, Any], instruction: str | None = None) -> dict:
         audio, sampling_rate, frames, video_embeds = self._read_input(inputs)
+        # Channel-concat and cross-attention fusions use the frames without video placeholders in the prompt.
+        uses_visual = self.model.config.uses_visual
         model_inputs = self.processor(
             audio=audio if self.processor.num_audio_tokens else None,
-            videos=frames if self.processor.num_video_tokens else None,
-            video_embeds=video_embeds if self.processor.num_video_tokens else None,
+            videos=frames if uses_visual else None,
+            video_embeds=video_embeds if uses_visual else None,
             sampling_rate=sampling_rate,
             instruction=instruction,
             return_tensors="pt",
@@ -82,7 +84,7 @@ class AudioVisualCaptioningPipeline(Pipeline):
                 sampling_rate=extractor.sampling_rate,
                 num_frames=extractor.num_frames,
                 need_audio=self.processor.num_audio_tokens > 0,
-                need_frames=self.processor.num_video_tokens > 0,
+                need_frames=self.model.config.uses_visual,
             )
             return decoded.audio, decoded.sampling_rate, decoded.frames, None
         if isinstance(inputs, dict):

@@ -234,6 +234,11 @@ class LavCapProcessor(ProcessorMixin):
             raise ValueError(
                 f"video_embeds must be (frames, dim) per clip, got an array of shape {embeds.shape}"
             )
+        if embeds.shape[1] != self.feature_extractor.num_frames:
+            raise ValueError(
+                f"video_embeds must have num_frames={self.feature_extractor.num_frames} frames per clip, got an "
+                f"array of shape {embeds.shape}"
+            )
         if not np.isfinite(embeds).all():
             raise ValueError("video_embeds contain NaN or infinite values")
         return embeds
@@ -311,6 +316,7 @@ class LavCapProcessor(ProcessorMixin):
 
             custom_object_save(self, save_directory, config=None)
         files = list(self.tokenizer.save_pretrained(save_directory))
+        _name_portable_tokenizer_class(save_directory)
         files += self.feature_extractor.save_pretrained(save_directory)
         config = {
             "processor_class": type(self).__name__,
@@ -333,9 +339,13 @@ class LavCapProcessor(ProcessorMixin):
         cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
     ) -> LavCapProcessor:
         """Load the tokenizer, the feature extractor and the processor settings from a folder or Hub repo."""
-        kwargs.pop("trust_remote_code", None)
+        # AutoTokenizer reads the folder's config.json, whose auto_map needs the caller's trust_remote_code (without
+        # it, Transformers asks on stdin where this package is not installed).
+        trust_remote_code = kwargs.pop("trust_remote_code", None)
         kwargs.pop("_from_auto", None)
-        tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(
+            pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs
+        )
         feature_extractor = LavCapFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs)
         settings_path = _resolve_file(pretrained_model_name_or_path, PROCESSOR_CONFIG, kwargs)
         settings = {}
@@ -367,6 +377,20 @@ def _pad(rows: list[list[int]], value: int, side: str) -> np.ndarray:
         else:
             out[i, : len(row)] = row
     return out
+
+
+def _name_portable_tokenizer_class(save_directory: str | os.PathLike) -> None:
+    """transformers 5.x records a plain `tokenizer.json` tokenizer as "TokenizersBackend", a class 4.55 lacks;
+    "PreTrainedTokenizerFast" loads the same file on both stacks."""
+    path = os.path.join(save_directory, "tokenizer_config.json")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        config = json.load(f)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
 
 
 def _resolve_file(path_or_id: str | os.PathLike, filename: str, hub_kwargs: dict[str, Any]) -> str | None:

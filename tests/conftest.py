@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
-import numpy as np
-import pytest
+import os
+
+# Tiny models gain nothing from intra-op threads, and on a 2-core machine they slow down badly under load.
+# Set before torch is imported; subprocesses started by tests inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 # Frames carry their index in binary, one black (0) or white (1) vertical stripe per bit, which survives any
 # lossy codec; this many stripes allows 64 frames.

@@ -11,6 +11,7 @@ import subprocess
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import transformers
@@ -95,3 +96,40 @@ def test_saved_there_loads_here(tmp_path: Path) -> None:
     with torch.no_grad():
         here = model(**batch).logits
     torch.testing.assert_close(here, torch.load(tmp_path / "logits.pt"), rtol=0, atol=0)
+
+
+PROCESS_THERE = textwrap.dedent(
+    """
+    import sys, numpy as np
+    from lavcap_hf import LavCapProcessor
+    processor = LavCapProcessor.from_pretrained(sys.argv[1])
+    out = processor(audio=np.zeros(8000, np.float32), sampling_rate=16000, videos=np.zeros((4, 8, 8, 3), np.uint8),
+                    text="a bird chirps", return_tensors="np")
+    np.save(sys.argv[2], out["input_ids"])
+    """
+)
+
+
+def test_processor_saved_here_loads_there(tmp_path: Path) -> None:
+    from lavcap_hf import LavCapProcessor
+    from lavcap_hf.testing_utils import word_level_tokenizer
+
+    processor = LavCapProcessor.from_model_config(
+        tiny_lavcap_config(), word_level_tokenizer(["a bird chirps"])
+    )
+    processor.save_pretrained(tmp_path / "processor")
+    result = subprocess.run(
+        [OTHER_PYTHON, "-c", PROCESS_THERE, str(tmp_path / "processor"), str(tmp_path / "ids.npy")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    here = processor(
+        audio=np.zeros(8000, np.float32),
+        sampling_rate=16000,
+        videos=np.zeros((4, 8, 8, 3), np.uint8),
+        text="a bird chirps",
+        return_tensors="np",
+    )["input_ids"]
+    np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), here)

@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
+from helpers import run_without_package
 from transformers import AutoModel, CLIPVisionConfig, LlamaConfig
 
 from lavcap_hf import FUSION_TYPES, CedConfig, LavCapConfig, LavCapForConditionalGeneration
@@ -257,33 +253,6 @@ def test_save_and_load_give_identical_logits(model: LavCapForConditionalGenerati
         ):
             assert isinstance(loaded, LavCapForConditionalGeneration)
             torch.testing.assert_close(loaded.eval()(**batch).logits, expected, rtol=0, atol=0)
-
-
-BLOCK_PACKAGE = textwrap.dedent(
-    """
-    import sys
-    class _Block:
-        def find_spec(self, name, path=None, target=None):
-            if name == "lavcap_hf" or name.startswith("lavcap_hf."):
-                raise ImportError("lavcap_hf is blocked in this process")
-    sys.meta_path.insert(0, _Block())
-    """
-)
-
-
-def run_without_package(code: str, tmp_path) -> str:
-    """Run `code` in a fresh interpreter in which `import lavcap_hf` fails; returns stdout."""
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"}
-    result = subprocess.run(
-        [sys.executable, "-c", BLOCK_PACKAGE + textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result.stdout
 
 
 def test_trust_remote_code_loads_without_the_package(model: LavCapForConditionalGeneration, tmp_path) -> None:

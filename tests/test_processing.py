@@ -1,0 +1,313 @@
+"""LavCapProcessor: prompt and placeholders per fusion type, labels, padding, decoding, saving, errors."""
+
+from __future__ import annotations
+
+import random
+
+import jinja2
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import AutoProcessor, PreTrainedTokenizerFast
+
+from lavcap_hf import FUSION_TYPES, LavCapConfig, LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf.processing_lavcap import AUDIO_TOKEN, TRAINING_INSTRUCTIONS, VIDEO_TOKEN
+from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+
+CAPTIONS = ["a dog barks loudly while rain falls on a tin roof", "birds sing", "an engine idles"]
+SAMPLING_RATE = 16000
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> PreTrainedTokenizerFast:
+    return word_level_tokenizer(CAPTIONS)
+
+
+def make_config(fusion_type: str, tokenizer: PreTrainedTokenizerFast) -> LavCapConfig:
+    config = tiny_lavcap_config(fusion_type, vocab_size=len(tokenizer))
+    assert config.audio_token_id == tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)
+    assert config.video_token_id == tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+    return config
+
+
+def make_processor(fusion_type: str, tokenizer: PreTrainedTokenizerFast) -> LavCapProcessor:
+    return LavCapProcessor.from_model_config(make_config(fusion_type, tokenizer), tokenizer)
+
+
+def make_media(count: int, num_frames: int = 4, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`count` clips of 0.3 to 0.5 s of noise at 16 kHz and `count` uint8 videos (num_frames, 40, 56, 3)."""
+    rng = np.random.default_rng(seed)
+    audio = [
+        (0.1 * rng.standard_normal(int(SAMPLING_RATE * (0.3 + 0.1 * (i % 3))))).astype(np.float32)
+        for i in range(count)
+    ]
+    videos = [rng.integers(0, 256, (num_frames, 40, 56, 3), dtype=np.uint8) for _ in range(count)]
+    return audio, videos
+
+
+def media_kwargs(fusion_type: str, count: int) -> dict:
+    """The media arguments a processor of `fusion_type` takes: no audio for visual_only, no frames for audio_only."""
+    audio, videos = make_media(count)
+    kwargs = {}
+    if fusion_type != "visual_only":
+        kwargs.update(audio=audio, sampling_rate=SAMPLING_RATE)
+    if fusion_type != "audio_only":
+        kwargs["videos"] = videos
+    return kwargs
+
+
+def expected_prompt(num_audio: int, num_video: int, instruction: str = "Please describe the audio.") -> str:
+    """DESIGN section 5, written out independently of the processor's chat template."""
+    placeholders = AUDIO_TOKEN * num_audio + VIDEO_TOKEN * num_video
+    return f"USER: <Speech>{placeholders}</Speech> {instruction}\nASSISTANT:"
+
+
+def prompt_ids(tokenizer: PreTrainedTokenizerFast, text: str) -> list[int]:
+    return [tokenizer.bos_token_id, *tokenizer(text, add_special_tokens=False)["input_ids"]]
+
+
+def word_ids(tokenizer: PreTrainedTokenizerFast, caption: str) -> list[int]:
+    """Caption token ids of the word-level tokenizer: one id per space-separated word."""
+    return tokenizer.convert_tokens_to_ids(caption.split())
+
+
+def processor_counts(processor: LavCapProcessor) -> tuple[int, int]:
+    return processor.num_audio_tokens, processor.num_video_tokens
+
+
+def unpadded(row: torch.Tensor, mask: torch.Tensor) -> list[int]:
+    return row[mask.bool()].tolist()
+
+
+@pytest.mark.parametrize("fusion_type", FUSION_TYPES)
+def test_prompt_has_the_placeholders_of_every_fusion_type(fusion_type: str, tokenizer) -> None:
+    config = make_config(fusion_type, tokenizer)
+    processor = LavCapProcessor.from_model_config(config, tokenizer)
+    num_audio, num_video = config.placeholder_counts
+    assert processor.build_prompt() == expected_prompt(num_audio, num_video)
+    batch = processor(**media_kwargs(fusion_type, 2))
+    reference = prompt_ids(tokenizer, expected_prompt(num_audio, num_video))
+    for row in batch["input_ids"]:
+        assert row.tolist() == reference
+        assert (row == config.audio_token_id).sum() == num_audio
+        assert (row == config.video_token_id).sum() == num_video
+    assert batch["attention_mask"].bool().all()
+    assert ("input_features" in batch) == config.uses_audio
+    assert ("pixel_values_videos" in batch) == (fusion_type != "audio_only")
+    if config.uses_audio:
+        assert batch["input_features"].shape == (2, config.audio_config.target_length, 64)
+
+
+@pytest.mark.parametrize("fusion_type", FUSION_TYPES)
+def test_processor_outputs_train_and_generate_with_the_model(fusion_type: str, tokenizer) -> None:
+    config = make_config(fusion_type, tokenizer)
+    processor = LavCapProcessor.from_model_config(config, tokenizer)
+    torch.manual_seed(0)
+    model = LavCapForConditionalGeneration(config).eval()
+    media = media_kwargs(fusion_type, 2)
+    with torch.no_grad():
+        out = model(**processor(**media, text=CAPTIONS[1:]))
+    assert torch.isfinite(out.loss) and out.loss > 0
+    prompts = processor(**media)
+    generated = model.generate(**prompts, max_new_tokens=3, do_sample=False)
+    length = prompts["input_ids"].shape[1]
+    assert length < generated.shape[1] <= length + 3
+    assert torch.equal(generated[:, :length], prompts["input_ids"])
+    assert len(processor.batch_decode(generated, prompt_length=length)) == 2
+
+
+@pytest.mark.parametrize("padding_side", [None, "left", "right"])
+def test_labels_are_the_caption_and_eos_only(padding_side: str | None, tokenizer) -> None:
+    processor = make_processor("ot_att", tokenizer)
+    side = {} if padding_side is None else {"padding_side": padding_side}
+    batch = processor(**media_kwargs("ot_att", 3), text=CAPTIONS, **side)
+    prompt = prompt_ids(tokenizer, expected_prompt(*processor_counts(processor)))
+    width = batch["input_ids"].shape[1]
+    assert width == len(prompt) + max(len(word_ids(tokenizer, c)) for c in CAPTIONS) + 1
+    for ids, mask, labels, caption in zip(
+        batch["input_ids"], batch["attention_mask"], batch["labels"], CAPTIONS, strict=True
+    ):
+        target = [*word_ids(tokenizer, caption), tokenizer.eos_token_id]
+        length = len(prompt) + len(target)
+        # Padding sits on the requested side (left by default) and carries the pad id and no label.
+        real = torch.zeros(width, dtype=torch.bool)
+        if padding_side == "right":
+            real[:length] = True
+        else:
+            real[width - length :] = True
+        assert torch.equal(mask.bool(), real)
+        assert (ids[~real] == tokenizer.pad_token_id).all()
+        assert unpadded(ids, mask) == prompt + target
+        # Labels: exactly the caption tokens and EOS, i.e. the last len(target) real positions.
+        labelled = torch.nonzero(labels != -100).flatten()
+        expected_positions = torch.nonzero(real).flatten()[len(prompt) :]
+        assert torch.equal(labelled, expected_positions)
+        assert labels[labelled].tolist() == target
+
+
+def test_max_caption_length_truncates_the_caption_and_keeps_eos(tokenizer) -> None:
+    processor = make_processor("audio_only", tokenizer)
+    batch = processor(**media_kwargs("audio_only", 1), text=CAPTIONS[0], max_caption_length=3)
+    labels = batch["labels"][0]
+    assert labels[labels != -100].tolist() == [*word_ids(tokenizer, CAPTIONS[0])[:3], tokenizer.eos_token_id]
+
+
+def test_random_instruction_draws_from_the_training_instructions(tokenizer) -> None:
+    processor = make_processor("audio_only", tokenizer)
+    candidates = {
+        tuple(prompt_ids(tokenizer, expected_prompt(*processor_counts(processor), i))): i
+        for i in TRAINING_INSTRUCTIONS
+    }
+    assert len(candidates) == len(TRAINING_INSTRUCTIONS)
+    rng = np.random.default_rng(0)
+    audio = [rng.standard_normal(800).astype(np.float32) for _ in range(64)]
+    random.seed(0)
+    batch = processor(audio=audio, sampling_rate=SAMPLING_RATE, random_instruction=True)
+    drawn = [
+        candidates[tuple(unpadded(r, m))]
+        for r, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    ]
+    # 64 draws from 8 instructions miss one with probability < 0.002; the seed makes the test deterministic.
+    assert set(drawn) == set(TRAINING_INSTRUCTIONS)
+    default = processor(audio=audio[:2], sampling_rate=SAMPLING_RATE)
+    expected = prompt_ids(tokenizer, expected_prompt(*processor_counts(processor)))
+    assert all(row.tolist() == expected for row in default["input_ids"])
+    chosen = processor(
+        audio=audio[:2], sampling_rate=SAMPLING_RATE, instruction=list(TRAINING_INSTRUCTIONS[:2])
+    )
+    for row, mask, instruction in zip(
+        chosen["input_ids"], chosen["attention_mask"], TRAINING_INSTRUCTIONS[:2], strict=True
+    ):
+        assert candidates[tuple(unpadded(row, mask))] == instruction
+
+
+def test_batch_decode_strips_the_prompt(tokenizer) -> None:
+    processor = make_processor("ot_att", tokenizer)
+    captions = ["birds sing", "a dog barks loudly"]
+    # Prompts of different lengths, so that the batch is left-padded as in generation.
+    prompts = processor(**media_kwargs("ot_att", 2), instruction=list(TRAINING_INSTRUCTIONS[:2]))
+    assert not prompts["attention_mask"].bool().all()
+    width = max(len(word_ids(tokenizer, c)) for c in captions) + 1
+    generated = torch.full((2, width), tokenizer.pad_token_id)
+    for i, caption in enumerate(captions):
+        new = [*word_ids(tokenizer, caption), tokenizer.eos_token_id]
+        generated[i, : len(new)] = torch.tensor(new)
+    sequences = torch.cat([prompts["input_ids"], generated], dim=1)
+    length = prompts["input_ids"].shape[1]
+    assert processor.batch_decode(sequences, prompt_length=length) == captions
+    assert processor.batch_decode(sequences) == captions
+    assert processor.decode(sequences[1]) == captions[1]
+    assert processor.decode(sequences[0], prompt_length=length) == captions[0]
+
+
+def test_chat_template_renders_the_prompt(tokenizer) -> None:
+    processor = make_processor("ot_att", tokenizer)
+    template = jinja2.Environment().from_string(processor.chat_template)
+    user = {
+        "role": "user",
+        "content": [
+            {"type": "audio"},
+            {"type": "video"},
+            {"type": "text", "text": "Please describe the audio."},
+        ],
+    }
+    assert template.render(messages=[user]) == expected_prompt(1, 1)
+    answer = {"role": "assistant", "content": "birds sing"}
+    assert template.render(messages=[user, answer]) == expected_prompt(1, 1) + " birds sing"
+    assert processor.apply_chat_template([user], tokenize=False) == expected_prompt(1, 1)
+
+
+@pytest.mark.parametrize("fusion_type", ["ot_att", "visual_only"])
+def test_save_and_load_give_the_same_outputs(fusion_type: str, tokenizer, tmp_path) -> None:
+    processor = make_processor(fusion_type, tokenizer)
+    processor.save_pretrained(tmp_path)
+    media = media_kwargs(fusion_type, 2)
+    expected = processor(**media, text=CAPTIONS[1:])
+    for loaded in (LavCapProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
+        assert isinstance(loaded, LavCapProcessor)
+        assert processor_counts(loaded) == processor_counts(processor)
+        assert loaded.chat_template == processor.chat_template
+        assert loaded.feature_extractor.to_dict() == processor.feature_extractor.to_dict()
+        got = loaded(**media, text=CAPTIONS[1:])
+        assert sorted(got) == sorted(expected)
+        for key in expected:
+            assert torch.equal(got[key], expected[key]), key
+
+
+def test_visual_only_processor_takes_videos_only(tokenizer) -> None:
+    processor = make_processor("visual_only", tokenizer)
+    _, videos = make_media(2)
+    batch = processor(videos=videos)
+    assert sorted(batch) == ["attention_mask", "input_ids", "pixel_values_videos"]
+    assert batch["pixel_values_videos"].shape == (2, 4, 3, 32, 32)
+    assert not (batch["input_ids"] == tokenizer.convert_tokens_to_ids(AUDIO_TOKEN)).any()
+
+
+def test_audio_only_processor_needs_no_frames(tokenizer) -> None:
+    processor = make_processor("audio_only", tokenizer)
+    audio, _ = make_media(2)
+    batch = processor(audio=audio, sampling_rate=SAMPLING_RATE)
+    assert sorted(batch) == ["attention_mask", "input_features", "input_ids"]
+    assert not (batch["input_ids"] == tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)).any()
+
+
+def test_video_embeds_pass_through_to_the_model(tokenizer) -> None:
+    config = make_config("ot_att", tokenizer)
+    processor = LavCapProcessor.from_model_config(config, tokenizer)
+    audio, _ = make_media(2)
+    embeds = np.random.default_rng(1).standard_normal((2, config.num_frames, config.visual_embed_dim))
+    batch = processor(audio=audio, sampling_rate=SAMPLING_RATE, video_embeds=list(embeds), text=CAPTIONS[1:])
+    assert "pixel_values_videos" not in batch
+    assert batch["video_embeds"].dtype == torch.float32
+    torch.testing.assert_close(batch["video_embeds"], torch.from_numpy(embeds).float())
+    torch.manual_seed(0)
+    assert torch.isfinite(LavCapForConditionalGeneration(config)(**batch).loss)
+    single = processor(audio=audio[0], sampling_rate=SAMPLING_RATE, video_embeds=embeds[0])
+    assert single["video_embeds"].shape == (1, config.num_frames, config.visual_embed_dim)
+
+
+def bare_tokenizer(tokenizer: PreTrainedTokenizerFast, keep: tuple[str, ...]) -> PreTrainedTokenizerFast:
+    """The word-level tokenizer without the placeholder tokens and, unless kept, without a pad token."""
+    vocab = {t: i for t, i in tokenizer.get_vocab().items() if t not in (AUDIO_TOKEN, VIDEO_TOKEN)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = {"pad_token": "[PAD]"} if "pad" in keep else {}
+    bare = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", **special)
+    if "placeholders" in keep:
+        bare.add_tokens([AUDIO_TOKEN, VIDEO_TOKEN], special_tokens=True)
+    return bare
+
+
+@pytest.mark.parametrize(
+    ("keep", "message"), [(("pad",), "lacks the placeholder tokens"), (("placeholders",), "no pad token")]
+)
+def test_tokenizer_without_placeholders_or_pad_is_rejected(
+    keep: tuple[str, ...], message: str, tokenizer
+) -> None:
+    feature_extractor = make_processor("ot_att", tokenizer).feature_extractor
+    with pytest.raises(ValueError, match=message):
+        LavCapProcessor(feature_extractor, bare_tokenizer(tokenizer, keep))
+
+
+@pytest.mark.parametrize(
+    ("fusion_type", "kwargs", "message"),
+    [
+        ("ot_att", {"text": CAPTIONS}, "got 3 captions for 2 clips"),
+        ("ot_att", {"text": ["birds sing", ""]}, "non-empty"),
+        ("ot_att", {"text": ["birds sing", "   "]}, "non-empty"),
+        ("ot_att", {"videos": None}, "pass `videos`"),
+        ("ot_att", {"audio": None}, "pass `audio`"),
+        ("visual_only", {"videos": None}, "pass `videos`"),
+        ("ot_att", {"videos": None, "video_embeds": np.zeros((2, 4, 32, 1))}, "video_embeds must be"),
+        ("ot_att", {"videos": None, "video_embeds": np.zeros(32)}, "video_embeds must be"),
+        ("ot_att", {"videos": None, "video_embeds": np.zeros((2, 3, 32))}, "num_frames=4"),
+        ("ot_att", {"videos": None, "video_embeds": np.zeros((3, 4, 32))}, "3 entries in video_embeds for 2"),
+        ("ot_att", {"videos": None, "video_embeds": np.full((2, 4, 32), np.nan)}, "NaN"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(fusion_type: str, kwargs: dict, message: str, tokenizer) -> None:
+    processor = make_processor(fusion_type, tokenizer)
+    arguments = {**media_kwargs(fusion_type, 2), **kwargs}
+    with pytest.raises(ValueError, match=message):
+        processor(**arguments)
