@@ -108,7 +108,33 @@ def build_parser() -> argparse.ArgumentParser:
     caption = commands.add_parser("caption", help="caption media files with a trained model")
     _add_caption_arguments(caption)
     caption.set_defaults(run=run_caption)
+
+    from .convert import add_convert_arguments
+    from .hub import add_push_arguments
+
+    convert = commands.add_parser(
+        "convert", help="official CED / CLIP / LLaMA / LAVCap checkpoints -> model folder"
+    )
+    add_convert_arguments(convert)
+    convert.set_defaults(run=_run_convert)
+    push = commands.add_parser("push-to-hub", help="upload a model folder with its code and a model card")
+    add_push_arguments(push)
+    push.set_defaults(run=_run_push)
     return parser
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from .convert import run_convert
+
+    run_convert(args)
+    return 0
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from .hub import run_push
+
+    run_push(args)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -153,6 +153,9 @@ class LavCapConfig(PretrainedConfig):
         if isinstance(vision_config, dict):
             vision_config = CLIPVisionConfig(**{k: v for k, v in vision_config.items() if k != "model_type"})
         self.vision_config = vision_config
+        if vision_config is None:
+            # Precomputed frame features only: no vision sub-config to serialise or to set a dtype on.
+            self.sub_configs = {k: v for k, v in type(self).sub_configs.items() if k != "vision_config"}
         self.text_config = _sub_config(text_config, "llama")
         self.fusion_type = fusion_type
         self.ot_loss_weight = ot_loss_weight
@@ -167,6 +170,11 @@ class LavCapConfig(PretrainedConfig):
         self.logit_scale_init = logit_scale_init
         self.logit_scale_max = logit_scale_max
         super().__init__(**kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        output = super().to_dict()
+        output.pop("sub_configs", None)  # set per instance when there is no vision config; not a setting
+        return output
 
     @property
     def num_audio_tokens(self) -> int:

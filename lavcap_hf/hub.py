@@ -1,0 +1,294 @@
+"""Publishing LAVCap on the Hugging Face Hub: model card, and one upload of weights, code, processor and card.
+
+A repository pushed here loads where this package is not installed: `config.json` carries `auto_map` (AutoConfig,
+AutoModel, AutoModelForCausalLM) and, when the `audio-visual-captioning` pipeline is registered, `custom_pipelines`;
+the modelling, processing and pipeline modules are uploaded next to the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
+from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
+
+from .configuration_lavcap import LavCapConfig
+from .convert import dtype_kwarg
+from .metrics import CAPTION_METRICS, format_metrics_table
+from .modeling_lavcap import LavCapForConditionalGeneration
+from .pipeline_lavcap import TASK as PIPELINE_TASK
+
+MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.jinja")
+TASK_NAME = "Audio-visual captioning"
+TAGS = ["lavcap", "audio-visual-captioning", "audio-captioning", "optimal-transport", "custom_code"]
+DEFAULT_TRAINING_DATA = (
+    "AudioCaps (Kim et al., NAACL 2019): 10-second YouTube clips from AudioSet with human-written captions of their "
+    "sound, as in the LAVCap paper (about 49k training clips with one caption each; test clips have five). The "
+    "frames are those of the same clips."
+)
+FUSION_DESCRIPTIONS = {
+    "ot_att": "optimal-transport alignment loss and OT attention (the paper's model)",
+    "ot_concat": "optimal-transport alignment loss, normalised audio and visual tokens concatenated",
+    "concat": "audio and visual tokens concatenated",
+    "channel_concat": "visual tokens spread over the audio positions and concatenated along channels",
+    "cross_attention": "audio tokens attend to the visual tokens",
+    "audio_only": "audio tokens only",
+    "visual_only": "visual tokens only",
+}
+
+
+def load_eval_results(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:
+    """Caption metrics from a dict or a JSON file (as `lavcap_hf.metrics.compute_caption_metrics` returns them).
+
+    Keys are names in `CAPTION_METRICS` with a number or null (unavailable), plus optional `unavailable`,
+    `num_clips`, `tokenizer`.
+    """
+    if not isinstance(source, Mapping):
+        path = Path(source)
+        try:
+            source = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ValueError(f"could not read evaluation results {path}: {error}") from error
+        if not isinstance(source, Mapping):
+            raise ValueError(
+                f"evaluation results {path} must hold a JSON object, got {type(source).__name__}"
+            )
+    scores = dict(source)
+    if not any(name in scores for name in CAPTION_METRICS):
+        raise ValueError(
+            f"no caption metric among the keys {sorted(scores)}; expected some of {CAPTION_METRICS}"
+        )
+    for name in CAPTION_METRICS:
+        value = scores.get(name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"evaluation result {name} must be a number or null, got {value!r}")
+    return scores
+
+
+def eval_results_to_model_index(
+    scores: Mapping[str, Any], dataset_name: str = "AudioCaps", dataset_split: str = "test"
+) -> list[EvalResult]:
+    """One `EvalResult` per available metric (metric type = the lower-cased key, e.g. `cider`)."""
+    return [
+        EvalResult(
+            task_type=PIPELINE_TASK,
+            task_name=TASK_NAME,
+            dataset_type=dataset_name.lower(),
+            dataset_name=dataset_name,
+            dataset_split=dataset_split,
+            metric_type=name.lower(),
+            metric_name=name,
+            metric_value=float(scores[name]),
+        )
+        for name in CAPTION_METRICS
+        if scores.get(name) is not None
+    ]
+
+
+def render_model_card(
+    model_or_config: PreTrainedModel | LavCapConfig,
+    repo_id: str | None = None,
+    eval_results: Mapping[str, Any] | str | os.PathLike | None = None,
+    *,
+    base_models: Sequence[str] | None = None,
+    license: str | None = None,
+    dataset_name: str = "AudioCaps",
+    dataset_split: str = "test",
+    training_data: str = DEFAULT_TRAINING_DATA,
+    template_path: str | os.PathLike = MODEL_CARD_TEMPLATE,
+) -> ModelCard:
+    """The model card of a LAVCap model: description, usage, training data, metrics table, limitations, citation.
+
+    Args:
+        model_or_config: the model or its `LavCapConfig`; the card describes its parts and fusion type.
+        repo_id: Hub id used in the usage example and as the model name.
+        eval_results: caption metrics (see `load_eval_results`); they fill the table and the `model-index`.
+        base_models: Hub ids of the pretrained parts, for the `base_model` metadata.
+        license: Hub license id (e.g. `llama2` for a LLaMA-2 language model).
+        dataset_name, dataset_split: what the metrics were computed on.
+        training_data: the training data section.
+        template_path: the Jinja template (default: the one shipped in this package).
+    """
+    config = model_or_config.config if isinstance(model_or_config, PreTrainedModel) else model_or_config
+    _check_lavcap_config(config)
+    scores = load_eval_results(eval_results) if eval_results is not None else None
+    model_name = repo_id.split("/")[-1] if repo_id else "LAVCap"
+    card_data = ModelCardData(
+        language=["en"],
+        license=license,
+        library_name="transformers",
+        tags=TAGS,
+        base_model=list(base_models) if base_models else None,
+        model_name=model_name,
+        eval_results=eval_results_to_model_index(scores, dataset_name, dataset_split) if scores else None,
+    )
+    audio = config.audio_config
+    return ModelCard.from_template(
+        card_data,
+        template_path=str(template_path),
+        model_name=model_name,
+        repo_id=repo_id or "path/to/lavcap",
+        audio_summary=_audio_summary(config),
+        vision_summary=_vision_summary(config),
+        text_summary=_text_summary(config.text_config),
+        fusion_type=config.fusion_type,
+        fusion_description=_fusion_summary(config),
+        training_data=training_data,
+        metrics_table=format_metrics_table(scores) if scores else None,
+        dataset_name=dataset_name,
+        dataset_split=dataset_split,
+        audio_seconds=f"{audio.target_length / 100:g}",
+        num_frames=config.num_frames,
+    )
+
+
+def _check_lavcap_config(config: Any) -> None:
+    if getattr(config, "model_type", None) != LavCapConfig.model_type:
+        raise ValueError(f"expected a LAVCap model or config, got {type(config).__name__}")
+
+
+def _audio_summary(config: LavCapConfig) -> str:
+    if not config.uses_audio:
+        return "none (this fusion type ignores the audio)"
+    audio = config.audio_config
+    return (
+        f"CED, {audio.num_hidden_layers} layers of width {audio.hidden_size}; a {audio.num_mel_bins}-bin log-mel fbank "
+        f"of {audio.target_length} frames (10 ms hop) becomes {config.num_audio_tokens} tokens after mean pooling over "
+        "frequency"
+    )
+
+
+def _vision_summary(config: LavCapConfig) -> str:
+    if not config.uses_visual:
+        return "none (this fusion type ignores the frames)"
+    vision = config.vision_config
+    if vision is None:
+        return f"none in the checkpoint: pass precomputed `video_embeds` ({config.visual_embed_dim}-d per frame, CLIP)"
+    return (
+        f"frozen CLIP ViT, {vision.num_hidden_layers} layers of width {vision.hidden_size}, {vision.image_size} px "
+        f"frames in {vision.patch_size} px patches; {config.num_frames} frames, one {vision.projection_dim}-d "
+        "embedding each"
+    )
+
+
+def _fusion_summary(config: LavCapConfig) -> str:
+    audio, video = config.placeholder_counts
+    return f"{FUSION_DESCRIPTIONS[config.fusion_type]}; {audio} audio + {video} visual tokens go to the language model"
+
+
+def _text_summary(text_config: PretrainedConfig) -> str:
+    name = getattr(text_config, "_name_or_path", "")
+    source = f", initialised from `{name}`" if name else ""
+    return (
+        f"{text_config.model_type}, {text_config.num_hidden_layers} layers of width {text_config.hidden_size}, "
+        f"{text_config.vocab_size} tokens{source}"
+    )
+
+
+def stage_model_repo(
+    model: PreTrainedModel,
+    folder: str | os.PathLike,
+    processor: Any = None,
+    eval_results: Mapping[str, Any] | str | os.PathLike | None = None,
+    repo_id: str | None = None,
+    **card_kwargs: Any,
+) -> list[str]:
+    """Write everything a Hub repository of `model` holds into `folder`; returns the files, relative, sorted.
+
+    What `model.save_pretrained` writes (safetensors weights; `config.json` with `auto_map` and, when the
+    `audio-visual-captioning` pipeline is registered, `custom_pipelines`; the modelling and pipeline code), the
+    processor's files (any object with `save_pretrained`, e.g. a `LavCapProcessor` or a tokenizer) and `README.md`,
+    the model card (`card_kwargs` go to `render_model_card`).
+    """
+    _check_lavcap_config(getattr(model, "config", None))
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(
+        folder
+    )  # weights, config with auto_map and custom_pipelines, modelling and pipeline code
+    if processor is not None:
+        processor.save_pretrained(folder)
+    render_model_card(model, repo_id, eval_results, **card_kwargs).save(folder / "README.md")
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def push_model_to_hub(
+    model: PreTrainedModel,
+    repo_id: str,
+    processor: Any = None,
+    eval_results: Mapping[str, Any] | str | os.PathLike | None = None,
+    private: bool = False,
+    token: str | None = None,
+    api: HfApi | None = None,
+    commit_message: str = "Upload LAVCap model",
+    **card_kwargs: Any,
+) -> Any:
+    """Upload `model` (see `stage_model_repo`) to the Hub repository `repo_id`, created when missing.
+
+    Returns the `upload_folder` commit info. `api` defaults to `HfApi(token=token)`.
+    """
+    api = api if api is not None else HfApi(token=token)
+    with tempfile.TemporaryDirectory() as folder:
+        stage_model_repo(model, folder, processor, eval_results, repo_id=repo_id, **card_kwargs)
+        repo = api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model", token=token)
+        return api.upload_folder(
+            repo_id=repo.repo_id,
+            folder_path=folder,
+            repo_type="model",
+            commit_message=commit_message,
+            token=token,
+        )
+
+
+def load_processor(folder: str | os.PathLike) -> Any:
+    """The processor saved in `folder` (AutoProcessor), else its tokenizer, else None."""
+    folder = Path(folder)
+    if (folder / "processor_config.json").exists():
+        return AutoProcessor.from_pretrained(folder)
+    if (folder / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(folder)
+    return None
+
+
+def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `lavcap push-to-hub`."""
+    parser.add_argument("model", help="folder of a saved LAVCap model (e.g. the output of `lavcap convert`)")
+    parser.add_argument("repo_id", help="Hub repository, e.g. your-name/lavcap-audiocaps")
+    parser.add_argument(
+        "--eval-results", help="JSON file of caption metrics (the output of `lavcap evaluate`)"
+    )
+    parser.add_argument("--dataset-name", default="AudioCaps", help="dataset the metrics were computed on")
+    parser.add_argument("--dataset-split", default="test", help="split the metrics were computed on")
+    parser.add_argument(
+        "--base-model", action="append", dest="base_models", help="Hub id of a pretrained part (repeatable)"
+    )
+    parser.add_argument("--license", help="Hub license id, e.g. llama2")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--token", help="Hub token (default: the logged-in one)")
+    parser.add_argument("--commit-message", default="Upload LAVCap model")
+
+
+def run_push(args: argparse.Namespace) -> Any:
+    """`lavcap push-to-hub`: load the saved model and its processor, upload them with a model card."""
+    model = LavCapForConditionalGeneration.from_pretrained(args.model, **{dtype_kwarg(): "auto"})
+    commit = push_model_to_hub(
+        model,
+        args.repo_id,
+        processor=load_processor(args.model),
+        eval_results=args.eval_results,
+        private=args.private,
+        token=args.token,
+        commit_message=args.commit_message,
+        base_models=args.base_models,
+        license=args.license,
+        dataset_name=args.dataset_name,
+        dataset_split=args.dataset_split,
+    )
+    print(f"pushed {args.model} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
+    return commit
