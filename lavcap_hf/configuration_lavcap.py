@@ -7,18 +7,8 @@ from typing import Any
 from transformers import CLIPVisionConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING, AutoConfig
 
-FUSION_TYPES = (
-    "ot_att",
-    "ot_concat",
-    "concat",
-    "channel_concat",
-    "cross_attention",
-    "audio_only",
-    "visual_only",
-)
-"""One fusion type per row of the paper's fusion ablation; ``"ot_att"`` is the paper's model."""
+from .optimal_transport import FUSION_TYPES
 
-OT_FUSION_TYPES = ("ot_att", "ot_concat")
 USES_AUDIO = tuple(t for t in FUSION_TYPES if t != "visual_only")
 USES_VISUAL = tuple(t for t in FUSION_TYPES if t != "audio_only")
 

@@ -12,9 +12,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModelWithProjection, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
-from .configuration_lavcap import OT_FUSION_TYPES, LavCapConfig
+from .configuration_lavcap import LavCapConfig
 from .modeling_ced import CedModel
-from .optimal_transport import build_fusion
+from .optimal_transport import OT_FUSION_TYPES, build_fusion
 
 IGNORE_INDEX = -100
 

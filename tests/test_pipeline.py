@@ -23,8 +23,8 @@ from lavcap_hf import (
     LavCapForConditionalGeneration,
     LavCapProcessor,
 )
-from lavcap_hf.configuration_lavcap import OT_FUSION_TYPES
 from lavcap_hf.media import load_media, write_media
+from lavcap_hf.optimal_transport import OT_FUSION_TYPES
 from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
 
 TASK = "audio-visual-captioning"

@@ -1,0 +1,440 @@
+"""Optimal-transport alignment and audio-visual fusion of LAVCap (pure torch, no Transformers imports).
+
+Notation: `ha` (B, A, C) audio tokens, `hv` (B, V, C) visual tokens (A=64, V=20 in the paper).
+The OT fusion (DESIGN.md section 4) normalises both, builds the similarity `S = <hv, ha>` (B, V, A),
+solves an entropic transport problem on it with log-domain Sinkhorn, trains the audio encoder with an
+alignment loss that uses the transport plan as soft targets, and (for `ot_att`) lets each token attend to
+the other modality through the plan. The other fusion types are the rows of the paper's ablations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+FUSION_TYPES = (
+    "ot_att",
+    "ot_concat",
+    "concat",
+    "channel_concat",
+    "cross_attention",
+    "audio_only",
+    "visual_only",
+)
+"""One fusion type per row of the paper's fusion ablation; "ot_att" is the paper's model."""
+
+
+def normalize_features(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Scale `x` (..., C) to unit L2 norm along the last dim: `x / max(||x||, eps)`.
+
+    All-zero rows stay zero (the official code divides by the bare norm and yields NaN there).
+    Same values and gradients as `F.normalize`, whose autograd graph takes ~3x longer on CPU.
+    """
+    return _Normalize.apply(x, eps)
+
+
+class _Normalize(torch.autograd.Function):
+    """`x / max(||x||, eps)` along the last dim with a fused backward (4 passes over x instead of ~10)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
+        inv_norm = norm.clamp_min(eps).reciprocal()
+        y = x * inv_norm
+        ctx.save_for_backward(y, inv_norm, norm < eps)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        y, inv_norm, clamped = ctx.saved_tensors
+        # Above eps: d(x / ||x||) = (g - y <g, y>) / ||x||. Below eps the map is x / eps, linear.
+        dot = (grad * y).sum(dim=-1, keepdim=True).masked_fill_(clamped, 0)
+        return torch.addcmul(grad, y, dot, value=-1).mul_(inv_norm), None
+
+
+# Kernels whose spread (max - min of similarity / epsilon within a sample) is at most this use
+# `_matvec_potentials`: both factors of each term it sums are >= exp(-spread) (the potentials' spread is
+# bounded by the kernel's), so every term is >= exp(-80), above fp32's smallest normal number (exp(-87)).
+# Cosine similarities with epsilon = 0.1 have spread <= 20.
+_MAX_MATVEC_SPREAD = 40.0
+
+
+@torch.no_grad()
+def log_sinkhorn(similarity: torch.Tensor, epsilon: float, num_iterations: int) -> torch.Tensor:
+    """Entropic optimal transport between V visual and A audio tokens, in log space (DESIGN.md 4.3).
+
+    With `Z = similarity / epsilon`, `u = 0` (B, V), `w = 0` (B, A), iterate
+    `u = -log V - logsumexp_a(Z + w)`, `w = -log A - logsumexp_v(Z + u)` and return `Z + u + w`.
+    The whole batch is updated at once.
+
+    Args:
+        similarity: (B, V, A) scores; any float dtype, computed in fp32.
+        epsilon: entropic regularisation.
+        num_iterations: Sinkhorn iterations (each one row and one column normalisation).
+
+    Returns:
+        (B, V, A) fp32 log transport plan without gradient: `exp` of it has rows summing to 1/V and
+        columns summing to 1/A (columns exactly, rows up to convergence).
+    """
+    if similarity.dim() != 3 or 0 in similarity.shape[1:]:
+        raise ValueError(f"similarity must have shape (batch, visual, audio), got {tuple(similarity.shape)}")
+    if epsilon <= 0:
+        raise ValueError(f"sinkhorn epsilon must be positive, got {epsilon}")
+    if num_iterations < 0:
+        raise ValueError(f"sinkhorn iterations must be >= 0, got {num_iterations}")
+    kernel = similarity.float() / epsilon
+    spread = kernel.amax(dim=(1, 2)) - kernel.amin(dim=(1, 2)) if kernel.numel() else kernel.new_zeros(1)
+    if spread.max() <= _MAX_MATVEC_SPREAD:  # one host sync; the reductions and the comparison are on device
+        u, w = _matvec_potentials(kernel, num_iterations)
+    else:
+        u, w = _logsumexp_potentials(kernel, num_iterations)
+    return kernel + u + w
+
+
+def _logsumexp_potentials(kernel: torch.Tensor, num_iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sinkhorn potentials u (B, V, 1) and w (B, 1, A) of the (B, V, A) kernel, updates as written."""
+    batch_size, num_visual, num_audio = kernel.shape
+    u = kernel.new_zeros(batch_size, num_visual, 1)
+    w = kernel.new_zeros(batch_size, 1, num_audio)
+    for _ in range(num_iterations):
+        u = -math.log(num_visual) - torch.logsumexp(kernel + w, dim=2, keepdim=True)
+        w = -math.log(num_audio) - torch.logsumexp(kernel + u, dim=1, keepdim=True)
+    return u, w
+
+
+def _matvec_potentials(kernel: torch.Tensor, num_iterations: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same potentials as `_logsumexp_potentials`, about twice as fast for kernels of bounded spread.
+
+    `logsumexp_a(Z[v, a] + w[a]) = m_v + max(w) + log(sum_a exp(Z[v, a] - m_v) * exp(w[a] - max(w)))`
+    with `m_v` the row maximum: the (B, V, A) exponentials are computed once, each iteration only
+    exponentiates the (B, V) and (B, A) potentials. Columns likewise.
+    """
+    batch_size, num_visual, num_audio = kernel.shape
+    row_max = kernel.amax(dim=2, keepdim=True)
+    col_max = kernel.amax(dim=1, keepdim=True)
+    row_kernel = (kernel - row_max).exp()
+    col_kernel = (kernel - col_max).exp()
+    row_offset = -math.log(num_visual) - row_max
+    col_offset = -math.log(num_audio) - col_max
+    u = kernel.new_zeros(batch_size, num_visual, 1)
+    w = kernel.new_zeros(batch_size, 1, num_audio)
+    for _ in range(num_iterations):
+        w_max = w.amax(dim=2, keepdim=True)
+        u = (row_offset - w_max) - (row_kernel * (w - w_max).exp()).sum(dim=2, keepdim=True).log()
+        u_max = u.amax(dim=1, keepdim=True)
+        w = (col_offset - u_max) - (col_kernel * (u - u_max).exp()).sum(dim=1, keepdim=True).log()
+    return u, w
+
+
+def ot_alignment_loss(
+    similarity: torch.Tensor, log_plan: torch.Tensor, logit_scale: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OT alignment losses of LAVCap (DESIGN.md section 4, step 5), computed in fp32.
+
+    `Zv[b,i,j] = s * sum_a L[b,i,a] S[b,j,a]` (B, V, V) and `Za[b,i,j] = s * sum_v L[b,v,i] S[b,v,j]`
+    (B, A, A); each loss is the cross entropy with the softmax over the *first* index of every column j
+    and target j, averaged over batch and columns (what `cross_entropy` does on a (B, N, N) input).
+    The log plan enters as is (no `exp`) and `s` as a plain multiplier, as in the released code.
+
+    Args:
+        similarity: (B, V, A) similarity `S`; gradients flow into it.
+        log_plan: (B, V, A) log transport plan `L`; treated as a constant.
+        logit_scale: scalar tensor `s`; gradients flow into it.
+
+    Returns:
+        `(loss_v, loss_a)`, two fp32 scalars.
+    """
+    if similarity.dim() != 3 or similarity.shape != log_plan.shape:
+        raise ValueError(
+            "similarity and log_plan must both have shape (batch, visual, audio), got "
+            f"{tuple(similarity.shape)} and {tuple(log_plan.shape)}"
+        )
+    if logit_scale.numel() != 1:
+        raise ValueError(f"logit_scale must be a scalar, got shape {tuple(logit_scale.shape)}")
+    similarity = similarity.float()
+    log_plan = log_plan.detach().float()
+    scale = logit_scale.float().reshape(())
+    logits_v = scale * torch.bmm(log_plan, similarity.transpose(1, 2))
+    logits_a = scale * torch.bmm(log_plan.transpose(1, 2), similarity)
+    return _diagonal_cross_entropy(logits_v), _diagonal_cross_entropy(logits_a)
+
+
+def _diagonal_cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Cross entropy of (B, N, N) logits, classes along dim 1, target of column j is j."""
+    batch_size, num_tokens, _ = logits.shape
+    targets = torch.arange(num_tokens, device=logits.device).expand(batch_size, num_tokens)
+    return F.cross_entropy(logits, targets)
+
+
+@dataclass
+class FusionOutput:
+    """Output of an `AudioVisualFusion` module.
+
+    Attributes:
+        fused: (B, N, output_dim) tokens for the projector, audio-derived tokens first.
+        loss_v: visual-side OT alignment loss (fp32 scalar), None for fusion types without OT.
+        loss_a: audio-side OT alignment loss (fp32 scalar), None for fusion types without OT.
+        log_plan: (B, V, A) fp32 log transport plan, only for OT types when asked for.
+    """
+
+    fused: torch.Tensor
+    loss_v: torch.Tensor | None = None
+    loss_a: torch.Tensor | None = None
+    log_plan: torch.Tensor | None = None
+
+
+class AudioVisualFusion(nn.Module):
+    """Base class: fuses audio tokens (B, A, C) and visual tokens (B, V, C) into (B, N, output_dim).
+
+    Subclasses set `fusion_type` (and `uses_audio` / `uses_visual` when a modality is ignored) and implement
+    `fuse`. How many fused tokens come from each modality is `LavCapConfig.placeholder_counts`.
+    """
+
+    fusion_type: str
+    uses_audio: bool = True
+    uses_visual: bool = True
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.output_dim = hidden_size
+
+    def extra_repr(self) -> str:
+        return f"hidden_size={self.hidden_size}, output_dim={self.output_dim}"
+
+    def forward(
+        self,
+        audio_tokens: torch.Tensor | None,
+        visual_tokens: torch.Tensor | None,
+        output_ot_plan: bool = False,
+    ) -> FusionOutput:
+        """Fuse audio (B, A, C) and visual (B, V, C) tokens; a modality the type ignores may be None.
+
+        `output_ot_plan=True` returns the (B, V, A) log plan for OT fusion types.
+        """
+        self._check_inputs(audio_tokens, visual_tokens)
+        return self.fuse(audio_tokens, visual_tokens, output_ot_plan)
+
+    def fuse(
+        self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None, output_ot_plan: bool
+    ) -> FusionOutput:
+        """Fusion proper, called by `forward` on validated inputs."""
+        raise NotImplementedError
+
+    def _check_inputs(self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None) -> None:
+        """Raise ValueError for a missing modality or inconsistent shapes."""
+        given = []
+        for name, tokens, needed in (
+            ("audio_tokens", audio_tokens, self.uses_audio),
+            ("visual_tokens", visual_tokens, self.uses_visual),
+        ):
+            if not needed:
+                continue
+            if tokens is None:
+                raise ValueError(f"fusion_type={self.fusion_type!r} needs {name}, got None")
+            if tokens.dim() != 3 or tokens.shape[-1] != self.hidden_size:
+                raise ValueError(
+                    f"{name} must have shape (batch, tokens, {self.hidden_size}), got {tuple(tokens.shape)}"
+                )
+            given.append(tokens)
+        if len(given) == 2 and given[0].shape[0] != given[1].shape[0]:
+            raise ValueError(
+                f"audio_tokens and visual_tokens have different batch sizes: "
+                f"{audio_tokens.shape[0]} and {visual_tokens.shape[0]}"
+            )
+
+
+class OptimalTransportFusion(AudioVisualFusion):
+    """Shared OT alignment: normalisation, similarity, Sinkhorn plan and alignment losses (fp32).
+
+    `logit_scale` is clamped in place to [0, logit_scale_max] at every forward, as the released code does,
+    so that converted checkpoints behave the same.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        sinkhorn_epsilon: float = 0.1,
+        sinkhorn_iterations: int = 50,
+        logit_scale_init: float = math.log(1 / 0.07),
+        logit_scale_max: float = math.log(100),
+    ):
+        super().__init__(hidden_size)
+        self.sinkhorn_epsilon = sinkhorn_epsilon
+        self.sinkhorn_iterations = sinkhorn_iterations
+        self.logit_scale_max = logit_scale_max
+        self.logit_scale = nn.Parameter(torch.tensor(float(logit_scale_init)))
+
+    def extra_repr(self) -> str:
+        return (
+            f"{super().extra_repr()}, sinkhorn_epsilon={self.sinkhorn_epsilon}, "
+            f"sinkhorn_iterations={self.sinkhorn_iterations}, logit_scale_max={self.logit_scale_max:.4f}"
+        )
+
+    def fuse(
+        self, audio_tokens: torch.Tensor, visual_tokens: torch.Tensor, output_ot_plan: bool
+    ) -> FusionOutput:
+        """Align and fuse; returns fused tokens in the input dtype and fp32 losses (and plan if asked)."""
+        out_dtype = torch.promote_types(audio_tokens.dtype, visual_tokens.dtype)
+        audio = normalize_features(audio_tokens.float())
+        visual = normalize_features(visual_tokens.float())
+        similarity = torch.bmm(visual, audio.transpose(1, 2))
+        log_plan = log_sinkhorn(similarity, self.sinkhorn_epsilon, self.sinkhorn_iterations)
+        with torch.no_grad():
+            self.logit_scale.clamp_(0.0, self.logit_scale_max)
+        # A copy, so that the next forward's in-place clamp cannot invalidate this graph before backward.
+        loss_v, loss_a = ot_alignment_loss(similarity, log_plan, self.logit_scale.clone())
+        fused = self._combine(audio, visual, log_plan).to(out_dtype)
+        return FusionOutput(fused, loss_v, loss_a, log_plan if output_ot_plan else None)
+
+    def _combine(self, audio: torch.Tensor, visual: torch.Tensor, log_plan: torch.Tensor) -> torch.Tensor:
+        """Fuse normalised audio (B, A, C) and visual (B, V, C) given the log plan (B, V, A)."""
+        raise NotImplementedError
+
+
+class OTAttentionFusion(OptimalTransportFusion):
+    """`ot_att`, the paper's model: OT loss + OT attention, (B, A+V, C).
+
+    `fused = [ha + P^T hv, hv + P ha]` with `P = exp(L)` and normalised features; no gradient through P.
+    """
+
+    fusion_type = "ot_att"
+
+    def _combine(self, audio: torch.Tensor, visual: torch.Tensor, log_plan: torch.Tensor) -> torch.Tensor:
+        plan = log_plan.exp()
+        attended_audio = torch.baddbmm(audio, plan.transpose(1, 2), visual)
+        attended_visual = torch.baddbmm(visual, plan, audio)
+        return torch.cat([attended_audio, attended_visual], dim=1)
+
+
+class OTConcatFusion(OptimalTransportFusion):
+    """`ot_concat`: OT loss, then the normalised audio and visual tokens concatenated, (B, A+V, C)."""
+
+    fusion_type = "ot_concat"
+
+    def _combine(self, audio: torch.Tensor, visual: torch.Tensor, log_plan: torch.Tensor) -> torch.Tensor:
+        return torch.cat([audio, visual], dim=1)
+
+
+class ConcatFusion(AudioVisualFusion):
+    """`concat`: raw audio and visual tokens concatenated along the token axis, (B, A+V, C); no OT."""
+
+    fusion_type = "concat"
+
+    def fuse(
+        self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None, output_ot_plan: bool
+    ) -> FusionOutput:
+        return FusionOutput(torch.cat([audio_tokens, visual_tokens], dim=1))
+
+
+class ChannelConcatFusion(AudioVisualFusion):
+    """`channel_concat`: raw visual tokens spread over the audio positions, concatenated on channels.
+
+    With `gap = A // V` and `rem = A % V`, visual token i sits at audio position `i * gap`, the other
+    positions (and the last `rem`) get zeros, as in the official code's channel-concatenation ablation.
+    Output (B, A, 2C); requires A >= V.
+    """
+
+    fusion_type = "channel_concat"
+
+    def __init__(self, hidden_size: int):
+        super().__init__(hidden_size)
+        self.output_dim = 2 * hidden_size
+
+    def fuse(
+        self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None, output_ot_plan: bool
+    ) -> FusionOutput:
+        batch_size, num_audio, channels = audio_tokens.shape
+        num_visual = visual_tokens.shape[1]
+        if num_audio < num_visual:
+            raise ValueError(
+                f"channel_concat needs at least as many audio as visual tokens, got {num_audio} and {num_visual}"
+            )
+        gap, rem = divmod(num_audio, num_visual)
+        spread = F.pad(visual_tokens.unsqueeze(2), (0, 0, 0, gap - 1))  # (B, V, gap, C)
+        spread = F.pad(spread.reshape(batch_size, num_visual * gap, channels), (0, 0, 0, rem))
+        return FusionOutput(torch.cat([audio_tokens, spread], dim=-1))
+
+
+class CrossAttentionFusion(AudioVisualFusion):
+    """`cross_attention`: audio queries attend to visual keys/values, plus an audio residual, (B, A, C)."""
+
+    fusion_type = "cross_attention"
+
+    def __init__(self, hidden_size: int, num_attention_heads: int | None = None):
+        super().__init__(hidden_size)
+        num_heads = num_attention_heads or max(1, hidden_size // 64)
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
+        self.cross_attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+
+    def fuse(
+        self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None, output_ot_plan: bool
+    ) -> FusionOutput:
+        attended, _ = self.cross_attn(audio_tokens, visual_tokens, visual_tokens, need_weights=False)
+        return FusionOutput(attended + audio_tokens)
+
+
+class AudioOnlyFusion(AudioVisualFusion):
+    """`audio_only`: the audio tokens unchanged, (B, A, C); visual tokens are ignored and may be None."""
+
+    fusion_type = "audio_only"
+    uses_visual = False
+
+    def fuse(
+        self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None, output_ot_plan: bool
+    ) -> FusionOutput:
+        return FusionOutput(audio_tokens)
+
+
+class VisualOnlyFusion(AudioVisualFusion):
+    """`visual_only`: the visual tokens unchanged, (B, V, C); audio tokens are ignored and may be None."""
+
+    fusion_type = "visual_only"
+    uses_audio = False
+
+    def fuse(
+        self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None, output_ot_plan: bool
+    ) -> FusionOutput:
+        return FusionOutput(visual_tokens)
+
+
+_OT_FUSIONS = {"ot_att": OTAttentionFusion, "ot_concat": OTConcatFusion}
+OT_FUSION_TYPES = tuple(_OT_FUSIONS)
+_PLAIN_FUSIONS = {
+    "concat": ConcatFusion,
+    "channel_concat": ChannelConcatFusion,
+    "audio_only": AudioOnlyFusion,
+    "visual_only": VisualOnlyFusion,
+}
+
+
+def build_fusion(
+    fusion_type: str,
+    hidden_size: int,
+    num_attention_heads: int | None = None,
+    sinkhorn_epsilon: float = 0.1,
+    sinkhorn_iterations: int = 50,
+    logit_scale_init: float = math.log(1 / 0.07),
+    logit_scale_max: float = math.log(100),
+) -> AudioVisualFusion:
+    """Build the fusion module for `fusion_type` (one of `FUSION_TYPES`) on `hidden_size` channels.
+
+    `num_attention_heads` is used by `cross_attention` only (default `hidden_size // 64`, at least 1);
+    the Sinkhorn and logit-scale arguments by the OT types only.
+    """
+    if fusion_type in _OT_FUSIONS:
+        return _OT_FUSIONS[fusion_type](
+            hidden_size, sinkhorn_epsilon, sinkhorn_iterations, logit_scale_init, logit_scale_max
+        )
+    if fusion_type == "cross_attention":
+        return CrossAttentionFusion(hidden_size, num_attention_heads)
+    if fusion_type in _PLAIN_FUSIONS:
+        return _PLAIN_FUSIONS[fusion_type](hidden_size)
+    raise ValueError(f"unknown fusion_type {fusion_type!r}; expected one of {', '.join(FUSION_TYPES)}")
