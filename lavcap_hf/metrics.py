@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 
 CAPTION_METRICS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "SPIDEr")
-_DISPLAY_NAMES = {"BLEU_1": "BLEU-1", "BLEU_2": "BLEU-2", "BLEU_3": "BLEU-3", "BLEU_4": "BLEU-4"}
-_DISPLAY_NAMES.update({"ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr-D"})
+METRIC_DISPLAY_NAMES = {"BLEU_1": "BLEU-1", "BLEU_2": "BLEU-2", "BLEU_3": "BLEU-3", "BLEU_4": "BLEU-4"}
+METRIC_DISPLAY_NAMES.update({"ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr-D"})
 
 PTB_TOKENIZER = "ptb"
 FALLBACK_TOKENIZER = "python-fallback"
@@ -348,9 +348,11 @@ def format_metrics_table(scores: Mapping[str, Any]) -> str:
     lines = ["| Metric | Score |", "| --- | ---: |"]
     for name in names:
         value = scores[name]
-        lines.append(f"| {_DISPLAY_NAMES.get(name, name)} | {'n/a' if value is None else f'{value:.4f}'} |")
+        lines.append(
+            f"| {METRIC_DISPLAY_NAMES.get(name, name)} | {'n/a' if value is None else f'{value:.4f}'} |"
+        )
     notes = [
-        f"- {_DISPLAY_NAMES.get(name, name)} n/a: {reason}"
+        f"- {METRIC_DISPLAY_NAMES.get(name, name)} n/a: {reason}"
         for name, reason in scores.get("unavailable", {}).items()
     ]
     if "num_clips" in scores:

@@ -1,0 +1,681 @@
+"""Evaluate a LAVCap model on a captioned split: batched generation, COCO caption metrics, modality robustness.
+
+`evaluate_model` captions every clip of a split (one clip per id, scored against all its reference captions) and
+writes to `output_dir`:
+- `predictions.jsonl`: one line per clip, in split order: `{"id", "prediction", "references"}`, or
+  `{"id", "error"}` for a clip whose media cannot be read (it is not scored);
+- `predictions_<condition>.jsonl`: the same for each modality condition (below), shuffled lines adding
+  `"visual_from"`, the clip whose visual input was used;
+- `scores.json`: the full-input metrics at the top level, in the layout of
+  `lavcap_hf.metrics.compute_caption_metrics` that `lavcap_hf.hub.load_eval_results` reads for the model card, plus
+  `clips` (`total`, `readable`, `evaluated`), `unreadable` (`[{"id", "reason"}]`), `generation` and, with the
+  modality test, `modality_test`;
+- `scores.md`: the same as a markdown table;
+- `run.json`: the settings of the run, checked when it is resumed.
+
+Scores are comparable with published AudioCaps tables: the COCO caption toolkit's PTB tokenisation, METEOR 1.5 and
+CIDEr-D (see `lavcap_hf.metrics`), beam search (4 beams, 200 new tokens by default), no sampling.
+
+Resuming: lines are appended batch by batch and forced to disk, so a run that stops (interrupt, crash) resumes from
+the clips already written; a last line cut short by a crash is removed first. Batches are fixed windows of the clip
+order, and a window is regenerated whole when any of its clips is missing, so a resumed run sees the same batches as
+an uninterrupted one (same batch size) and writes the same predictions. A clip recorded as unreadable stays so on
+resume; `resume=False` starts afresh.
+
+Modality test (`modality_test=True`), run on the clips evaluated with the full input, each with its drop
+(full minus condition) per metric:
+- `no_visual`: every frame embedding set to zero (given as `video_embeds`, in place of the CLIP output);
+- `shuffled_visual`: each clip gets the visual input of another clip, a fixed derangement drawn from `seed`;
+- `no_audio`: the audio replaced by digital silence over the whole fbank window, i.e. every fbank bin at kaldi's log
+  floor, then normalised: what a silent recording gives, where zeroed `input_features` would be the dataset's mean
+  spectrum rather than an absence of sound.
+A condition that the model's fusion type makes meaningless (visual ones for `audio_only`, `no_audio` for
+`visual_only`) is listed under `modality_test.skipped`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .configuration_lavcap import LavCapConfig
+from .data import DEFAULT_COLUMNS, Clip, LavCapDataset, group_clips, load_clips
+from .feature_extraction_lavcap import LavCapFeatureExtractor
+from .metrics import CAPTION_METRICS, METRIC_DISPLAY_NAMES, compute_caption_metrics
+from .modeling_lavcap import LavCapForConditionalGeneration
+from .processing_lavcap import LavCapProcessor
+from .training import LavCapDataCollator
+
+PREDICTIONS_FILE = "predictions.jsonl"
+SCORES_FILE = "scores.json"
+TABLE_FILE = "scores.md"
+RUN_FILE = "run.json"
+FULL = "full"
+
+
+@dataclass(frozen=True)
+class ModalityCondition:
+    """One input condition of the modality test: `name` (file suffix, JSON key), `title` (table column)."""
+
+    name: str
+    title: str
+    description: str
+
+
+MODALITY_CONDITIONS = (
+    ModalityCondition("no_visual", "No visual", "visual input suppressed: every frame embedding is zero"),
+    ModalityCondition(
+        "shuffled_visual",
+        "Shuffled visual",
+        "each clip gets the visual input of another clip (a fixed random derangement)",
+    ),
+    ModalityCondition(
+        "no_audio", "No audio", "audio suppressed: digital silence over the whole fbank window"
+    ),
+)
+"""The modality conditions, in the order they run and appear in the table."""
+
+
+@dataclass
+class EvaluationResult:
+    """What `evaluate_model` wrote: `scores` (the content of `scores.json`), `predictions` ({clip id: caption} of the
+    full-input run, evaluated clips only, split order) and the folder of the files."""
+
+    scores: dict[str, Any]
+    predictions: dict[str, str]
+    output_dir: Path
+
+
+def evaluate_model(
+    model: LavCapForConditionalGeneration,
+    processor: LavCapProcessor,
+    clips: Sequence[Clip],
+    output_dir: str | os.PathLike,
+    batch_size: int = 8,
+    num_beams: int = 4,
+    max_new_tokens: int = 200,
+    modality_test: bool = False,
+    resume: bool = True,
+    instruction: str | None = None,
+    seed: int = 0,
+    num_workers: int = 0,
+    progress: bool = True,
+) -> EvaluationResult:
+    """Caption and score a split; see the module docstring for the files written and how resuming works.
+
+    Args:
+        model: a `LavCapForConditionalGeneration`, switched to eval mode; inputs go to its device.
+        processor: the model's `LavCapProcessor`.
+        clips: the split (`lavcap_hf.data.load_clips`); entries sharing an id are one clip with all their captions
+            as references (`group_clips`). Every clip needs at least one reference caption.
+        output_dir: folder for the predictions, scores and run settings.
+        batch_size: clips per `generate()` call.
+        num_beams, max_new_tokens: beam search settings (no sampling).
+        modality_test: also run the `MODALITY_CONDITIONS`.
+        resume: continue the run recorded in `output_dir`; False deletes its earlier predictions first.
+        instruction: prompt instruction (the processor's default, "Please describe the audio.", when None).
+        seed: seed of the shuffled-visual derangement.
+        num_workers: DataLoader processes decoding the media (0: in this process).
+        progress: show a progress bar per condition.
+
+    Raises:
+        ValueError: bad settings, a clip without references, no readable clip, or `output_dir` holding a run with
+            other settings (or foreign prediction files).
+    """
+    if batch_size < 1 or num_beams < 1 or max_new_tokens < 1:
+        raise ValueError(
+            f"batch_size, num_beams and max_new_tokens must be positive, got {batch_size}, {num_beams}, "
+            f"{max_new_tokens}"
+        )
+    clips = group_clips(clips)
+    if not clips:
+        raise ValueError("the split has no clips to evaluate")
+    _check_references(clips)
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_run(
+        output_dir, _run_settings(model, clips, num_beams, max_new_tokens, instruction, seed), resume
+    )
+
+    runner = _ConditionRunner(
+        model,
+        LavCapDataCollator(processor, training=False, instruction=instruction),
+        generate_kwargs={
+            "num_beams": num_beams,
+            "max_new_tokens": max_new_tokens,
+            "do_sample": False,
+            "pad_token_id": processor.tokenizer.pad_token_id,
+        },
+        batch_size=batch_size,
+        num_workers=num_workers,
+        progress=progress,
+    )
+    config = model.config
+    dataset = _dataset(clips, processor, config)
+    records = runner.run(FULL, dataset, output_dir / PREDICTIONS_FILE)
+    evaluated = [clip for clip in clips if "prediction" in records[clip.id]]
+    unreadable = [{"id": c.id, "reason": records[c.id]["error"]} for c in clips if "error" in records[c.id]]
+    if not evaluated:
+        reasons = "; ".join(f"{u['id']}: {u['reason']}" for u in unreadable[:3])
+        raise ValueError(f"none of the {len(clips)} clips could be read ({reasons})")
+
+    scores = _score(records, evaluated)
+    scores.update(
+        clips={"total": len(clips), "readable": len(evaluated), "evaluated": scores["num_clips"]},
+        unreadable=unreadable,
+        generation={"num_beams": num_beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
+    )
+    if modality_test:
+        scores["modality_test"] = _modality_test(
+            runner, evaluated, processor, config, output_dir, records, scores, seed
+        )
+    _write_atomic(output_dir / SCORES_FILE, json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
+    _write_atomic(output_dir / TABLE_FILE, format_evaluation_table(scores) + "\n")
+    predictions = {clip.id: records[clip.id]["prediction"] for clip in evaluated}
+    return EvaluationResult(scores=scores, predictions=predictions, output_dir=output_dir)
+
+
+def _check_references(clips: Sequence[Clip]) -> None:
+    missing = [clip.id for clip in clips if not clip.references]
+    if missing:
+        raise ValueError(
+            f"{len(missing)} clip(s) have no reference caption (first: {missing[:5]}); evaluation scores each clip "
+            "against its references: check the caption column / test_coco.json"
+        )
+
+
+# -- run settings and resuming -------------------------------------------------------------------------------------
+
+
+def _run_settings(
+    model: LavCapForConditionalGeneration,
+    clips: Sequence[Clip],
+    num_beams: int,
+    max_new_tokens: int,
+    instruction: str | None,
+    seed: int,
+) -> dict[str, Any]:
+    """What the predictions depend on; a resumed run must match it (the batch size only changes the last bits)."""
+    ids = hashlib.sha256("\n".join(clip.id for clip in clips).encode("utf-8")).hexdigest()
+    name = str(getattr(model, "name_or_path", ""))
+    return {
+        "model": os.path.realpath(name) if os.path.isdir(name) else name,
+        "dtype": str(model.dtype),
+        "fusion_type": model.config.fusion_type,
+        "num_beams": num_beams,
+        "max_new_tokens": max_new_tokens,
+        "instruction": instruction,
+        "seed": seed,
+        "num_clips": len(clips),
+        "clip_ids_sha256": ids,
+    }
+
+
+def _prediction_files(output_dir: Path) -> list[Path]:
+    names = [PREDICTIONS_FILE] + [_predictions_name(c.name) for c in MODALITY_CONDITIONS]
+    return [output_dir / name for name in names]
+
+
+def _predictions_name(condition: str) -> str:
+    return PREDICTIONS_FILE if condition == FULL else f"predictions_{condition}.jsonl"
+
+
+def _prepare_run(output_dir: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Check (resume) or reset the run recorded in `output_dir`, then record `settings`."""
+    run_file = output_dir / RUN_FILE
+    existing = [path for path in _prediction_files(output_dir) if path.exists()]
+    if resume and run_file.is_file():
+        recorded = json.loads(run_file.read_text(encoding="utf-8"))
+        changed = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
+        if changed:
+            details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+            raise ValueError(
+                f"{output_dir} holds an evaluation run with other settings ({details}); use another output folder "
+                "or start afresh (resume=False / --no-resume)"
+            )
+        return
+    if resume and existing:
+        raise ValueError(
+            f"{output_dir} holds prediction files ({', '.join(p.name for p in existing)}) but no {RUN_FILE}: they "
+            "are not from an evaluation run that can be resumed; use another output folder"
+        )
+    for path in existing + [output_dir / SCORES_FILE, output_dir / TABLE_FILE]:
+        path.unlink(missing_ok=True)
+    _write_atomic(run_file, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+
+
+def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The records of a predictions file, {clip id: record}, in file order.
+
+    A last line without its newline (a write cut short by a crash) is ignored.
+
+    Raises:
+        ValueError: a complete line that is not a JSON record with an `id` and a `prediction` or an `error`.
+    """
+    path = Path(path)
+    data = path.read_bytes()
+    complete = data[: data.rfind(b"\n") + 1]
+    records: dict[str, dict[str, Any]] = {}
+    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}: line {number} is not valid JSON ({error})") from error
+        if not isinstance(record, dict) or "id" not in record or not {"prediction", "error"} & set(record):
+            raise ValueError(f"{path}: line {number} is not a record with an id and a prediction or an error")
+        records[record["id"]] = record
+    return records
+
+
+def _drop_incomplete_line(path: Path) -> None:
+    """Cut the file after its last newline: remove what a crash left of a line being written."""
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        os.truncate(path, end)
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a temporary file in the same folder, then a rename over `path`."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(temporary, path)
+
+
+# -- generation ----------------------------------------------------------------------------------------------------
+
+
+def _dataset(
+    clips: Sequence[Clip], processor: LavCapProcessor, config: LavCapConfig, **flags: bool
+) -> LavCapDataset:
+    """The clips decoded as the model needs them (`flags` may turn the audio or the visual input off)."""
+    return LavCapDataset(
+        clips,
+        sampling_rate=processor.feature_extractor.sampling_rate,
+        num_frames=config.num_frames,
+        load_audio=flags.get("load_audio", config.uses_audio),
+        load_visual=flags.get("load_visual", config.uses_visual),
+    )
+
+
+class _WindowDataset(torch.utils.data.Dataset):
+    """Batch `k` = the readable clips of window `k` (dataset indices), decoded and collated (in a DataLoader worker).
+
+    Items are `(records, batch)`: one record per clip of the window, `{"id"}` (to be given its prediction) or
+    `{"id", "error"}`, and the model inputs of the readable clips (None when there is none). `overrides` replace
+    item entries of every clip (suppressed inputs); `extra[i]` adds fields to the record of dataset clip i.
+    """
+
+    def __init__(
+        self,
+        dataset: LavCapDataset,
+        windows: list[list[int]],
+        collator: LavCapDataCollator,
+        overrides: Mapping[str, np.ndarray],
+        extra: Sequence[dict[str, Any]] | None,
+    ) -> None:
+        self.dataset = dataset
+        self.windows = windows
+        self.collator = collator
+        self.overrides = dict(overrides)
+        self.extra = extra
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, k: int) -> tuple[list[dict[str, Any]], dict[str, torch.Tensor] | None]:
+        records, items = [], []
+        for index in self.windows[k]:
+            record = {"id": self.dataset.clips[index].id, **(self.extra[index] if self.extra else {})}
+            try:
+                item = self.dataset[index]
+                self.collator(
+                    [{**item, **self.overrides}]
+                )  # featurises alone: a bad clip fails here, not its batch
+            except (ValueError, OSError) as error:
+                record["error"] = str(error)
+            else:
+                items.append({**item, **self.overrides})
+            records.append(record)
+        return records, self.collator(items) if items else None
+
+
+def _unbatched(item: Any) -> Any:
+    """DataLoader collate_fn for datasets that return whole batches."""
+    return item
+
+
+class _ConditionRunner:
+    """Runs one input condition over a list of clips, appending to its predictions file, resumable."""
+
+    def __init__(
+        self,
+        model: LavCapForConditionalGeneration,
+        collator: LavCapDataCollator,
+        generate_kwargs: dict[str, Any],
+        batch_size: int,
+        num_workers: int,
+        progress: bool,
+    ) -> None:
+        self.model = model
+        self.collator = collator
+        self.generate_kwargs = generate_kwargs
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.progress = progress
+
+    def run(
+        self,
+        condition: str,
+        dataset: LavCapDataset,
+        path: Path,
+        overrides: Mapping[str, np.ndarray] | None = None,
+        extra: Sequence[dict[str, Any]] | None = None,
+    ) -> dict[str, dict[str, Any]]:
+        """Caption the clips of `dataset` that `path` lacks; returns every clip's record, {id: record}."""
+        records: dict[str, dict[str, Any]] = {}
+        if path.exists():
+            _drop_incomplete_line(path)
+            records = read_predictions(path)
+        ids = [clip.id for clip in dataset.clips]
+        references = {clip.id: list(clip.references) for clip in dataset.clips}
+        size = self.batch_size
+        windows = [list(range(s, min(s + size, len(ids)))) for s in range(0, len(ids), size)]
+        pending = [w for w in windows if any(ids[i] not in records for i in w)]
+        loader = torch.utils.data.DataLoader(
+            _WindowDataset(dataset, pending, self.collator, overrides or {}, extra),
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_unbatched,
+        )
+        done = sum(clip_id in records for clip_id in ids)
+        bar = tqdm(
+            total=len(ids),
+            initial=done,
+            desc=f"evaluating ({condition})",
+            unit="clip",
+            disable=not self.progress,
+        )
+        self.model.eval()
+        with open(path, "a", encoding="utf-8") as file, bar:
+            for window_records, batch in loader:
+                captions = iter(self._generate(batch) if batch is not None else [])
+                for record in window_records:
+                    if "error" not in record:
+                        record.update(prediction=next(captions), references=references[record["id"]])
+                new = [record for record in window_records if record["id"] not in records]
+                file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
+                file.flush()
+                os.fsync(file.fileno())
+                records.update((record["id"], record) for record in new)
+                bar.update(len(new))
+        return records
+
+    def _generate(self, batch: dict[str, torch.Tensor]) -> list[str]:
+        """Captions of one collated batch (beam search, no sampling)."""
+        inputs = {k: v.to(self.model.device) for k, v in batch.items() if k != "clip_index"}
+        with torch.inference_mode():
+            sequences = self.model.generate(**inputs, **self.generate_kwargs)
+        return self.collator.processor.batch_decode(sequences, prompt_length=inputs["input_ids"].shape[1])
+
+
+# -- scoring -------------------------------------------------------------------------------------------------------
+
+
+def _score(records: Mapping[str, dict[str, Any]], clips: Sequence[Clip]) -> dict[str, Any]:
+    return compute_caption_metrics(
+        {clip.id: records[clip.id]["prediction"] for clip in clips},
+        {clip.id: list(clip.references) for clip in clips},
+    )
+
+
+def _metrics(scores: Mapping[str, Any]) -> dict[str, Any]:
+    return {name: scores[name] for name in (*CAPTION_METRICS, "unavailable", "num_clips", "tokenizer")}
+
+
+def _drop(full: Mapping[str, Any], condition: Mapping[str, Any]) -> dict[str, float | None]:
+    """Full minus condition per metric (positive: the metric falls without the modality); None when unavailable."""
+    return {
+        name: None if full[name] is None or condition[name] is None else full[name] - condition[name]
+        for name in CAPTION_METRICS
+    }
+
+
+# -- modality test -------------------------------------------------------------------------------------------------
+
+
+def _derangement(count: int, seed: int) -> list[int]:
+    """`partner[i] != i` for every i: a random cyclic order of the `count` positions, each taking the next one's
+    place. Deterministic in (`count`, `seed`); needs `count >= 2`."""
+    if count < 2:
+        raise ValueError(f"a derangement needs at least 2 clips, got {count}")
+    order = np.random.default_rng(seed).permutation(count)
+    partner = np.empty(count, dtype=np.int64)
+    partner[order] = np.roll(order, -1)
+    return partner.tolist()
+
+
+def _silent_audio(feature_extractor: LavCapFeatureExtractor) -> np.ndarray:
+    """Digital silence that fills the extractor's whole fbank window: float32 zeros (samples,) at its rate."""
+    extractor = feature_extractor
+    samples = (extractor.max_length - 1) * extractor.hop_length + extractor.window_length
+    return np.zeros(samples, dtype=np.float32)
+
+
+def _with_visual_of(clip: Clip, other: Clip) -> Clip:
+    """`clip` with its own audio and the visual input (frames or embeddings) of `other`."""
+    audio = clip.audio if clip.audio is not None else clip.video
+    return replace(clip, audio=audio, video=other.video, video_embeds=other.video_embeds)
+
+
+def _skip_reason(condition: str, config: LavCapConfig, count: int) -> str | None:
+    if condition != "no_audio" and not config.uses_visual:
+        return f"fusion_type={config.fusion_type!r} uses no visual input"
+    if condition == "no_audio" and not config.uses_audio:
+        return f"fusion_type={config.fusion_type!r} uses no audio"
+    if condition == "shuffled_visual" and count < 2:
+        return "shuffling the visual input needs at least 2 evaluated clips"
+    return None
+
+
+def _modality_test(
+    runner: _ConditionRunner,
+    clips: Sequence[Clip],
+    processor: LavCapProcessor,
+    config: LavCapConfig,
+    output_dir: Path,
+    full_records: Mapping[str, dict[str, Any]],
+    full_scores: Mapping[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    """Run the applicable `MODALITY_CONDITIONS` on `clips` (those evaluated with the full input) and score them."""
+    results: dict[str, Any] = {"conditions": {}, "skipped": {}}
+    condition_records: dict[str, dict[str, dict[str, Any]]] = {}
+    for condition in MODALITY_CONDITIONS:
+        reason = _skip_reason(condition.name, config, len(clips))
+        if reason is not None:
+            results["skipped"][condition.name] = reason
+            continue
+        path = output_dir / _predictions_name(condition.name)
+        if condition.name == "no_visual":
+            zeros = np.zeros((config.num_frames, config.visual_embed_dim), dtype=np.float32)
+            records = runner.run(
+                condition.name,
+                _dataset(clips, processor, config, load_visual=False),
+                path,
+                overrides={"video_embeds": zeros},
+            )
+        elif condition.name == "shuffled_visual":
+            partner = _derangement(len(clips), seed)
+            swapped = [_with_visual_of(clip, clips[partner[i]]) for i, clip in enumerate(clips)]
+            records = runner.run(
+                condition.name,
+                _dataset(swapped, processor, config),
+                path,
+                extra=[{"visual_from": clips[p].id} for p in partner],
+            )
+        else:
+            records = runner.run(
+                condition.name,
+                _dataset(clips, processor, config, load_audio=False),
+                path,
+                overrides={"audio": _silent_audio(processor.feature_extractor)},
+            )
+        condition_records[condition.name] = records
+
+    # Every column is scored on the clips that all conditions evaluated (CIDEr-D depends on the set of clips).
+    common = [c for c in clips if all("prediction" in r[c.id] for r in condition_records.values())]
+    baseline = _metrics(full_scores) if len(common) == len(clips) else _score(full_records, common)
+    if len(common) < len(clips):
+        results["baseline"] = baseline
+    for name, records in condition_records.items():
+        scores = _score(records, common)
+        failed = [{"id": c.id, "reason": records[c.id]["error"]} for c in clips if "error" in records[c.id]]
+        results["conditions"][name] = {
+            "description": next(c.description for c in MODALITY_CONDITIONS if c.name == name),
+            **_metrics(scores),
+            "drop": _drop(baseline, scores),
+            "unreadable": failed,
+        }
+    return results
+
+
+# -- report --------------------------------------------------------------------------------------------------------
+
+
+def _format_value(value: float | None) -> str:
+    if value is None:
+        return "n/a"
+    text = f"{value:.4f}"
+    return "0.0000" if text == "-0.0000" else text
+
+
+def format_evaluation_table(scores: Mapping[str, Any]) -> str:
+    """Markdown report of a `scores.json`: one metrics table (with a value and a drop column per modality condition
+    when the modality test ran), the reasons for unavailable metrics, the clip counts and the unreadable clips."""
+    modality = scores.get("modality_test", {})
+    conditions = modality.get("conditions", {})
+    titles = {c.name: c.title for c in MODALITY_CONDITIONS}
+    baseline = modality.get("baseline", scores)
+    header = ["Metric", "Full" if conditions else "Score"]
+    for name in conditions:
+        header += [titles[name], "drop"]
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
+    for metric in CAPTION_METRICS:
+        cells = [METRIC_DISPLAY_NAMES.get(metric, metric), _format_value(baseline[metric])]
+        for result in conditions.values():
+            cells += [_format_value(result[metric]), _format_value(result["drop"][metric])]
+        lines.append("| " + " | ".join(cells) + " |")
+
+    notes = [
+        f"- {METRIC_DISPLAY_NAMES.get(m, m)} n/a: {reason}" for m, reason in scores["unavailable"].items()
+    ]
+    notes.append(f"- {scores['num_clips']} clips scored, tokenizer: {scores['tokenizer']}")
+    notes += [f"- {titles[name]}: {result['description']}" for name, result in conditions.items()]
+    notes += [f"- {titles[name]} not run: {reason}" for name, reason in modality.get("skipped", {}).items()]
+    if "baseline" in modality:
+        notes.append(
+            f"- the modality columns are scored on the {baseline['num_clips']} clips every condition read"
+        )
+    clips = scores["clips"]
+    notes.append(
+        f"- clips: {clips['total']} in the split, {clips['readable']} with readable media, "
+        f"{clips['evaluated']} evaluated"
+    )
+    unreadable = scores["unreadable"]
+    if unreadable:
+        notes += ["", f"Unreadable clips ({len(unreadable)}, all listed in {SCORES_FILE}):"]
+        notes += [f"- {u['id']}: {u['reason']}" for u in unreadable[:20]]
+    return "\n".join(lines + [""] + notes)
+
+
+# -- command line --------------------------------------------------------------------------------------------------
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `lavcap evaluate` and `examples/evaluate.py`."""
+    parser.add_argument("--model", required=True, help="model folder or Hub id (model + processor)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="AudioCaps root (with <split>.json), folder saved by datasets' save_to_disk, or CSV/JSONL/JSON manifest",
+    )
+    parser.add_argument(
+        "--split", default="test", help="split of an AudioCaps root or DatasetDict (default: test)"
+    )
+    parser.add_argument("--output-dir", required=True, help="folder for predictions, scores and run settings")
+    parser.add_argument(
+        "--visual-features-dir", help="AudioCaps .npy CLIP features (default <root>/visual_feature/<split>)"
+    )
+    parser.add_argument(
+        "--use-frames", action="store_true", help="AudioCaps: decode the frames instead of the .npy features"
+    )
+    for role, name in DEFAULT_COLUMNS.items():
+        parser.add_argument(
+            f"--{role.replace('_', '-')}-column", default=name, help=f"manifest/dataset column of the {role}"
+        )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--instruction", help="prompt instruction (default: 'Please describe the audio.')")
+    parser.add_argument(
+        "--modality-test",
+        action="store_true",
+        help="also evaluate with the visual input zeroed, shuffled across clips, and with the audio silenced",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled-visual derangement")
+    parser.add_argument(
+        "--no-resume", action="store_true", help="start afresh: delete this run's predictions in --output-dir"
+    )
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding media")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if present)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
+    """`lavcap evaluate`: load the model and the split, evaluate, print the table; returns the scores."""
+    from .cli import load_captioning_pipeline
+
+    clips = load_clips(
+        args.data,
+        args.split,
+        columns={role: getattr(args, f"{role}_column") for role in DEFAULT_COLUMNS},
+        visual_features_dir=args.visual_features_dir,
+        use_visual_features=not args.use_frames,
+    )
+    pipe = load_captioning_pipeline(args.model, args.device, args.dtype, args.trust_remote_code)
+    result = evaluate_model(
+        pipe.model,
+        pipe.processor,
+        clips,
+        args.output_dir,
+        batch_size=args.batch_size,
+        num_beams=args.num_beams,
+        max_new_tokens=args.max_new_tokens,
+        modality_test=args.modality_test,
+        resume=not args.no_resume,
+        instruction=args.instruction,
+        seed=args.seed,
+        num_workers=args.num_workers,
+        progress=not args.quiet,
+    )
+    print(format_evaluation_table(result.scores))
+    print(f"\npredictions and scores written to {result.output_dir}")
+    return result.scores
