@@ -1,15 +1,48 @@
-"""Fine-tuning LAVCap: the paper's LoRA set-up (peft)."""
+"""Fine-tuning LAVCap: LoRA set-up (peft), data collator, Trainer with lm/ot loss logging and generate() evaluation,
+checkpoint merging, and the reusable `run_training` behind `examples/train.py` and `lavcap train`.
+
+The paper's recipe (configs/config_best.yaml of the release): LoRA r 8 / alpha 32 / dropout 0.1 on the q/v projections
+of CED and of the LLM, projector and OT logit scale trained, CLIP and base weights frozen; AdamW (beta2 0.999),
+lr 5e-6 with a 2 % linear warmup and cosine decay to 1e-8, weight decay 1e-6 on matrices, batch 4 per device,
+mixed precision, SpecAugment (48 mel bins, 192 frames) on training clips only, one of 8 instructions drawn per
+example; evaluation by beam search (4 beams, 200 new tokens).
+"""
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-from peft import LoraConfig, PeftModel, get_peft_model
+import numpy as np
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_utils import set_seed
 
+from .configuration_lavcap import LavCapConfig
+from .data import Clip, EpochShuffleSampler, LavCapDataset, group_clips, load_clips
+from .metrics import CAPTION_METRICS, compute_caption_metrics
 from .modeling_lavcap import LavCapForConditionalGeneration
+from .processing_lavcap import TRAINING_INSTRUCTIONS, LavCapProcessor
 
 TRAINED_MODULES = ("multi_modal_projector", "fusion")
 """Modules trained in full next to the adapters: the projector, and the fusion (OT logit scale, cross-attention)."""
+
+RUNNING_STAT_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+DEFAULT_GENERATION = {"num_beams": 4, "max_new_tokens": 200, "do_sample": False}
+"""The paper's evaluation decoding."""
+
+# ----------------------------------------------------------------------------------------------------------------
+# LoRA
 
 
 def lavcap_lora_config(
@@ -36,7 +69,680 @@ def lavcap_lora_config(
     )
 
 
+def running_stat_modules(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers whose running statistics change in training mode (CED's input `init_bn`)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, RUNNING_STAT_NORMS) and module.track_running_stats
+    ]
+
+
 def apply_lora(model: LavCapForConditionalGeneration, lora_config: LoraConfig | None = None) -> PeftModel:
-    """Freeze every base weight (CED, CLIP, LLM) and add the adapters; the projector and fusion stay trainable."""
+    """Freeze every base weight (CED, CLIP, LLM) and add the adapters; the projector and fusion stay trainable.
+
+    BatchNorm layers with running statistics (CED's input normalisation) keep updating them in training mode, as in
+    the released code; they are added to `modules_to_save` with frozen affine weights, so that checkpoints and
+    merged models carry the statistics. Trainable tensors are kept in float32 when the base model is half precision.
+    """
     model.requires_grad_(False)
-    return get_peft_model(model, lora_config or lavcap_lora_config())
+    lora_config = lora_config or lavcap_lora_config()
+    norms = [name for name in running_stat_modules(model) if name not in (lora_config.modules_to_save or [])]
+    lora_config = dataclasses.replace(
+        lora_config, modules_to_save=[*(lora_config.modules_to_save or []), *norms]
+    )
+    peft_model = get_peft_model(model, lora_config)
+    for name, parameter in peft_model.named_parameters():
+        if any(f"{norm}.modules_to_save." in name for norm in norms):
+            parameter.requires_grad_(False)
+        elif parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    return peft_model
+
+
+def merge_and_save(
+    model: PeftModel, output_dir: str | os.PathLike, processor: LavCapProcessor | None = None
+) -> LavCapForConditionalGeneration:
+    """Fold the adapters into the base weights (in place: `model` is unwrapped) and save a plain model folder, with
+    the processor, that `LavCapForConditionalGeneration.from_pretrained` and `pipeline(...)` load."""
+    merged = model.merge_and_unload()
+    merged.save_pretrained(output_dir)
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    return merged
+
+
+def load_trained(
+    checkpoint: str | os.PathLike,
+    base_model: str | os.PathLike | PreTrainedModel | None = None,
+    merge: bool = False,
+    **from_pretrained_kwargs: Any,
+) -> PeftModel | LavCapForConditionalGeneration:
+    """A fine-tuned model from a training checkpoint (or a finished run's output folder).
+
+    Args:
+        checkpoint: folder with `adapter_config.json` and the adapter weights (what the Trainer saves).
+        base_model: the model training started from, loaded or a folder; default: the base path recorded in
+            `adapter_config.json`.
+        merge: fold the adapters into the weights and return a plain `LavCapForConditionalGeneration`.
+        from_pretrained_kwargs: for the base model's `from_pretrained` (dtype, device_map, ...).
+    """
+    if not isinstance(base_model, PreTrainedModel):
+        path = base_model or PeftConfig.from_pretrained(checkpoint).base_model_name_or_path
+        if not path:
+            raise ValueError(f"{checkpoint}: adapter_config.json names no base model; pass base_model=")
+        base_model = LavCapForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
+    model = PeftModel.from_pretrained(base_model, checkpoint)
+    return model.merge_and_unload() if merge else model
+
+
+def merge_checkpoint(
+    checkpoint: str | os.PathLike, output_dir: str | os.PathLike, base_model: str | os.PathLike | None = None
+) -> LavCapForConditionalGeneration:
+    """Merge a training checkpoint into a plain model folder, with the processor saved in the checkpoint."""
+    merged = load_trained(checkpoint, base_model, merge=True)
+    merged.save_pretrained(output_dir)
+    LavCapProcessor.from_pretrained(checkpoint).save_pretrained(output_dir)
+    return merged
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Collator
+
+
+@dataclass
+class LavCapDataCollator:
+    """Turns [`LavCapDataset`] items into model inputs with the processor (in the DataLoader workers).
+
+    Training batches: right-padded `prompt + caption + EOS`, `labels` on caption + EOS, one of the paper's 8
+    instructions per example and SpecAugment on the fbank. Evaluation batches (`training=False`): left-padded
+    prompts with `instruction` (the processor's default when None), no augmentation, and `clip_index` (B,), the
+    dataset indices the trainer uses to find each clip's references.
+
+    Random choices come from a generator seeded with the items' `seed`s, so batches are reproducible.
+
+    Returns:
+        `input_ids`, `attention_mask` (B, L), `input_features` (B, frames, mel) unless `visual_only`,
+        `pixel_values_videos` (B, V, 3, H, W) or `video_embeds` (B, V, D) unless `audio_only`, and `labels` (B, L) or
+        `clip_index` (B,).
+    """
+
+    processor: LavCapProcessor
+    training: bool = True
+    spec_augment: bool = True
+    random_instruction: bool = True
+    instruction: str | None = None
+    max_caption_length: int | None = None
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([item["seed"] for item in items])
+        audio = [item["audio"] for item in items] if "audio" in items[0] else None
+        sampling_rate = items[0]["sampling_rate"]
+        frames = self._stack(items, "frames")
+        embeds = self._stack(items, "video_embeds")
+        captions = None
+        instruction: str | list[str] | None = self.instruction
+        if self.training:
+            captions = [item["caption"] for item in items]
+            missing = [item["id"] for item in items if not item["caption"]]
+            if missing:
+                raise ValueError(f"training clips need a caption; clips {missing} have none")
+            if self.random_instruction:
+                instruction = [
+                    TRAINING_INSTRUCTIONS[i]
+                    for i in rng.integers(len(TRAINING_INSTRUCTIONS), size=len(items))
+                ]
+        batch = self.processor(
+            audio=audio,
+            videos=frames,
+            video_embeds=embeds,
+            text=captions,
+            sampling_rate=sampling_rate,
+            instruction=instruction,
+            padding_side="right" if self.training else "left",
+            max_caption_length=self.max_caption_length,
+            return_tensors="pt",
+        )
+        if self.training and self.spec_augment and audio is not None:
+            # The processor draws SpecAugment masks from fresh entropy; a seeded pass keeps runs reproducible.
+            batch["input_features"] = self.processor.feature_extractor(
+                audio, sampling_rate=sampling_rate, spec_augment=True, generator=rng, return_tensors="pt"
+            )["input_features"]
+        if not self.training:
+            batch["clip_index"] = torch.tensor([item["index"] for item in items])
+        return dict(batch)
+
+    @staticmethod
+    def _stack(items: list[dict[str, Any]], key: str) -> list[np.ndarray] | None:
+        present = [key in item for item in items]
+        if not any(present):
+            return None
+        if not all(present):
+            raise ValueError(
+                f"a batch mixes clips with and without {key}; give every clip the same visual input"
+            )
+        return [item[key] for item in items]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Trainer
+
+
+class _StartDatasetEpoch(TrainerCallback):
+    """Tells the training dataset which epoch starts: its example order and random choices change per epoch."""
+
+    def __init__(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    def on_epoch_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        dataset = self.trainer.train_dataset
+        if isinstance(dataset, LavCapDataset):
+            # state.epoch is fractional when resuming mid-epoch.
+            dataset.start_epoch(math.floor(state.epoch + 1e-6))
+
+
+class LavCapTrainerMixin:
+    """LAVCap training on top of a Transformers `Trainer` (or optimum-habana's `GaudiTrainer`).
+
+    - logs `lm_loss` and `ot_loss` next to `loss`, each averaged over the logging interval and the processes;
+    - evaluates by generating captions (`generation_kwargs`, beam 4 / 200 tokens by default) and, when the clips
+      have references and `caption_metrics` is True, scores them with `compute_caption_metrics` (on the main
+      process; the scores are broadcast). The captions of the last evaluation are in `last_eval_predictions` and
+      are written to `<output_dir>/captions-step<N>.jsonl`;
+    - uses [`LavCapDataCollator`] for training and its `training=False` twin for evaluation unless given;
+    - weight decay on matrices only (not on biases, norms or the logit scale), as the released optimiser;
+    - orders a [`LavCapDataset`] with [`EpochShuffleSampler`] and starts each of its epochs, so that a resumed run
+      replays exactly the batches and augmentations of an uninterrupted one.
+
+    Pass everything as keywords. `args.remove_unused_columns` must be False: the collator reads raw clip fields.
+    """
+
+    def __init__(
+        self,
+        *,
+        eval_data_collator: LavCapDataCollator | None = None,
+        generation_kwargs: dict[str, Any] | None = None,
+        caption_metrics: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        processor = kwargs.get("processing_class", kwargs.get("tokenizer"))
+        if kwargs.get("data_collator") is None and isinstance(processor, LavCapProcessor):
+            kwargs["data_collator"] = LavCapDataCollator(processor)
+        super().__init__(**kwargs)
+        if self.args.remove_unused_columns:
+            raise ValueError(
+                "LAVCap training needs remove_unused_columns=False: its collator reads the raw audio, frames and captions"
+            )
+        # lm_loss and ot_loss are means over the batch: the Trainer must divide them for gradient accumulation.
+        self.model_accepts_loss_kwargs = False
+        self.eval_data_collator = eval_data_collator
+        if eval_data_collator is None and isinstance(self.data_collator, LavCapDataCollator):
+            self.eval_data_collator = dataclasses.replace(self.data_collator, training=False)
+        self.generation_kwargs = {**DEFAULT_GENERATION, **(generation_kwargs or {})}
+        self.caption_metrics = caption_metrics
+        if self.compute_metrics is None:
+            self.compute_metrics = self._score_captions
+        self.last_eval_predictions: list[dict[str, Any]] = []
+        self._loss_sums: dict[str, torch.Tensor] = {}
+        self._loss_batches = 0
+        self._scored_dataset: Any = None
+        self.add_callback(_StartDatasetEpoch(self))
+
+    @property
+    def processor(self) -> LavCapProcessor | None:
+        return getattr(self, "processing_class", None) or getattr(self, "tokenizer", None)
+
+    # -- losses --------------------------------------------------------------------------------------------------
+
+    def compute_loss(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: Any = None,
+    ) -> Any:
+        outputs = model(**inputs)
+        if model.training:
+            for name in ("lm_loss", "ot_loss"):
+                value = getattr(outputs, name, None)
+                if value is not None:
+                    previous = self._loss_sums.get(name)
+                    value = value.detach().float()
+                    self._loss_sums[name] = value if previous is None else previous + value
+            self._loss_batches += 1
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs and self._loss_batches:
+            for name, total in sorted(self._loss_sums.items()):
+                mean = self.accelerator.reduce(total / self._loss_batches, reduction="mean")
+                logs[name] = round(mean.item(), 4)
+            self._loss_sums, self._loss_batches = {}, 0
+        super().log(logs, *args, **kwargs)
+
+    def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if isinstance(dataset, LavCapDataset):
+            seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return EpochShuffleSampler(dataset, seed)
+        return super()._get_train_sampler(train_dataset)
+
+    def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
+        parameters = dict(model.named_parameters())
+        return [name for name in super().get_decay_parameter_names(model) if parameters[name].ndim >= 2]
+
+    # -- evaluation ----------------------------------------------------------------------------------------------
+
+    def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
+        return self._with_eval_collator(super().get_eval_dataloader, eval_dataset)
+
+    def get_test_dataloader(self, test_dataset: Any) -> Any:
+        return self._with_eval_collator(super().get_test_dataloader, test_dataset)
+
+    def _with_eval_collator(self, build: Any, dataset: Any) -> Any:
+        training_collator = self.data_collator
+        self.data_collator = self.eval_data_collator or training_collator
+        try:
+            return build(dataset)
+        finally:
+            self.data_collator = training_collator
+
+    def evaluate(self, eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
+        dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
+        if isinstance(dataset, str):
+            dataset = self.eval_dataset[dataset]
+        self._scored_dataset = dataset
+        return super().evaluate(eval_dataset, *args, **kwargs)
+
+    def predict(self, test_dataset: Any, *args: Any, **kwargs: Any) -> Any:
+        self._scored_dataset = test_dataset
+        return super().predict(test_dataset, *args, **kwargs)
+
+    def prediction_step(
+        self,
+        model: nn.Module,
+        inputs: dict[str, Any],
+        prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[None, torch.Tensor | None, torch.Tensor | None]:
+        """Generate captions: returns (None, new token ids (B, T), dataset indices of the clips (B,))."""
+        if "clip_index" not in inputs:
+            raise ValueError(
+                "evaluation batches must come from LavCapDataCollator(training=False) (they carry clip_index)"
+            )
+        inputs = self._prepare_inputs(inputs)
+        clip_index = inputs.pop("clip_index")
+        if prediction_loss_only:
+            return None, None, None
+        processor = self.processor
+        generation = dict(self.generation_kwargs)
+        if processor is not None:
+            generation.setdefault("eos_token_id", processor.tokenizer.eos_token_id)
+            generation.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
+        generator = self.accelerator.unwrap_model(model)
+        with torch.no_grad(), self.autocast_smart_context_manager():
+            sequences = generator.generate(**inputs, **generation)
+        return None, sequences[:, inputs["input_ids"].shape[1] :], clip_index
+
+    def _score_captions(self, prediction: Any) -> dict[str, float]:
+        """compute_metrics: decode the generated ids, pair them with the clips' references, score them."""
+        token_ids = (
+            prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
+        )
+        token_ids = np.asarray(token_ids)
+        processor = self.processor
+        captions = processor.batch_decode(
+            np.where(token_ids < 0, processor.tokenizer.pad_token_id, token_ids)
+        )
+        clips: Sequence[Clip] = getattr(self._scored_dataset, "clips", None) or []
+        indices = np.asarray(prediction.label_ids).reshape(-1).tolist()
+        references = [list(clips[i].references) if clips else [] for i in indices]
+        self.last_eval_predictions = [
+            {"id": clips[i].id if clips else str(i), "caption": caption, "references": refs}
+            for i, caption, refs in zip(indices, captions, references, strict=True)
+        ]
+        metrics: dict[str, float] = {"num_clips": len(captions)}
+        if self.caption_metrics and references and all(references):
+            metrics.update(self._main_process_scores(captions, references))
+        if self.args.should_save:
+            os.makedirs(self.args.output_dir, exist_ok=True)
+            path = Path(self.args.output_dir) / f"captions-step{self.state.global_step}.jsonl"
+            path.write_text("".join(json.dumps(row) + "\n" for row in self.last_eval_predictions))
+        return metrics
+
+    def _main_process_scores(self, captions: list[str], references: list[list[str]]) -> dict[str, float]:
+        """Caption metrics computed once (METEOR starts a JVM) and shared with the other processes."""
+        from accelerate.utils import broadcast_object_list
+
+        scores = [None]
+        if self.is_world_process_zero():
+            result = compute_caption_metrics(captions, references)
+            scores = [{name: result[name] for name in CAPTION_METRICS if result[name] is not None}]
+        if self.args.world_size > 1:
+            broadcast_object_list(scores, from_process=0)
+        return scores[0]
+
+
+class LavCapTrainer(LavCapTrainerMixin, Trainer):
+    """Transformers `Trainer` for LAVCap; see [`LavCapTrainerMixin`]."""
+
+
+def processor_kwarg(trainer_class: type) -> str:
+    """Name under which this Trainer takes the processor: `processing_class`, or `tokenizer` where older."""
+    initialisers = [vars(cls)["__init__"] for cls in trainer_class.__mro__ if "__init__" in vars(cls)]
+    takes = any("processing_class" in inspect.signature(init).parameters for init in initialisers)
+    return "processing_class" if takes else "tokenizer"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments and run
+
+
+@dataclass
+class ModelArguments:
+    """Where the model starts from: a LAVCap folder (model + processor), or the paper's pretrained components."""
+
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "LAVCap folder or Hub id holding the model and its processor."}
+    )
+    audio_encoder: str | None = field(default=None, metadata={"help": "CED weights (components build)."})
+    vision_encoder: str | None = field(
+        default=None,
+        metadata={"help": "CLIP checkpoint; leave unset to train on precomputed visual features."},
+    )
+    language_model: str | None = field(default=None, metadata={"help": "Causal LM (components build)."})
+    tokenizer_name: str | None = field(
+        default=None, metadata={"help": "Tokenizer (default: the language model's)."}
+    )
+    dtype: str | None = field(
+        default=None,
+        metadata={
+            "help": "Dtype of the frozen weights: float32, bfloat16, float16 (trained ones stay fp32)."
+        },
+    )
+    fusion_type: str = field(default="ot_att", metadata={"help": "Fusion of a components build."})
+    num_frames: int = field(default=20, metadata={"help": "Frames per clip of a components build."})
+    visual_embed_dim: int | None = field(
+        default=None,
+        metadata={"help": "Width of precomputed visual features of a components build without CLIP (768)."},
+    )
+    merged_output_dir: str | None = field(
+        default=None, metadata={"help": "After training, save the merged model and processor here."}
+    )
+
+
+@dataclass
+class DataArguments:
+    """Training and evaluation data (see `lavcap_hf.data.load_clips` for the accepted sources)."""
+
+    train_data: str | None = field(
+        default=None, metadata={"help": "AudioCaps root, saved datasets folder, or CSV/JSONL/JSON manifest."}
+    )
+    train_split: str = field(default="train", metadata={"help": "Split of an AudioCaps root or DatasetDict."})
+    eval_data: str | None = field(default=None, metadata={"help": "Evaluation source (default: none)."})
+    eval_split: str = field(default="test", metadata={"help": "Evaluation split."})
+    visual_features_dir: str | None = field(
+        default=None,
+        metadata={"help": "AudioCaps .npy features folder (default <root>/visual_feature/<split>)."},
+    )
+    use_visual_features: bool = field(
+        default=True,
+        metadata={"help": "AudioCaps: use the precomputed CLIP features rather than the frames."},
+    )
+    video_column: str = field(default="video_path")
+    audio_column: str = field(default="audio_path")
+    caption_column: str = field(default="caption")
+    id_column: str = field(default="id")
+    max_train_samples: int | None = field(default=None)
+    max_eval_samples: int | None = field(default=None)
+    spec_augment: bool = field(default=True, metadata={"help": "SpecAugment on training clips."})
+    random_instruction: bool = field(
+        default=True, metadata={"help": "Draw one of the 8 instructions per example."}
+    )
+    max_caption_length: int | None = field(
+        default=None, metadata={"help": "Caption tokens kept in training."}
+    )
+
+
+@dataclass
+class LoraArguments:
+    lora_r: int = 8
+    lora_alpha: int = 32
+    lora_dropout: float = 0.1
+    audio_lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    text_lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+    def lora_config(self) -> LoraConfig:
+        return lavcap_lora_config(
+            self.lora_r, self.lora_alpha, self.lora_dropout, self.audio_lora_targets, self.text_lora_targets
+        )
+
+
+@dataclass
+class EvaluationArguments:
+    generation_num_beams: int = field(
+        default=4, metadata={"help": "Beams when generating evaluation captions."}
+    )
+    generation_max_new_tokens: int = field(
+        default=200, metadata={"help": "New tokens per evaluation caption."}
+    )
+    caption_metrics: bool = field(
+        default=True, metadata={"help": "Score evaluation captions (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE)."}
+    )
+    eval_instruction: str | None = field(default=None, metadata={"help": "Evaluation prompt instruction."})
+
+
+@dataclass
+class LavCapArguments:
+    """Everything a training run takes; `training` is a `TrainingArguments` (or `GaudiTrainingArguments`)."""
+
+    model: ModelArguments
+    data: DataArguments
+    lora: LoraArguments
+    evaluation: EvaluationArguments
+    training: TrainingArguments
+    gaudi: bool = False
+
+
+def parse_arguments(argv: Sequence[str] | None = None) -> LavCapArguments:
+    """Parse `[--config file.yaml] [--gaudi] [--name value ...]`: the YAML's values are defaults, the command line
+    overrides any of them. `--gaudi` parses `GaudiTrainingArguments` (optimum-habana, imported only then)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    _add_run_options(pre)
+    known, rest = pre.parse_known_args(argv)
+    if known.gaudi:
+        from .gaudi import GAUDI_ARGUMENT_DEFAULTS, gaudi_training_arguments_class
+
+        training_class, defaults = gaudi_training_arguments_class(), dict(GAUDI_ARGUMENT_DEFAULTS)
+    else:
+        training_class, defaults = TrainingArguments, {}
+    classes = (ModelArguments, DataArguments, LoraArguments, EvaluationArguments, training_class)
+    parser = HfArgumentParser(classes)
+    _add_run_options(parser)
+    defaults["remove_unused_columns"] = False
+    if known.config:
+        defaults.update(_read_config(known.config, classes))
+    parser.set_defaults(**defaults)
+    model, data, lora, evaluation, training, _ = parser.parse_args_into_dataclasses(rest)
+    return LavCapArguments(model, data, lora, evaluation, training, gaudi=known.gaudi)
+
+
+def _add_run_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML file of argument values (defaults for the command line)")
+    parser.add_argument(
+        "--gaudi", action="store_true", help="train on Intel Gaudi with optimum-habana's GaudiTrainer"
+    )
+
+
+def _read_config(path: str | os.PathLike, classes: Sequence[type]) -> dict[str, Any]:
+    """Values of a YAML config, checked against the argument dataclasses.
+
+    `warmup_ratio` becomes a fractional `warmup_steps` where TrainingArguments dropped the former (5.x).
+    """
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        values = yaml.safe_load(f) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a mapping of argument names to values")
+    names = {f.name for cls in classes for f in dataclasses.fields(cls)}
+    if "warmup_ratio" in values and "warmup_ratio" not in names:
+        values["warmup_steps"] = float(values.pop("warmup_ratio"))
+    unknown = sorted(set(values) - names)
+    if unknown:
+        raise ValueError(f"{path}: unknown argument(s) {unknown}")
+    return values
+
+
+def load_model_and_processor(
+    arguments: ModelArguments,
+) -> tuple[LavCapForConditionalGeneration, LavCapProcessor]:
+    """The starting model and its processor, from a LAVCap folder or from pretrained components."""
+    dtype = getattr(torch, arguments.dtype) if arguments.dtype else None
+    if arguments.model_name_or_path:
+        from .convert import dtype_kwarg
+
+        kwargs = {dtype_kwarg(): dtype} if dtype is not None else {}
+        model = LavCapForConditionalGeneration.from_pretrained(arguments.model_name_or_path, **kwargs)
+        return model, LavCapProcessor.from_pretrained(arguments.model_name_or_path)
+    if not arguments.language_model:
+        raise ValueError(
+            "give --model_name_or_path (a LAVCap folder) or the components, at least --language_model"
+        )
+    from .convert import build_from_components
+
+    model, tokenizer = build_from_components(
+        arguments.audio_encoder,
+        arguments.vision_encoder,
+        arguments.language_model,
+        arguments.tokenizer_name,
+        dtype=dtype,
+        fusion_type=arguments.fusion_type,
+        num_frames=arguments.num_frames,
+        **({"visual_embed_dim": arguments.visual_embed_dim} if arguments.visual_embed_dim else {}),
+    )
+    return model, LavCapProcessor.from_model_config(model.config, tokenizer)
+
+
+def save_base_model(
+    model: LavCapForConditionalGeneration, processor: LavCapProcessor, folder: Path, write: bool
+) -> None:
+    """Keep the model a components build starts from, and record it as the adapters' base model.
+
+    The new token rows of a components build are drawn at random (seeded), so checkpoints need this copy to load.
+    """
+    if write and not (folder / "config.json").is_file():
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+    # peft records the instance attribute as the adapters' base model.
+    model.name_or_path = model.config._name_or_path = str(folder.resolve())
+
+
+def build_dataset(
+    data: DataArguments, config: LavCapConfig, processor: LavCapProcessor, training: bool, seed: int = 0
+) -> LavCapDataset | None:
+    """The training dataset (one example per caption) or the evaluation one (one example per clip)."""
+    source = data.train_data if training else data.eval_data
+    if source is None:
+        return None
+    clips = load_clips(
+        source,
+        data.train_split if training else data.eval_split,
+        columns={
+            "video": data.video_column,
+            "audio": data.audio_column,
+            "caption": data.caption_column,
+            "id": data.id_column,
+        },
+        visual_features_dir=data.visual_features_dir,
+        use_visual_features=data.use_visual_features,
+    )
+    if not training:
+        clips = group_clips(clips)
+    limit = data.max_train_samples if training else data.max_eval_samples
+    if limit is not None:
+        clips = [clips[i] for i in range(min(limit, len(clips)))]
+    return LavCapDataset(
+        clips,
+        sampling_rate=processor.feature_extractor.sampling_rate,
+        num_frames=config.num_frames,
+        load_audio=config.uses_audio,
+        load_visual=config.uses_visual,
+        seed=seed,
+    )
+
+
+def build_trainer(
+    arguments: LavCapArguments,
+    model: nn.Module,
+    processor: LavCapProcessor,
+    train_dataset: LavCapDataset | None,
+    eval_dataset: LavCapDataset | None,
+) -> Trainer:
+    """`LavCapTrainer`, or its Gaudi twin (`GaudiTrainer` + `GaudiConfig`) with `arguments.gaudi`."""
+    data, evaluation = arguments.data, arguments.evaluation
+    collator = LavCapDataCollator(
+        processor,
+        spec_augment=data.spec_augment,
+        random_instruction=data.random_instruction,
+        max_caption_length=data.max_caption_length,
+    )
+    kwargs: dict[str, Any] = {
+        "model": model,
+        "args": arguments.training,
+        "train_dataset": train_dataset,
+        "eval_dataset": eval_dataset,
+        "data_collator": collator,
+        "eval_data_collator": LavCapDataCollator(
+            processor, training=False, instruction=evaluation.eval_instruction
+        ),
+        "generation_kwargs": {
+            "num_beams": evaluation.generation_num_beams,
+            "max_new_tokens": evaluation.generation_max_new_tokens,
+        },
+        "caption_metrics": evaluation.caption_metrics,
+    }
+    if arguments.gaudi:
+        from .gaudi import gaudi_config_for, gaudi_trainer_class
+
+        trainer_class = gaudi_trainer_class()
+        kwargs["gaudi_config"] = gaudi_config_for(arguments.training)
+    else:
+        trainer_class = LavCapTrainer
+    kwargs[processor_kwarg(trainer_class)] = processor
+    return trainer_class(**kwargs)
+
+
+def resume_target(value: str | None) -> str | bool | None:
+    """`--resume_from_checkpoint`: a checkpoint folder, or `true` / `last` for the newest one in output_dir."""
+    if value is None or value.lower() in ("", "false", "none"):
+        return None
+    return True if value.lower() in ("true", "last", "latest") else value
+
+
+def run_training(arguments: LavCapArguments | Sequence[str] | None = None) -> Trainer:
+    """Fine-tune LAVCap as `arguments` (or a command line for `parse_arguments`) say; returns the trainer.
+
+    The adapters, projector, logit scale, running statistics and processor are saved to `output_dir` (and in every
+    checkpoint); `--merged_output_dir` also writes a merged plain model folder.
+    """
+    if not isinstance(arguments, LavCapArguments):
+        arguments = parse_arguments(arguments)
+    training = arguments.training
+    set_seed(training.seed)
+    model, processor = load_model_and_processor(arguments.model)
+    if not arguments.model.model_name_or_path:
+        save_base_model(model, processor, Path(training.output_dir) / "base_model", training.should_save)
+    model = apply_lora(model, arguments.lora.lora_config())
+    train_dataset = build_dataset(arguments.data, model.config, processor, training=True, seed=training.seed)
+    if train_dataset is None:
+        raise ValueError("give the training data: --train_data")
+    eval_dataset = build_dataset(arguments.data, model.config, processor, training=False)
+    trainer = build_trainer(arguments, model, processor, train_dataset, eval_dataset)
+    trainer.train(resume_from_checkpoint=resume_target(training.resume_from_checkpoint))
+    trainer.save_model()
+    if arguments.model.merged_output_dir and trainer.is_world_process_zero():
+        merge_and_save(
+            trainer.accelerator.unwrap_model(trainer.model), arguments.model.merged_output_dir, processor
+        )
+    return trainer

@@ -1,0 +1,14 @@
+"""Fine-tune LAVCap with the Transformers Trainer (or optimum-habana's GaudiTrainer with --gaudi).
+
+    python examples/train.py --config examples/configs/lavcap_audiocaps.yaml [--name value ...]
+
+Every argument is described by `--help`; see examples/README.md for multi-GPU and Gaudi launches. The logic lives in
+`lavcap_hf.training.run_training`, shared with `lavcap train`.
+"""
+
+import sys
+
+from lavcap_hf.training import run_training
+
+if __name__ == "__main__":
+    run_training(sys.argv[1:])

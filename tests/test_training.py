@@ -1,0 +1,384 @@
+"""Fine-tuning a tiny LAVCap with the Trainer on synthesised clips: losses, what trains, checkpoints, merging, resume,
+two-process DDP, and the YAML / command-line arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, pipeline
+from transformers.trainer_utils import set_seed
+
+from lavcap_hf import CedConfig, CedModel, LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf.data import LavCapDataset, group_clips, load_manifest
+from lavcap_hf.synthetic import PLACES, SOUNDS, generate_dataset, make_caption
+from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.training import (
+    LavCapDataCollator,
+    LavCapTrainer,
+    apply_lora,
+    load_trained,
+    merge_and_save,
+    merge_checkpoint,
+    parse_arguments,
+    run_training,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+SEED = 3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two intra-op threads on a shared 2-core machine make tiny matmuls 10-50x slower; one thread is faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """Synthetic clips (mp4 with audio) + a manifest with precomputed visual embeddings + a tiny saved model.
+
+    Clips last at most 1.27 s so that their fbank fits the tiny model's 128 frames.
+    """
+    root = tmp_path_factory.mktemp("training")
+    generate_dataset(root / "data", num_train=12, num_test=4, seed=0, duration_range=(1.0, 1.25), size=32)
+    tokenizer = word_level_tokenizer([make_caption(s, p) for s in SOUNDS for p in PLACES])
+    config = tiny_lavcap_config(
+        vocab_size=len(tokenizer),
+        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
+    )
+    torch.manual_seed(0)
+    LavCapForConditionalGeneration(config).save_pretrained(root / "model")
+    LavCapProcessor.from_model_config(config, tokenizer).save_pretrained(root / "model")
+    # Precomputed-embedding variant of the training manifest: no frame decoding, no CLIP.
+    rng = np.random.default_rng(0)
+    rows = []
+    for line in (root / "data" / "train.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        embeds = f"features/{row['id']}.npy"
+        (root / "data" / "features").mkdir(exist_ok=True)
+        np.save(root / "data" / embeds, rng.standard_normal((config.num_frames, config.visual_embed_dim)))
+        rows.append(json.dumps({**row, "video_embeds_path": embeds}))
+    (root / "data" / "train_features.jsonl").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def common_args(workspace: Path, output_dir: Path, manifest: str = "train.jsonl") -> list[str]:
+    return [
+        "--model_name_or_path", str(workspace / "model"),
+        "--train_data", str(workspace / "data" / manifest),
+        "--output_dir", str(output_dir),
+        "--use_cpu", "true",
+        "--seed", str(SEED),
+        "--per_device_train_batch_size", "4",
+        "--report_to", "none",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+def initial_model(workspace: Path):
+    """The model `run_training` starts from: same seed, same LoRA initialisation."""
+    set_seed(SEED)
+    return apply_lora(LavCapForConditionalGeneration.from_pretrained(workspace / "model"))
+
+
+def base_name(peft_name: str) -> str:
+    """Name of the base-model tensor a peft parameter wraps (frozen copies keep the base weights)."""
+    name = peft_name.removeprefix("base_model.model.")
+    for wrapper in (".base_layer", ".original_module", ".modules_to_save.default"):
+        name = name.replace(wrapper, "")
+    return name
+
+
+def eval_items(workspace: Path, config) -> list[dict]:
+    """The test clips as the evaluation dataset gives them (one per clip)."""
+    clips = group_clips(load_manifest(workspace / "data" / "test.jsonl"))
+    dataset = LavCapDataset(clips, num_frames=config.num_frames)
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def prompts(processor: LavCapProcessor, items: list[dict]) -> dict[str, torch.Tensor]:
+    batch = LavCapDataCollator(processor, training=False)(items)
+    batch.pop("clip_index")
+    return batch
+
+
+def test_fine_tune_logs_both_losses_trains_only_adapters_and_reloads(
+    workspace, tmp_path, monkeypatch
+) -> None:
+    output = tmp_path / "run"
+    args = common_args(workspace, output) + [
+        "--eval_data", str(workspace / "data" / "test.jsonl"),
+        "--max_steps", "30",
+        "--learning_rate", "2e-2",
+        "--lr_scheduler_type", "constant",
+        "--logging_steps", "5",
+        "--save_steps", "30",
+        "--eval_strategy", "no",
+        "--dataloader_num_workers", "1",
+        "--generation_num_beams", "2",
+        "--generation_max_new_tokens", "6",
+    ]  # fmt: skip
+    trainer = run_training(args)
+
+    # Both losses are logged every 5 steps next to `loss`, which is their sum; lm_loss falls.
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [5, 10, 15, 20, 25, 30]
+    for entry in logs:
+        assert abs(entry["loss"] - (entry["lm_loss"] + entry["ot_loss"])) < 1e-3
+    lm_losses = [entry["lm_loss"] for entry in logs]
+    assert all(later < earlier for earlier, later in zip(lm_losses, lm_losses[1:], strict=False)), lm_losses
+    assert lm_losses[-1] < lm_losses[0] - 0.2
+
+    # Trainable tensors (LoRA, projector, logit scale) all moved; every frozen weight is bit-identical to the base.
+    model = trainer.model.eval()
+    start = dict(initial_model(workspace).named_parameters())
+    base = LavCapForConditionalGeneration.from_pretrained(workspace / "model").state_dict()
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_B" in n for n in trainable) and any(n.endswith("logit_scale") for n in trainable)
+    for name, parameter in model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(parameter, start[name]), f"{name} did not train"
+        else:
+            assert torch.equal(parameter, base[base_name(name)]), f"frozen {name} changed"
+    # CED's input BatchNorm statistics changed in training mode (as in the release) and are kept.
+    stats = "base_model.model.model.audio_tower.init_bn.modules_to_save.default.running_mean"
+    assert not torch.equal(model.state_dict()[stats], base["model.audio_tower.init_bn.running_mean"])
+
+    # The checkpoint reloads into a model with identical logits and generations.
+    processor = trainer.processing_class
+    items = eval_items(workspace, model.config)
+    batch = prompts(processor, items)
+    greedy = {"max_new_tokens": 8, "do_sample": False, "num_beams": 1, "pad_token_id": 0, "eos_token_id": 2}
+    with torch.no_grad():
+        expected_logits = model(**batch).logits
+        expected = model.generate(**batch, **greedy)
+        reloaded = load_trained(output / "checkpoint-30").eval()
+        torch.testing.assert_close(reloaded(**batch).logits, expected_logits, rtol=0, atol=0)
+        assert torch.equal(reloaded.generate(**batch, **greedy), expected)
+
+    # Evaluation generates a caption per test clip and scores it against that clip's references
+    # (without java on PATH the scores use the python tokenizer: no 20 s METEOR start-up).
+    monkeypatch.setenv("PATH", str(tmp_path))
+    metrics = trainer.evaluate()
+    references = {clip.id: list(clip.references) for clip in trainer.eval_dataset.clips}
+    assert metrics["eval_num_clips"] == len(references) == 4
+    assert {row["id"]: row["references"] for row in trainer.last_eval_predictions} == references
+    assert "eval_BLEU_4" in metrics and "eval_CIDEr" in metrics and "eval_METEOR" not in metrics
+    saved = (output / "captions-step30.jsonl").read_text().splitlines()
+    assert [json.loads(line) for line in saved] == trainer.last_eval_predictions
+
+    # A merged plain folder loads with from_pretrained and in the pipeline, and behaves as the adapters do.
+    merged_dir = tmp_path / "merged"
+    merge_and_save(trainer.model, merged_dir, processor)
+    merged = LavCapForConditionalGeneration.from_pretrained(merged_dir).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(merged(**batch).logits, expected_logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(merged.generate(**batch, **greedy), expected)
+    from_checkpoint = merge_checkpoint(output / "checkpoint-30", tmp_path / "merged_from_checkpoint")
+    for name, tensor in merged.state_dict().items():
+        torch.testing.assert_close(from_checkpoint.state_dict()[name], tensor, rtol=0, atol=0)
+    captioner = pipeline(
+        "audio-visual-captioning", model=merged, processor=LavCapProcessor.from_pretrained(merged_dir)
+    )
+    caption = captioner(str(workspace / "data" / "test" / "test-00000.mp4"), **greedy)[0]["caption"]
+    single = prompts(processor, items[:1])
+    with torch.no_grad():
+        sequences = merged.generate(**single, **greedy)
+    assert caption == processor.batch_decode(sequences, prompt_length=single["input_ids"].shape[1])[0]
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workspace, tmp_path) -> None:
+    """12 clips, batch 4: 3 steps per epoch, so step 4 is inside the second epoch (batches are skipped on resume).
+
+    The uninterrupted run's checkpoint-4 is exactly what a run stopped after 4 steps writes (same seed, same
+    data order, same augmentation); a fresh model resumed from it must end bit-identical to the uninterrupted run.
+    SpecAugment, instruction draws and LoRA dropout are all active, and the data is decoded in a worker.
+    """
+    steps = ["--max_steps", "7", "--save_steps", "4", "--learning_rate", "1e-2", "--logging_steps", "1"]
+    steps += ["--dataloader_num_workers", "1"]
+    uninterrupted = run_training(common_args(workspace, tmp_path / "full", "train_features.jsonl") + steps)
+    stopped = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "full" / "checkpoint-4", stopped / "checkpoint-4")
+    resumed = run_training(
+        common_args(workspace, stopped, "train_features.jsonl")
+        + steps
+        + ["--resume_from_checkpoint", str(stopped / "checkpoint-4")]
+    )
+    # Steps 1-4 come from the checkpoint's trainer state, 5-7 were trained again: the losses match too.
+    losses = [[e for e in run.state.log_history if "loss" in e] for run in (uninterrupted, resumed)]
+    assert [e["step"] for e in losses[1]] == list(range(1, 8))
+    assert losses[1] == losses[0]
+    expected = uninterrupted.model.state_dict()
+    final = resumed.model.state_dict()
+    assert expected.keys() == final.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(final[name], tensor), name
+    start = dict(initial_model(workspace).named_parameters())
+    assert not torch.equal(expected["base_model.model.model.multi_modal_projector.modules_to_save.default.weight"],
+                           start["base_model.model.model.multi_modal_projector.modules_to_save.default.weight"])  # fmt: skip
+
+
+DDP_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from lavcap_hf.training import run_training
+
+trainer = run_training(sys.argv[2:])
+model = trainer.accelerator.unwrap_model(trainer.model)
+result = {
+    "world_size": trainer.args.world_size,
+    "backend": str(torch.distributed.get_backend()) if torch.distributed.is_initialized() else None,
+    "parameters": {name: p.detach().clone() for name, p in model.named_parameters()},
+    "logs": trainer.state.log_history,
+}
+torch.save(result, f"{sys.argv[1]}/rank{trainer.args.process_index}.pt")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_ranks_end_with_identical_weights(workspace, tmp_path) -> None:
+    script = tmp_path / "ddp_train.py"
+    script.write_text(textwrap.dedent(DDP_SCRIPT))
+    args = common_args(workspace, tmp_path / "run", "train_features.jsonl") + [
+        "--per_device_train_batch_size", "2",
+        "--max_steps", "3",
+        "--learning_rate", "1e-2",
+        "--logging_steps", "1",
+        "--ddp_backend", "gloo",
+    ]  # fmt: skip
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
+        str(script), str(tmp_path), *args,
+    ]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    assert [r["world_size"] for r in ranks] == [2, 2] and [r["backend"] for r in ranks] == ["gloo", "gloo"]
+    start = dict(initial_model(workspace).named_parameters())
+    moved = 0
+    for name, tensor in ranks[0]["parameters"].items():
+        assert torch.equal(ranks[1]["parameters"][name], tensor), name
+        moved += not torch.equal(tensor, start[name])
+    assert moved > 0
+    # The logged losses are averaged over both processes, so the ranks log the same values.
+    losses = [[(e["lm_loss"], e["ot_loss"]) for e in r["logs"] if "lm_loss" in e] for r in ranks]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_yaml_config_gives_defaults_and_the_command_line_overrides_them(tmp_path, monkeypatch) -> None:
+    # TrainingArguments(bf16=True) exports ACCELERATE_MIXED_PRECISION with transformers 4.x; keep it to this test.
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    config = ROOT / "examples" / "configs" / "lavcap_audiocaps.yaml"
+    arguments = parse_arguments(
+        [
+            "--config",
+            str(config),
+            "--use_cpu",
+            "true",
+            "--learning_rate",
+            "1e-4",
+            "--lora_r",
+            "4",
+            "--no_spec_augment",
+        ]
+    )
+    training = arguments.training
+    assert isinstance(training, TrainingArguments)
+    assert (
+        training.learning_rate == 1e-4 and arguments.lora.lora_r == 4 and arguments.data.spec_augment is False
+    )
+    # The paper's recipe as the YAML states it.
+    assert training.weight_decay == 1e-6 and training.per_device_train_batch_size == 4 and training.bf16
+    assert training.lr_scheduler_type.value == "cosine_with_min_lr" and training.lr_scheduler_kwargs == {
+        "min_lr": 1e-8
+    }
+    warmup = getattr(training, "warmup_ratio", None) or training.warmup_steps
+    assert warmup == 0.02
+    assert (
+        arguments.evaluation.generation_num_beams == 4
+        and arguments.evaluation.generation_max_new_tokens == 200
+    )
+    assert arguments.lora.lora_alpha == 32 and arguments.lora.lora_dropout == 0.1
+    assert training.remove_unused_columns is False and arguments.gaudi is False
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("learning_rate: 1e-5\nlearning_rat: 3\n")
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) \['learning_rat'\]"):
+        parse_arguments(["--config", str(bad)])
+
+
+def test_trainer_needs_the_raw_columns(workspace, tmp_path) -> None:
+    model = apply_lora(LavCapForConditionalGeneration.from_pretrained(workspace / "model"))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    with pytest.raises(ValueError, match="remove_unused_columns=False"):
+        LavCapTrainer(
+            model=model, args=args, processing_class=LavCapProcessor.from_pretrained(workspace / "model")
+        )
+
+
+def test_components_build_keeps_its_starting_model_as_the_adapters_base(workspace, tmp_path) -> None:
+    """A run built from a CED checkpoint and a causal LM folder saves the model it starts from (its new token rows
+    are drawn at random), and the finished run loads from its output folder alone."""
+    tokenizer = word_level_tokenizer([make_caption(s, p) for s in SOUNDS for p in PLACES])
+    text = LlamaConfig(
+        vocab_size=len(tokenizer) - 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(text).save_pretrained(tmp_path / "llm")
+    tokenizer.save_pretrained(tmp_path / "llm")
+    ced = CedModel(CedConfig(target_length=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2))
+    torch.save(ced.state_dict(), tmp_path / "ced.pt")
+    output = tmp_path / "run"
+    args = common_args(workspace, output, "train_features.jsonl")[2:]  # no --model_name_or_path
+    args += ["--language_model", str(tmp_path / "llm"), "--audio_encoder", str(tmp_path / "ced.pt")]
+    args += ["--num_frames", "4", "--visual_embed_dim", "32", "--max_steps", "2", "--learning_rate", "1e-2"]
+    trainer = run_training(args)
+    assert (output / "base_model" / "model.safetensors").is_file()
+    reloaded = load_trained(output).eval()
+    assert reloaded.peft_config["default"].base_model_name_or_path == str((output / "base_model").resolve())
+    item = LavCapDataset(load_manifest(workspace / "data" / "train_features.jsonl"), num_frames=4)[0]
+    batch = LavCapDataCollator(trainer.processing_class, training=False)([item])
+    batch.pop("clip_index")
+    with torch.no_grad():
+        torch.testing.assert_close(
+            reloaded(**batch).logits, trainer.model.eval()(**batch).logits, rtol=0, atol=0
+        )
+
+
+def test_accelerate_configs_are_valid_and_wrap_existing_layers(workspace) -> None:
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    configs = {name: load_config_from_file(str(ROOT / "examples" / "accelerate" / f"{name}.yaml")) for name in
+               ("ddp", "fsdp_7b", "deepspeed_zero2")}  # fmt: skip
+    assert {name: c.distributed_type.value for name, c in configs.items()} == {
+        "ddp": "MULTI_GPU",
+        "fsdp_7b": "FSDP",
+        "deepspeed_zero2": "DEEPSPEED",
+    }
+    assert all(c.mixed_precision == "bf16" for c in configs.values())
+    fsdp = configs["fsdp_7b"].fsdp_config
+    assert fsdp["fsdp_use_orig_params"] is True  # frozen and LoRA parameters in the same FSDP units
+    model = LavCapForConditionalGeneration.from_pretrained(workspace / "model")
+    layer_classes = {type(module).__name__ for module in model.modules()}
+    assert set(fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")) <= layer_classes
