@@ -110,7 +110,27 @@ def build_parser() -> argparse.ArgumentParser:
     caption.set_defaults(run=run_caption)
 
     from .convert import add_convert_arguments
+    from .demo import add_demo_arguments
+    from .evaluation import add_evaluate_arguments
     from .hub import add_push_arguments
+
+    demo = commands.add_parser(
+        "demo", help="train a small LAVCap on synthesised scenes and caption held-out clips"
+    )
+    add_demo_arguments(demo)
+    demo.set_defaults(run=_run_demo)
+    train = commands.add_parser(
+        "train",
+        add_help=False,
+        help="fine-tune with the Trainer (examples/train.py's options: --config YAML, --gaudi, any override)",
+    )
+    train.add_argument("arguments", nargs=argparse.REMAINDER)
+    train.set_defaults(run=_run_train)
+    evaluate = commands.add_parser(
+        "evaluate", help="caption a split and score it (BLEU, METEOR, ROUGE-L, CIDEr-D, ...)"
+    )
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(run=_run_evaluate)
 
     convert = commands.add_parser(
         "convert", help="official CED / CLIP / LLaMA / LAVCap checkpoints -> model folder"
@@ -121,6 +141,26 @@ def build_parser() -> argparse.ArgumentParser:
     add_push_arguments(push)
     push.set_defaults(run=_run_push)
     return parser
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo_command
+
+    return run_demo_command(args)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .training import run_training
+
+    run_training(args.arguments)
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from .evaluation import run_evaluate
+
+    run_evaluate(args)
+    return 0
 
 
 def _run_convert(args: argparse.Namespace) -> int:

@@ -27,12 +27,15 @@ from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
 from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import set_seed
+from transformers.utils import logging
 
 from .configuration_lavcap import LavCapConfig
 from .data import Clip, EpochShuffleSampler, LavCapDataset, group_clips, load_clips
 from .metrics import CAPTION_METRICS, compute_caption_metrics
 from .modeling_lavcap import LavCapForConditionalGeneration
 from .processing_lavcap import TRAINING_INSTRUCTIONS, LavCapProcessor
+
+logger = logging.get_logger(__name__)
 
 TRAINED_MODULES = ("multi_modal_projector", "fusion")
 """Modules trained in full next to the adapters: the projector, and the fusion (OT logit scale, cross-attention)."""
@@ -713,11 +716,38 @@ def build_trainer(
     return trainer_class(**kwargs)
 
 
-def resume_target(value: str | None) -> str | bool | None:
-    """`--resume_from_checkpoint`: a checkpoint folder, or `true` / `last` for the newest one in output_dir."""
+def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
+    """The newest `checkpoint-N` in `output_dir` that was saved completely, or None.
+
+    The Trainer writes a checkpoint's trainer state last, so a checkpoint whose `trainer_state.json` is missing or
+    unreadable was cut off mid-save (a killed job): resuming skips it rather than loading a half-written folder.
+    """
+    complete = []
+    for path in Path(output_dir).glob("checkpoint-*"):
+        step = path.name.removeprefix("checkpoint-")
+        if not (step.isdigit() and path.is_dir()):
+            continue
+        try:
+            json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            logger.warning(
+                f"{path} was not saved completely (no readable trainer_state.json); not resuming from it"
+            )
+            continue
+        complete.append((int(step), str(path)))
+    return max(complete)[1] if complete else None
+
+
+def resume_target(value: str | None, output_dir: str | os.PathLike) -> str | None:
+    """`--resume_from_checkpoint`: a checkpoint folder, or `true` / `last` for the newest complete one in output_dir."""
     if value is None or value.lower() in ("", "false", "none"):
         return None
-    return True if value.lower() in ("true", "last", "latest") else value
+    if value.lower() not in ("true", "last", "latest"):
+        return value
+    checkpoint = last_complete_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    if checkpoint is None:
+        raise ValueError(f"--resume_from_checkpoint {value}: no complete checkpoint in {output_dir}")
+    return checkpoint
 
 
 def run_training(arguments: LavCapArguments | Sequence[str] | None = None) -> Trainer:
@@ -739,7 +769,7 @@ def run_training(arguments: LavCapArguments | Sequence[str] | None = None) -> Tr
         raise ValueError("give the training data: --train_data")
     eval_dataset = build_dataset(arguments.data, model.config, processor, training=False)
     trainer = build_trainer(arguments, model, processor, train_dataset, eval_dataset)
-    trainer.train(resume_from_checkpoint=resume_target(training.resume_from_checkpoint))
+    trainer.train(resume_from_checkpoint=resume_target(training.resume_from_checkpoint, training.output_dir))
     trainer.save_model()
     if arguments.model.merged_output_dir and trainer.is_world_process_zero():
         merge_and_save(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -30,6 +31,7 @@ from lavcap_hf.training import (
     merge_and_save,
     merge_checkpoint,
     parse_arguments,
+    resume_target,
     run_training,
 )
 
@@ -382,3 +384,52 @@ def test_accelerate_configs_are_valid_and_wrap_existing_layers(workspace) -> Non
     model = LavCapForConditionalGeneration.from_pretrained(workspace / "model")
     layer_classes = {type(module).__name__ for module in model.modules()}
     assert set(fsdp["fsdp_transformer_layer_cls_to_wrap"].split(",")) <= layer_classes
+
+
+KILLED_MID_SAVE = """
+import os, signal, sys, torch
+torch.set_num_threads(1)
+from transformers import Trainer
+from lavcap_hf.training import run_training
+
+save_rng_state = Trainer._save_rng_state
+
+
+def killed_mid_save(self, output_dir):
+    # Fault injected: SIGKILL while checkpoint-6 is being written (weights, optimizer and scheduler are on disk, the
+    # RNG and trainer state are not), as when a job is killed during a save.
+    if self.state.global_step == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_rng_state(self, output_dir)
+
+
+Trainer._save_rng_state = killed_mid_save
+run_training(sys.argv[1:])
+"""
+
+
+def test_run_killed_mid_save_resumes_from_the_last_complete_checkpoint(workspace, tmp_path) -> None:
+    steps = ["--max_steps", "7", "--save_steps", "3", "--learning_rate", "1e-2", "--logging_steps", "1"]
+    killed = tmp_path / "killed"
+    args = common_args(workspace, killed, "train_features.jsonl") + steps
+    result = subprocess.run(
+        [sys.executable, "-c", KILLED_MID_SAVE, *args], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+    assert (killed / "checkpoint-6" / "adapter_model.safetensors").exists()
+    assert not (killed / "checkpoint-6" / "trainer_state.json").exists()
+
+    resumed = run_training(args + ["--resume_from_checkpoint", "last"])
+    assert [e["step"] for e in resumed.state.log_history if "loss" in e][:3] == [1, 2, 3]  # from checkpoint-3
+    uninterrupted = run_training(common_args(workspace, tmp_path / "full", "train_features.jsonl") + steps)
+    expected, final = uninterrupted.model.state_dict(), resumed.model.state_dict()
+    assert expected.keys() == final.keys()
+    for name, tensor in expected.items():
+        assert torch.equal(final[name], tensor), name
+
+
+def test_resume_last_without_a_complete_checkpoint_is_a_clear_error(tmp_path) -> None:
+    (tmp_path / "checkpoint-2").mkdir()
+    with pytest.raises(ValueError, match="no complete checkpoint"):
+        resume_target("last", tmp_path)
+    assert resume_target("false", tmp_path) is None
