@@ -124,7 +124,6 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
         help="fine-tune with the Trainer (examples/train.py's options: --config YAML, --gaudi, any override)",
     )
-    train.add_argument("arguments", nargs=argparse.REMAINDER)
     train.set_defaults(run=_run_train)
     evaluate = commands.add_parser(
         "evaluate", help="caption a split and score it (BLEU, METEOR, ROUGE-L, CIDEr-D, ...)"
@@ -177,8 +176,19 @@ def _run_push(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `lavcap ...`; the options of `lavcap train` are left in `args.arguments` for the training parser."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.arguments = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(argv)
     return args.run(args)
 
 

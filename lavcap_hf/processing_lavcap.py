@@ -7,9 +7,11 @@ import os
 import random
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
+from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.processing_utils import ProcessorMixin
@@ -141,8 +143,7 @@ class LavCapProcessor(ProcessorMixin):
         return text.replace(VIDEO_TOKEN, VIDEO_TOKEN * self.num_video_tokens, 1)
 
     def _render(self, messages: list[dict[str, Any]]) -> str:
-        template = ImmutableSandboxedEnvironment().from_string(self.chat_template)
-        return template.render(messages=messages)
+        return _compiled_template(self.chat_template).render(messages=messages)
 
     def _instructions(
         self, instruction: str | Sequence[str] | None, batch: int, random_instruction: bool
@@ -364,6 +365,12 @@ class LavCapProcessor(ProcessorMixin):
             num_video_tokens=settings.get("num_video_tokens", 20),
             chat_template=chat_template,
         )
+
+
+@lru_cache(maxsize=8)
+def _compiled_template(template: str) -> Template:
+    """Jinja compilation takes ~50 ms; prompts are rendered for every batch."""
+    return ImmutableSandboxedEnvironment().from_string(template)
 
 
 def _pad(rows: list[list[int]], value: int, side: str) -> np.ndarray:
