@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import textwrap
 
 import numpy as np
 
@@ -25,7 +26,7 @@ def plot_ot_plan(plan: np.ndarray, path: str | os.PathLike, title: str = "") -> 
     image = ax.imshow(plan * frames * tokens, aspect="auto", cmap="magma", interpolation="nearest")
     ax.set_xlabel(f"audio token (time, {tokens} tokens)")
     ax.set_ylabel(f"frame ({frames})")
-    ax.set_title(title or "OT plan")
+    ax.set_title(textwrap.fill(title or "OT plan", 60), fontsize=8)
     fig.colorbar(image, ax=ax, label="mass x V x A")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
