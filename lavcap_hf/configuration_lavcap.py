@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from transformers import CLIPVisionConfig, PretrainedConfig
@@ -160,6 +161,20 @@ class LavCapConfig(PretrainedConfig):
         self.logit_scale_init = logit_scale_init
         self.logit_scale_max = logit_scale_max
         super().__init__(**kwargs)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any):
+        """`PretrainedConfig.from_pretrained`, except that a config declaring another `model_type` is a ValueError
+        (the library only warns, then builds a default, LLaMA-7B-sized LAVCap around the foreign settings)."""
+        config_dict, _ = cls.get_config_dict(pretrained_model_name_or_path, **kwargs)
+        declared = config_dict.get("model_type", cls.model_type)
+        if declared != cls.model_type:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: its config declares model_type={declared!r}, not "
+                f"{cls.model_type!r}; this is not a LAVCap checkpoint (official LAVCap checkpoints convert with "
+                "lavcap_hf.convert)"
+            )
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     def to_dict(self) -> dict[str, Any]:
         output = super().to_dict()

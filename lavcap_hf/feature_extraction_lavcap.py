@@ -21,6 +21,9 @@ LOG_FLOOR = float(np.finfo(np.float32).eps)
 PREEMPHASIS = 0.97
 # Above this many channels a 2-D array is taken for a mistake (a batch or channels-first audio), not channels.
 MAX_CHANNELS = 8
+# Float audio should lie in [-1, 1]; louder samples are accepted (e.g. int16-scaled floats) up to int32 full scale.
+# Far above it the float64 power spectrum overflows and the features turn to inf / NaN.
+MAX_AMPLITUDE = 2.0**31
 
 
 @lru_cache(maxsize=8)
@@ -69,8 +72,9 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
     dither=0.0, num_mel_bins=feature_size)`: 25 ms frames every 10 ms (`snip_edges`), DC offset removed per frame,
     pre-emphasis 0.97, symmetric Hann window, power spectrum of a 512-point FFT, kaldi mel bank 20 Hz to
     Nyquist, natural log floored at float32 eps. The waveform is not scaled to the int16 range (as in the
-    official LAVCap code). The fbank is zero-padded or cut to `max_length` frames, optionally SpecAugment-ed,
-    then normalised with `(x - mean) / std`; padded frames therefore hold `-mean / std`.
+    official LAVCap code). The fbank is zero-padded or cut to `max_length` frames (a longer clip is truncated with
+    a warning; `split_windows` cuts it into windows to caption each), optionally SpecAugment-ed, then normalised
+    with `(x - mean) / std`; padded frames therefore hold `-mean / std`.
 
     Frames (per clip): `num_frames` uint8 RGB frames, shortest side resized to `image_size` (Pillow bicubic),
     centre-cropped, scaled to [0, 1], normalised with `image_mean` / `image_std`, channels first.
@@ -180,10 +184,14 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
         is dropped. Returns float32 (samples,) arrays at `self.sampling_rate`, to pass back to `__call__`.
         """
         waveform = self._to_mono(waveform, sampling_rate)
-        stride = self.max_length * self.hop_length
-        length = stride + self.window_length - self.hop_length
-        starts = range(0, max(1, waveform.shape[0] - self.window_length + 1), stride)
+        length = self.window_stride + self.window_length - self.hop_length
+        starts = range(0, max(1, waveform.shape[0] - self.window_length + 1), self.window_stride)
         return [waveform[start : start + length].astype(np.float32) for start in starts]
+
+    @property
+    def window_stride(self) -> int:
+        """Samples (at `sampling_rate`) between the starts of consecutive `split_windows` windows (10.24 s)."""
+        return self.max_length * self.hop_length
 
     @staticmethod
     def _as_batch(raw_audio) -> list:
@@ -197,8 +205,14 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
             raise ValueError(
                 f"sampling_rate is required: pass the rate of the audio (the model uses {self.sampling_rate} Hz)"
             )
-        if sampling_rate <= 0:
-            raise ValueError(f"sampling_rate must be positive, got {sampling_rate}")
+        if isinstance(sampling_rate, (float, np.floating)) and float(sampling_rate).is_integer():
+            sampling_rate = int(sampling_rate)
+        if (
+            not isinstance(sampling_rate, (int, np.integer))
+            or isinstance(sampling_rate, bool)
+            or sampling_rate <= 0
+        ):
+            raise ValueError(f"sampling_rate must be positive whole Hz, got {sampling_rate!r}")
         clip = np.asarray(clip)
         if clip.dtype == np.int16 or clip.dtype == np.int32:
             clip = clip / float(-np.iinfo(clip.dtype).min)
@@ -222,7 +236,14 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
             raise ValueError("audio is empty (zero samples)")
         if not np.isfinite(clip).all():
             raise ValueError("audio contains NaN or infinite samples")
-        return resample(clip, sampling_rate, self.sampling_rate)
+        peak = np.abs(clip).max()
+        if peak > MAX_AMPLITUDE:
+            raise ValueError(
+                f"audio peak amplitude {peak:.3g} is out of range: float audio must lie in [-1, 1] (at most "
+                f"{MAX_AMPLITUDE:.0f})"
+            )
+        # The mean goes before resampling: the resampler pads with zeros, and a DC step there would ring.
+        return resample(clip - clip.mean(), int(sampling_rate), self.sampling_rate)
 
     def _extract_fbank(self, waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Mono waveform (samples,) -> un-normalised log-mel (max_length, feature_size) and its mask (max_length,)."""
@@ -235,7 +256,7 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
             logger.warning(
                 f"audio of {waveform.shape[0] / self.sampling_rate:.2f} s ({num_frames} fbank frames) is truncated to"
                 f" {self.max_length} frames ({self.max_length * self.hop_length / self.sampling_rate:.2f} s); use"
-                " split_windows to caption all of it"
+                ' split_windows (or the pipeline\'s long_audio="windows") to caption all of it'
             )
             num_frames = self.max_length
         waveform = waveform - waveform.mean()
@@ -275,8 +296,16 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
     def preprocess_videos(self, videos, batch_size: int | None = None) -> np.ndarray:
         """uint8 videos (one (num_frames, H, W, 3) array or a list of them) -> float32
         (B, num_frames, 3, image_size, image_size); `batch_size`, when given, must match the number of videos."""
-        if isinstance(videos, np.ndarray) and videos.ndim == 4:
-            videos = [videos]
+        if not isinstance(videos, (list, tuple)):
+            videos = np.asarray(videos)
+            if videos.ndim not in (4, 5):
+                raise ValueError(
+                    f"videos must be one uint8 RGB video (frames, height, width, 3) or a batch of them, got an array "
+                    f"of shape {videos.shape}"
+                )
+            videos = [videos] if videos.ndim == 4 else list(videos)
+        if not videos:
+            raise ValueError("no videos given (an empty list or batch): give one video per clip")
         if batch_size is not None and len(videos) != batch_size:
             raise ValueError(
                 f"got {len(videos)} videos for {batch_size} audio clips; give one video per clip"
@@ -293,6 +322,10 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
             raise ValueError(
                 f"a video must have num_frames={self.num_frames} frames, got {video.shape[0]}; sample them with"
                 " lavcap_hf.media.load_media(num_frames=...)"
+            )
+        if 0 in video.shape[1:3]:
+            raise ValueError(
+                f"video frames must not be empty, got frames of {video.shape[1]}x{video.shape[2]} pixels"
             )
         mean = np.asarray(self.image_mean, dtype=np.float32)
         std = np.asarray(self.image_std, dtype=np.float32)

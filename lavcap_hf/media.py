@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -204,12 +205,16 @@ def load_media(
     num_frames: int = 20,
     need_audio: bool = True,
     need_frames: bool = True,
+    frame_spans: Sequence[tuple[float, float]] | None = None,
 ) -> DecodedMedia:
     """Decode a media file: mono audio at `sampling_rate` and `num_frames` frames spread over the clip.
 
     Audio: the first audio stream, resampled by libswresample, channels averaged to mono, float32 (samples,).
     Frames: the first video stream; the clip is cut into `num_frames` equal segments and the frame shown at
     the centre of each is taken (a short video repeats frames), uint8 RGB (num_frames, H, W, 3).
+    With `frame_spans`, (start, end) times in seconds, each span is sampled that way instead of the whole clip
+    (times past the end give the last frame) and `frames` holds the spans one after the other,
+    (len(frame_spans) * num_frames, H, W, 3); the pipeline uses this to caption consecutive windows.
     Image files (`IMAGE_EXTENSIONS`) give a still clip through `load_image_frames` and have no audio.
 
     Raises:
@@ -219,14 +224,17 @@ def load_media(
     path = os.fspath(path)
     if sampling_rate <= 0 or num_frames <= 0:
         raise ValueError(f"sampling_rate and num_frames must be positive, got {sampling_rate}, {num_frames}")
+    if frame_spans is not None and (not frame_spans or any(end < start for start, end in frame_spans)):
+        raise ValueError(f"frame_spans must be (start, end) pairs with start <= end, got {frame_spans}")
     _check_file(path)
     if os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS:
         if need_audio:
             raise MediaError(path, "no audio stream (it is an image)")
-        frames = load_image_frames(path, num_frames) if need_frames else None
+        count = num_frames * (len(frame_spans) if frame_spans is not None else 1)
+        frames = load_image_frames(path, count) if need_frames else None
         return DecodedMedia(path, None, sampling_rate, frames, 0.0)
     try:
-        return _decode(path, sampling_rate, num_frames, need_audio, need_frames)
+        return _decode(path, sampling_rate, num_frames, need_audio, need_frames, frame_spans)
     except av.error.FFmpegError as error:
         raise MediaError(path, f"not a readable media file or corrupt data ({error})") from error
 
@@ -239,7 +247,12 @@ def _check_file(path: str) -> None:
 
 
 def _decode(
-    path: str, sampling_rate: int, num_frames: int, need_audio: bool, need_frames: bool
+    path: str,
+    sampling_rate: int,
+    num_frames: int,
+    need_audio: bool,
+    need_frames: bool,
+    frame_spans: Sequence[tuple[float, float]] | None,
 ) -> DecodedMedia:
     audio = frames = None
     durations = []
@@ -254,7 +267,7 @@ def _decode(
     if need_frames:
         if not has_video:
             raise MediaError(path, "no video stream")
-        frames, video_duration = _decode_frames(path, num_frames)
+        frames, video_duration = _decode_frames(path, num_frames, frame_spans)
         durations.append(video_duration)
     duration = max(durations) if durations else container_duration
     return DecodedMedia(path, audio, sampling_rate, frames, duration)
@@ -303,20 +316,25 @@ def _frame_times(path: str) -> tuple[np.ndarray, float]:
     return times, float(times[-1] + frame_period)
 
 
-def _decode_frames(path: str, num_frames: int) -> tuple[np.ndarray, float]:
+def _decode_frames(
+    path: str, num_frames: int, frame_spans: Sequence[tuple[float, float]] | None = None
+) -> tuple[np.ndarray, float]:
     """`num_frames` uint8 RGB frames (num_frames, H, W, 3): the frame on screen at the centre of each of
-    `num_frames` equal segments of the clip. Returns the frames and the video duration in seconds."""
+    `num_frames` equal segments of the clip, or of each span in `frame_spans` (then (spans * num_frames, H, W, 3)).
+    Returns the frames and the video duration in seconds."""
     times, duration = _frame_times(path)
-    targets = (np.arange(num_frames) + 0.5) * duration / num_frames
+    spans = frame_spans if frame_spans is not None else [(0.0, duration)]
+    centres = np.arange(num_frames) + 0.5
+    targets = np.concatenate([start + centres * (end - start) / num_frames for start, end in spans])
     indices = np.clip(np.searchsorted(times, targets, side="right") - 1, 0, len(times) - 1)
-    wanted, decoded = set(indices.tolist()), {}
+    wanted, last, decoded = set(indices.tolist()), indices.max(), {}
     with av.open(path) as container:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
         for index, frame in enumerate(container.decode(stream)):
             if index in wanted:
                 decoded[index] = frame.to_ndarray(format="rgb24")
-            if index >= indices[-1]:
+            if index >= last:
                 break
     if not decoded:
         raise MediaError(path, "no decodable video frames")

@@ -147,8 +147,13 @@ class CedModel(CedPreTrainedModel):
         patches = patches + self.time_pos_embed[..., :time_patches] + self.freq_pos_embed
         hidden_states = patches.flatten(2).transpose(1, 2)  # (B, C, F, T) -> (B, F*T, C), frequency-major
         all_hidden = [hidden_states] if output_hidden_states else None
+        checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
+        if checkpointing and not hidden_states.requires_grad:
+            # Reentrant checkpointing (the 4.55 default) only back-propagates into blocks whose input requires
+            # grad; with a frozen patch embedding, LoRA inside the blocks would get no gradient.
+            hidden_states.requires_grad_(True)
         for block in self.blocks:
-            if self.gradient_checkpointing and self.training:
+            if checkpointing:
                 hidden_states = self._gradient_checkpointing_func(block.__call__, hidden_states)
             else:
                 hidden_states = block(hidden_states)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,32 @@ class LavCapPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _no_split_modules = ["CedBlock", "CLIPEncoderLayer", "LlamaDecoderLayer"]
 
+    @classmethod
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any
+    ):
+        """`PreTrainedModel.from_pretrained`, except that a checkpoint tensor whose shape differs from the model's
+        raises a ValueError naming each such key and both shapes (the library re-initialises it, or raises an error
+        that names neither), unless `ignore_mismatched_sizes=True` asks for the re-initialisation."""
+        if kwargs.get("ignore_mismatched_sizes"):
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(
+            pretrained_model_name_or_path,
+            *model_args,
+            ignore_mismatched_sizes=True,
+            output_loading_info=True,
+            **kwargs,
+        )
+        mismatched = list(info.get("mismatched_keys") or ())
+        if mismatched:
+            problems = _describe_mismatches(mismatched, model, pretrained_model_name_or_path, kwargs)
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: checkpoint tensors do not fit the model built from its config: "
+                f"{'; '.join(problems)}"
+            )
+        return (model, info) if return_info else model
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         std = getattr(self.config.text_config, "initializer_range", 0.02)
@@ -66,6 +93,48 @@ class LavCapPreTrainedModel(PreTrainedModel):
             module.bias.zero_()
         if hasattr(module, "logit_scale") and isinstance(module.logit_scale, nn.Parameter):
             module.logit_scale.fill_(self.config.logit_scale_init)
+
+
+def _describe_mismatches(
+    mismatched: list[Any], model: nn.Module, source: str | os.PathLike, hub_kwargs: dict[str, Any]
+) -> list[str]:
+    """One `key: checkpoint (a, b) vs model (c, d)` per mismatched tensor. transformers 5.x lists (key, checkpoint
+    shape, model shape); 4.55 lists keys only, so the checkpoint shapes are read from the safetensors headers."""
+    if all(isinstance(entry, tuple) for entry in mismatched):
+        entries = [(key, tuple(ckpt), tuple(ours)) for key, ckpt, ours in mismatched]
+    else:
+        stored = _checkpoint_shapes(source, hub_kwargs)
+        state = model.state_dict()
+        prefix = f"{model.base_model_prefix}."
+        entries = [
+            (key, stored.get(key, stored.get(prefix + key, "unknown")), tuple(state[key].shape))
+            for key in mismatched
+        ]
+    return [f"{key}: checkpoint {ckpt} vs model {ours}" for key, ckpt, ours in entries]
+
+
+def _checkpoint_shapes(source: str | os.PathLike, hub_kwargs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """Tensor shapes of the safetensors weights (sharded or not) of a folder or Hub repo, from the file headers."""
+    from safetensors import safe_open
+    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+
+    names = ("cache_dir", "revision", "subfolder", "token", "local_files_only")
+    options = {k: hub_kwargs[k] for k in names if k in hub_kwargs}
+
+    def resolve(filename: str) -> str | None:
+        return cached_file(source, filename, _raise_exceptions_for_missing_entries=False, **options)
+
+    index = resolve(SAFE_WEIGHTS_INDEX_NAME)
+    if index is not None:
+        with open(index, encoding="utf-8") as f:
+            files = [resolve(shard) for shard in sorted(set(json.load(f)["weight_map"].values()))]
+    else:
+        files = [resolve(SAFE_WEIGHTS_NAME)]
+    shapes = {}
+    for file in filter(None, files):
+        with safe_open(file, framework="pt") as handle:
+            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
+    return shapes
 
 
 class LavCapModel(LavCapPreTrainedModel):
@@ -121,7 +190,11 @@ class LavCapModel(LavCapPreTrainedModel):
             )
         batch, frames = pixel_values_videos.shape[:2]
         pixels = pixel_values_videos.flatten(0, 1).to(self.vision_tower.dtype)
-        return self.vision_tower(pixel_values=pixels).image_embeds.view(batch, frames, -1)
+        # A frozen tower stays out of the backward pass, also when gradient checkpointing hooks its inputs.
+        trainable = any(p.requires_grad for p in self.vision_tower.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+            embeds = self.vision_tower(pixel_values=pixels).image_embeds
+        return embeds.view(batch, frames, -1)
 
     def forward(
         self,

@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import Pipeline
+from transformers.pipelines.base import ChunkPipeline
 
 from .media import load_media
 
 TASK = "audio-visual-captioning"
+LONG_AUDIO_MODES = ("truncate", "windows")
+
+# (audio, sampling_rate, frames, video_embeds) of one clip, as the processor takes them.
+ClipInputs = tuple[Any, Any, Any, Any]
 
 
-class AudioVisualCaptioningPipeline(Pipeline):
+class AudioVisualCaptioningPipeline(ChunkPipeline):
     """Captions clips with a LAVCap model and its processor.
 
     Inputs, one or a list (batched with `batch_size`):
@@ -25,7 +30,13 @@ class AudioVisualCaptioningPipeline(Pipeline):
     Generation keyword arguments (`num_beams`, `max_new_tokens`, ...) pass through to `generate()`, also as
     `generate_kwargs={...}`. `return_ot_plan=True` adds the OT plan (V, A) of each clip to its result.
 
-    Returns `[{"caption": str}]` per input (plus `"ot_plan"` on request).
+    Clips longer than the model's audio window (`max_length` fbank frames, 10.24 s): `long_audio="truncate"`
+    (default) captions the first window and logs a warning; `long_audio="windows"` captions every consecutive
+    window (`LavCapFeatureExtractor.split_windows`) and returns one result per window with its `"timestamp"`,
+    (start, end) in seconds, the windows following each other. A file's windows each get the frames of their own
+    time span; the `frames` or `video_embeds` of a dict input serve every window.
+
+    Returns `[{"caption": str}]` per input (plus `"ot_plan"` on request), or one such dict per window.
     """
 
     _load_processor = True
@@ -48,18 +59,37 @@ class AudioVisualCaptioningPipeline(Pipeline):
         return_ot_plan: bool | None = None,
         generate_kwargs: dict[str, Any] | None = None,
         instruction: str | None = None,
+        long_audio: str | None = None,
         **kwargs: Any,
     ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
         preprocess: dict[str, Any] = {}
         if instruction is not None:
             preprocess["instruction"] = instruction
+        if long_audio is not None:
+            if long_audio not in LONG_AUDIO_MODES:
+                raise ValueError(f"long_audio must be one of {LONG_AUDIO_MODES}, got {long_audio!r}")
+            preprocess["long_audio"] = long_audio
         forward = {"generate_kwargs": {**(generate_kwargs or {}), **kwargs}}
         if return_ot_plan is not None:
             forward["return_ot_plan"] = return_ot_plan
         return preprocess, forward, {}
 
-    def preprocess(self, inputs: str | os.PathLike | dict[str, Any], instruction: str | None = None) -> dict:
-        audio, sampling_rate, frames, video_embeds = self._read_input(inputs)
+    def preprocess(
+        self,
+        inputs: str | os.PathLike | dict[str, Any],
+        instruction: str | None = None,
+        long_audio: str = "truncate",
+    ) -> Iterator[dict[str, Any]]:
+        """Model inputs of the clip, or of each of its windows, flagged `is_last` on the clip's last one."""
+        windowed = long_audio == "windows" and self.processor.num_audio_tokens > 0
+        clips = self._read_windows(inputs) if windowed else [(self._read_input(inputs), None)]
+        for index, (clip, timestamp) in enumerate(clips):
+            model_inputs = self._model_inputs(*clip, instruction=instruction)
+            yield {**model_inputs, "timestamp": timestamp, "is_last": index == len(clips) - 1}
+
+    def _model_inputs(
+        self, audio: Any, sampling_rate: Any, frames: Any, video_embeds: Any, instruction: str | None
+    ) -> dict[str, torch.Tensor]:
         # Channel-concat and cross-attention fusions use the frames without video placeholders in the prompt.
         uses_visual = self.model.config.uses_visual
         model_inputs = self.processor(
@@ -101,12 +131,39 @@ class AudioVisualCaptioningPipeline(Pipeline):
             )
         raise ValueError(f"inputs must be a file path or a dict, got {type(inputs).__name__}")
 
+    def _read_windows(self, inputs: Any) -> list[tuple[ClipInputs, tuple[float, float]]]:
+        """Clip inputs and (start, end) seconds of each consecutive audio window of `inputs`."""
+        extractor = self.processor.feature_extractor
+        is_file = isinstance(inputs, (str, os.PathLike))
+        if is_file:
+            audio = load_media(inputs, sampling_rate=extractor.sampling_rate, need_frames=False).audio
+            sampling_rate, frames, video_embeds = extractor.sampling_rate, None, None
+        else:
+            audio, sampling_rate, frames, video_embeds = self._read_input(inputs)
+        windows = extractor.split_windows(audio, sampling_rate)
+        # Consecutive spans; each window also hears the 15 ms after its span that its last fbank frame covers.
+        stride, rate = extractor.window_stride, extractor.sampling_rate
+        spans = [
+            (index * stride / rate, (index * stride + min(stride, len(window))) / rate)
+            for index, window in enumerate(windows)
+        ]
+        frames_per_window = [frames] * len(windows)
+        if is_file and self.model.config.uses_visual:
+            count = extractor.num_frames
+            decoded = load_media(inputs, num_frames=count, need_audio=False, frame_spans=spans).frames
+            frames_per_window = [decoded[i * count : (i + 1) * count] for i in range(len(windows))]
+        return [
+            ((window, extractor.sampling_rate, window_frames, video_embeds), span)
+            for window, window_frames, span in zip(windows, frames_per_window, spans, strict=True)
+        ]
+
     def _forward(
         self,
         model_inputs: dict[str, torch.Tensor],
         generate_kwargs: dict[str, Any],
         return_ot_plan: bool = False,
     ) -> dict[str, Any]:
+        is_last, timestamp = model_inputs.pop("is_last"), model_inputs.pop("timestamp")
         media = {
             k: model_inputs[k]
             for k in ("input_features", "pixel_values_videos", "video_embeds")
@@ -123,7 +180,12 @@ class AudioVisualCaptioningPipeline(Pipeline):
         )
         # A tensor (one entry per clip) so that batched outputs split per clip like the sequences.
         prompt_length = torch.full((len(sequences),), model_inputs["input_ids"].shape[1])
-        out = {"sequences": sequences, "prompt_length": prompt_length}
+        out = {
+            "sequences": sequences,
+            "prompt_length": prompt_length,
+            "timestamp": timestamp,
+            "is_last": is_last,
+        }
         if return_ot_plan:
             plan = self.model.model(**media, output_ot_plan=True).ot_plan
             if plan is None:
@@ -131,11 +193,18 @@ class AudioVisualCaptioningPipeline(Pipeline):
             out["ot_plan"] = plan
         return out
 
-    def postprocess(self, model_outputs: dict[str, Any]) -> list[dict[str, Any]]:
-        prompt_length = int(model_outputs["prompt_length"].reshape(-1)[0])
-        captions = self.processor.batch_decode(model_outputs["sequences"], prompt_length=prompt_length)
+    def postprocess(self, model_outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """One result per clip (or window): the caption, plus `timestamp` and `ot_plan` where present."""
+        return [result for output in model_outputs for result in self._results(output)]
+
+    def _results(self, output: dict[str, Any]) -> list[dict[str, Any]]:
+        prompt_length = int(output["prompt_length"].reshape(-1)[0])
+        captions = self.processor.batch_decode(output["sequences"], prompt_length=prompt_length)
         results: list[dict[str, Any]] = [{"caption": caption} for caption in captions]
-        if "ot_plan" in model_outputs:
-            for result, plan in zip(results, model_outputs["ot_plan"], strict=True):
+        for result in results:
+            if output["timestamp"] is not None:
+                result["timestamp"] = tuple(output["timestamp"])
+        if "ot_plan" in output:
+            for result, plan in zip(results, output["ot_plan"], strict=True):
                 result["ot_plan"] = plan.float().cpu().numpy().astype(np.float32)
         return results

@@ -1,0 +1,466 @@
+"""Benchmark LAVCap captioning with `generate()`: encoders once per call against re-encoding at every step.
+
+The variants share the weights and the inputs; all use beam search with the KV cache on and produce exactly
+`--max-new-tokens` tokens (min = max, so EOS cannot end a run early and every variant does the same work):
+
+- `cached`: the package as it is. `generate()` repeats the media inputs for the beams (B * num_beams clips) and
+  `prepare_inputs_for_generation` passes them on the prefill step only, so the encoders, the OT fusion and the
+  projector run once per call, on B * num_beams clips.
+- `naive`: what an implementation that forwards the media at every step does. `prepare_inputs_for_generation`
+  passes them on every step and `forward` re-runs CED, CLIP, the fusion and the projector on the B * num_beams
+  clips each time. The text still uses the KV cache: on a decoding step the input is the new token only and the
+  fused prompt vectors are in the cache already, so the re-computed vectors are dropped. The baseline thus adds
+  exactly the repeated encoder work, and its captions equal `cached`'s (checked).
+- `per-clip`: a candidate change to the model: the encoders run on the B clips before `generate()` repeats the
+  inputs for the beams, and the language model generates from `inputs_embeds` with the fused vectors in place.
+  The prefill still computes the logits of every prompt position, as `cached` does.
+- `per-clip-last-logits`: `per-clip` plus a second candidate change: the prefill computes the logits of the last
+  position only (`logits_to_keep=1`, which `generate()` sets for models whose `forward` takes `logits_to_keep`;
+  `LavCapForConditionalGeneration.forward` does not, so `cached` gets (B * num_beams, prompt, vocab) logits).
+
+Per variant and batch size: median latency of a `generate()` call, captions per second, the share of that time
+spent in `LavCapModel.forward` (encoders + fusion + projector, timed with forward hooks), and peak memory of one
+call (`measure.peak_memory_mib`: CUDA allocations on a GPU, growth of the resident set's peak on CPU).
+Inputs are random fbank (B, 1024, 64) and frames (B, 20, 3, 224, 224); the prompt is the processor's.
+
+    python benchmarks/bench_generate.py [--threads 1] [--batch-sizes 1 8 32] [--naive-batch-sizes 1 8]
+    python benchmarks/bench_generate.py --quick        # tiny config, a smoke run in seconds
+    python benchmarks/bench_generate.py --paper-size   # CED-base, CLIP ViT-L/14, LLaMA-2-7B shapes, bf16, GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import statistics
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import transformers
+from measure import CLOCKS, cpu_name, peak_memory_mib, synchronize
+from transformers import CLIPVisionConfig, GenerationMixin, LlamaConfig
+
+from lavcap_hf import CedConfig, LavCapConfig, LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+
+VARIANTS = ("cached", "naive", "per-clip", "per-clip-last-logits")
+LLAMA_VOCAB = 32000
+# The word-level prompt tokenizer has ~100 ids; the decoder keeps LLaMA's 32000-entry vocabulary so that the
+# LM head and the beam search over it cost what they cost in the real model.
+
+PROFILES: dict[str, dict[str, Any]] = {
+    "small": {"batch_sizes": [1, 8, 32], "naive_batch_sizes": [1, 8], "max_new_tokens": 16, "repeats": 3},
+    "quick": {"batch_sizes": [1, 2], "naive_batch_sizes": [2], "max_new_tokens": 3, "repeats": 1},
+    "paper": {"batch_sizes": [1], "naive_batch_sizes": [1], "max_new_tokens": 16, "repeats": 5},
+}
+
+
+def small_config(audio_token_id: int, video_token_id: int) -> LavCapConfig:
+    """Paper input shapes at small widths: CED on the 1024 x 64 fbank (256 patches), a CLIP tower on 20 frames of
+    224 px cut in 32 px patches (50 tokens each), a 4-layer LLaMA with the 32000-token vocabulary.
+
+    Measured on CPU, one encoder pass over a clip (~80 ms) costs 1 to 4 prompt prefills and 15 to 50 decoding steps
+    of one beam; in the paper's model (CLIP ViT-L/14 on 20 frames, LLaMA-2-7B) it is ~2.5 prefills and ~250 steps
+    in FLOPs, so this config understates the encoders' weight in decoding rather than inflating it.
+    """
+    audio = CedConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4)
+    vision = CLIPVisionConfig(
+        hidden_size=128,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        image_size=224,
+        patch_size=32,
+        projection_dim=128,
+    )
+    text = LlamaConfig(
+        vocab_size=LLAMA_VOCAB,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return LavCapConfig(
+        audio_config=audio,
+        vision_config=vision,
+        text_config=text,
+        audio_token_id=audio_token_id,
+        video_token_id=video_token_id,
+    )
+
+
+def paper_config(audio_token_id: int, video_token_id: int) -> LavCapConfig:
+    """CED-base (768-d, 12 layers), CLIP ViT-L/14 at 224 px with its 768-d projection, LLaMA-2-7B shapes."""
+    vision = CLIPVisionConfig(
+        hidden_size=1024,
+        intermediate_size=4096,
+        num_hidden_layers=24,
+        num_attention_heads=16,
+        image_size=224,
+        patch_size=14,
+        projection_dim=768,
+        hidden_act="quick_gelu",
+    )
+    text = LlamaConfig(
+        vocab_size=LLAMA_VOCAB,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return LavCapConfig(
+        audio_config=CedConfig(),
+        vision_config=vision,
+        text_config=text,
+        audio_token_id=audio_token_id,
+        video_token_id=video_token_id,
+    )
+
+
+def build_config(profile: str, tokenizer: Any) -> LavCapConfig:
+    ids = tokenizer.convert_tokens_to_ids(["<|audio|>", "<|video|>"])
+    if profile == "quick":
+        return tiny_lavcap_config(vocab_size=len(tokenizer), audio_token_id=ids[0], video_token_id=ids[1])
+    return (paper_config if profile == "paper" else small_config)(*ids)
+
+
+def build_inputs(
+    config: LavCapConfig, tokenizer: Any, batch_size: int, device: torch.device, seed: int = 0
+) -> dict[str, torch.Tensor]:
+    """The processor's prompt for every clip, random fbank (B, frames, mel) and frames (B, V, 3, H, W), fp32."""
+    processor = LavCapProcessor.from_model_config(config, tokenizer)
+    prompt = tokenizer(processor.build_prompt(), add_special_tokens=False)["input_ids"]
+    input_ids = torch.tensor([[tokenizer.bos_token_id, *prompt]] * batch_size)
+    generator = torch.Generator().manual_seed(seed)
+    audio, vision = config.audio_config, config.vision_config
+    size = vision.image_size
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "input_features": torch.randn(
+            batch_size, audio.target_length, audio.num_mel_bins, generator=generator
+        ),
+        "pixel_values_videos": torch.randn(batch_size, config.num_frames, 3, size, size, generator=generator),
+    }
+    return {key: value.to(device) for key, value in inputs.items()}
+
+
+# -- variants -----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def reencoding_each_step(model: LavCapForConditionalGeneration) -> Iterator[None]:
+    """Within the block, `model.generate()` re-runs the encoders, fusion and projector at every decoding step."""
+    forward, prepare = model.forward, model.prepare_inputs_for_generation
+    media_keys = ("input_features", "pixel_values_videos", "video_embeds")
+
+    @functools.wraps(prepare)
+    def prepare_every_step(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        media = {key: kwargs.pop(key, None) for key in media_keys}
+        return {**prepare(*args, **kwargs), **media}
+
+    @functools.wraps(forward)
+    def reencoding_forward(*args: Any, **kwargs: Any) -> Any:
+        if model._has_cache(kwargs):
+            # A decoding step: the naive cost. The prompt's fused vectors are in the KV cache already and the
+            # input is the new token only, so the re-computed vectors have nowhere to go.
+            model.model(*(kwargs.pop(key, None) for key in media_keys))
+        return forward(*args, **kwargs)
+
+    model.forward, model.prepare_inputs_for_generation = reencoding_forward, prepare_every_step
+    try:
+        yield
+    finally:
+        del model.forward, model.prepare_inputs_for_generation
+
+
+@torch.no_grad()
+def generate_per_clip(
+    model: LavCapForConditionalGeneration, inputs: dict[str, torch.Tensor], **generate_kwargs: Any
+) -> torch.Tensor:
+    """Encode the B clips once, before `generate()` repeats its inputs for the beams; returns the sequences."""
+    input_ids = inputs["input_ids"]
+    media = model.model(inputs["input_features"], inputs["pixel_values_videos"]).multimodal_embeds
+    embeds = model._scatter_multimodal(input_ids, model.get_input_embeddings()(input_ids), media)
+    # The language model itself generates: LavCap's `prepare_inputs_for_generation` takes `*args, **kwargs`, which
+    # `generate()` reads as "no `inputs_embeds` forwarding"; without media, LavCap's forward is the LM's anyway.
+    return model.language_model.generate(
+        input_ids=input_ids, inputs_embeds=embeds, attention_mask=inputs["attention_mask"], **generate_kwargs
+    )
+
+
+def variant_call(
+    variant: str,
+    model: LavCapForConditionalGeneration,
+    inputs: dict[str, torch.Tensor],
+    **generate_kwargs: Any,
+) -> Callable[[], torch.Tensor]:
+    """A closure running one `generate()` call of `variant`; it returns the B sequences (prompt + new tokens)."""
+    if variant.startswith("per-clip"):
+        logits_to_keep = 1 if variant == "per-clip-last-logits" else 0  # 0 keeps all, as `cached` does
+        return functools.partial(
+            generate_per_clip, model, inputs, logits_to_keep=logits_to_keep, **generate_kwargs
+        )
+    if variant == "naive":
+
+        def naive() -> torch.Tensor:
+            with reencoding_each_step(model):
+                # GenerationMixin's own generate(), so that a model-level override cannot encode up front.
+                return GenerationMixin.generate(model, **inputs, **generate_kwargs)
+
+        return naive
+    return functools.partial(model.generate, **inputs, **generate_kwargs)
+
+
+# -- measurement --------------------------------------------------------------------------------------------------
+
+
+class EncoderTimer:
+    """Time on `clock` spent inside `LavCapModel.forward` (encoders + fusion + projector), through forward hooks."""
+
+    def __init__(self, module: torch.nn.Module, device: torch.device, clock: Callable[[], float]) -> None:
+        self.device = device
+        self.clock = clock
+        self.seconds = 0.0
+        self._start = 0.0
+        module.register_forward_pre_hook(self._enter)
+        module.register_forward_hook(self._exit)
+
+    def _enter(self, *_: Any) -> None:
+        synchronize(self.device)
+        self._start = self.clock()
+
+    def _exit(self, *_: Any) -> None:
+        synchronize(self.device)
+        self.seconds += self.clock() - self._start
+
+
+def measure(
+    calls: dict[str, Callable[[], torch.Tensor]], timer: EncoderTimer, device: torch.device, repeats: int
+) -> dict[str, dict[str, Any]]:
+    """Per variant: one warm-up call (its peak memory and sequences), then `repeats` timed calls, the variants in
+    turn so that load changes on a shared machine hit all of them alike: median latency and encoders' share."""
+    results = {}
+    for variant, call in calls.items():
+        sequences, peak = peak_memory_mib(call, device)
+        results[variant] = {"peak_mib": peak, "sequences": sequences, "latencies": [], "shares": []}
+    for _ in range(repeats):
+        for variant, call in calls.items():
+            timer.seconds = 0.0
+            synchronize(device)
+            start = timer.clock()
+            call()
+            synchronize(device)
+            elapsed = timer.clock() - start
+            results[variant]["latencies"].append(elapsed)
+            results[variant]["shares"].append(timer.seconds / elapsed)
+    for result in results.values():
+        result["latency"] = statistics.median(result.pop("latencies"))
+        result["encoder_share"] = statistics.median(result.pop("shares"))
+    return results
+
+
+# -- report -------------------------------------------------------------------------------------------------------
+
+
+def param_count(module: torch.nn.Module | None) -> str:
+    return f"{sum(p.numel() for p in module.parameters()):,}" if module is not None else "-"
+
+
+def describe(config: LavCapConfig, model: LavCapForConditionalGeneration, prompt_length: int) -> str:
+    audio, vision, text = config.audio_config, config.vision_config, config.text_config
+    frame_tokens = (vision.image_size // vision.patch_size) ** 2 + 1
+    return (
+        f"CED: fbank {audio.target_length}x{audio.num_mel_bins} -> {audio.freq_patches * audio.time_patches} patches, "
+        f"{audio.hidden_size}-d x {audio.num_hidden_layers} layers ({param_count(model.model.audio_tower)} params)\n"
+        f"CLIP: {config.num_frames} frames of {vision.image_size} px / {vision.patch_size} px patches -> "
+        f"{frame_tokens} tokens each, {vision.hidden_size}-d x {vision.num_hidden_layers} layers "
+        f"({param_count(model.model.vision_tower)} params)\n"
+        f"LLaMA: {text.hidden_size}-d x {text.num_hidden_layers} layers, vocab {text.vocab_size} "
+        f"({param_count(model.language_model)} params)\n"
+        f"fused tokens per clip: {sum(config.placeholder_counts)}; prompt: {prompt_length} tokens"
+    )
+
+
+TABLE_HEADER = (
+    "| variant | batch | latency (ms) | captions/s | encoders' share | peak MiB | captions = cached |\n"
+    "|---|---:|---:|---:|---:|---:|---|"
+)
+
+
+def print_row(row: dict[str, Any]) -> None:
+    print(
+        f"| {row['variant']} | {row['batch']} | {1e3 * row['latency']:.0f} | "
+        f"{row['batch'] / row['latency']:.2f} | {100 * row['encoder_share']:.0f}% | {row['peak_mib']:.0f} | "
+        f"{row['same']} |",
+        flush=True,
+    )
+
+
+RATIOS = (("naive", "cached"), ("cached", "per-clip"), ("cached", "per-clip-last-logits"))
+"""(slower, faster) pairs whose latency ratio is printed per batch."""
+
+
+def print_ratios(rows: list[dict[str, Any]]) -> None:
+    latency = {(row["variant"], row["batch"]): row["latency"] for row in rows}
+    for batch in sorted({row["batch"] for row in rows}):
+        parts = [
+            f"{slow} / {fast} = {latency[slow, batch] / latency[fast, batch]:.2f}x"
+            for slow, fast in RATIOS
+            if (slow, batch) in latency and (fast, batch) in latency
+        ]
+        if parts:
+            print(f"batch {batch}: " + ", ".join(parts))
+
+
+# -- main ---------------------------------------------------------------------------------------------------------
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny random config, for a smoke run")
+    size.add_argument(
+        "--paper-size",
+        action="store_true",
+        help="CED-base, CLIP ViT-L/14, LLaMA-2-7B-shaped decoder, bf16, random weights; needs a CUDA GPU",
+    )
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], help="default fp32, bf16 on paper size"
+    )
+    parser.add_argument("--batch-sizes", type=int, nargs="+")
+    parser.add_argument("--naive-batch-sizes", type=int, nargs="*", help="batch sizes that also run `naive`")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int)
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall: elapsed time; process: CPU time, for one thread on a shared machine (see measure.CLOCKS)",
+    )
+    args = parser.parse_args(argv)
+    if args.clock == "process" and args.device.startswith("cuda"):
+        parser.error("--clock process measures CPU time; GPU runs need --clock wall")
+    args.profile = "paper" if args.paper_size else "quick" if args.quick else "small"
+    for key, value in PROFILES[args.profile].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.dtype is None:
+        args.dtype = "bfloat16" if args.paper_size else "float32"
+    return args
+
+
+def build_model(
+    config: LavCapConfig, device: torch.device, dtype: torch.dtype
+) -> LavCapForConditionalGeneration:
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # initialise in the target dtype: a 7B model is not built in fp32 first
+    try:
+        with device:
+            model = LavCapForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
+    return model.eval()
+
+
+def benchmark_batch(
+    model: LavCapForConditionalGeneration,
+    inputs: dict[str, torch.Tensor],
+    variants: list[str],
+    generate_kwargs: dict[str, Any],
+    timer: EncoderTimer,
+    repeats: int,
+) -> list[dict[str, Any]]:
+    """One row per variant for one batch, with whether its generated tokens equal `cached`'s."""
+    calls = {variant: variant_call(variant, model, inputs, **generate_kwargs) for variant in variants}
+    results = measure(calls, timer, model.device, repeats)
+    new_tokens = generate_kwargs["max_new_tokens"]
+    captions = {variant: result.pop("sequences")[:, -new_tokens:] for variant, result in results.items()}
+    rows = []
+    for variant, result in results.items():
+        if variant == "cached":
+            same = "reference"
+        elif "cached" not in captions:
+            same = "not compared"
+        else:
+            same = "yes" if torch.equal(captions[variant], captions["cached"]) else "no"
+        rows.append({"variant": variant, "batch": len(inputs["input_ids"]), "same": same, **result})
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    transformers.logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    tokenizer = word_level_tokenizer([])
+    config = build_config(args.profile, tokenizer)
+    prompt_length = build_inputs(config, tokenizer, 1, torch.device("cpu"))["input_ids"].shape[1]
+    if args.paper_size and device.type != "cuda":
+        model = build_model(config, torch.device("meta"), dtype)
+        print(f"paper size, built on the meta device:\n{describe(config, model, prompt_length)}")
+        sys.exit(
+            f"--paper-size needs a CUDA GPU (the bf16 weights alone take "
+            f"{sum(p.numel() for p in model.parameters()) * dtype.itemsize / 2**30:.1f} GiB); "
+            f"got --device {args.device}"
+        )
+    torch.manual_seed(0)
+    model = build_model(config, device, dtype)
+    timer = EncoderTimer(model.model, device, CLOCKS[args.clock])
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({cpu_name()}), {torch.get_num_threads()} thread(s)"
+    )
+    print(
+        f"device: {where}; dtype: {args.dtype}; torch {torch.__version__}; transformers {transformers.__version__}"
+    )
+    print(f"config: {args.profile}\n{describe(config, model, prompt_length)}")
+    print(
+        f"generate: beam {args.num_beams}, {args.max_new_tokens} new tokens (min = max), KV cache on; "
+        f"median of {args.repeats} calls after one warm-up call per variant; {args.clock} clock\n"
+    )
+    generate_kwargs = {
+        "num_beams": args.num_beams,
+        "do_sample": False,
+        "max_new_tokens": args.max_new_tokens,
+        "min_new_tokens": args.max_new_tokens,
+        "use_cache": True,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+    }
+    rows = []
+    print(TABLE_HEADER)
+    for batch in args.batch_sizes:
+        inputs = build_inputs(config, tokenizer, batch, device)
+        variants = [v for v in args.variants if v != "naive" or batch in args.naive_batch_sizes]
+        for row in benchmark_batch(model, inputs, variants, generate_kwargs, timer, args.repeats):
+            print_row(row)
+            rows.append(row)
+        del inputs
+    print()
+    print_ratios(rows)
+
+
+if __name__ == "__main__":
+    main()

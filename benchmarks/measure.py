@@ -1,0 +1,80 @@
+"""Measurement helpers shared by bench_generate.py and bench_features.py: device sync, peak memory, machine name."""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": time.process_time}
+"""`wall`: elapsed time. `process`: CPU time of this process, all its threads together. On a machine shared with
+other jobs, the process clock of single-threaded CPU work is what an idle core would take (up to cache and memory
+bandwidth effects), while wall time also counts the waits for the CPU; it says nothing about GPU work or about
+other processes (DataLoader workers)."""
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo."""
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as cpuinfo:
+        for line in cpuinfo:
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return "unknown CPU"
+
+
+def status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB."""
+    with open("/proc/self/status") as status:
+        line = next(line for line in status if line.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+
+def reset_peak_rss() -> float | None:
+    """Reset this process's resident-set peak (VmHWM) to its current size; return that size in MiB.
+
+    Freed heap is first handed back to the OS (`malloc_trim`), so that memory the allocator kept from earlier work
+    cannot absorb the next peak unseen. None where /proc/self/clear_refs is not available (not Linux).
+    """
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")  # resets VmHWM to the current resident set
+        return status_mib("VmRSS")
+    except OSError:
+        return None
+
+
+def peak_rss_growth(baseline: float | None) -> float:
+    """Peak resident set (MiB) since `reset_peak_rss` returned `baseline`, minus `baseline`; NaN without one."""
+    return float("nan") if baseline is None else status_mib("VmHWM") - baseline
+
+
+def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> tuple[Any, float]:
+    """Run `fn` once; return its result and the peak memory (MiB) it added.
+
+    CUDA: `torch.cuda.max_memory_allocated` minus what was allocated before. CPU: growth of the resident set's
+    peak (`reset_peak_rss`), which also sees allocations made outside torch (numpy, PyAV, PIL).
+    """
+    if device.type == "cuda":
+        gc.collect()
+        synchronize(device)
+        before = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        result = fn()
+        synchronize(device)
+        return result, (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    baseline = reset_peak_rss()
+    result = fn()
+    return result, peak_rss_growth(baseline)

@@ -1,0 +1,254 @@
+"""Smoke runs of benchmarks/bench_generate.py and bench_features.py, the behaviour their baselines rely on, and
+gradient checkpointing of LavCapForConditionalGeneration (full fine-tuning and the LoRA recipe of the 7B path)."""
+
+from __future__ import annotations
+
+import copy
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+from lavcap_hf import LavCapForConditionalGeneration
+from lavcap_hf.modeling_ced import CedBlock
+from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.training import apply_lora, lavcap_lora_config
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_features  # noqa: E402
+import bench_generate  # noqa: E402
+
+LLAMA_2_7B_PARAMETERS = 6_738_415_616
+"""Parameter count of Llama-2-7b-hf (32000-token vocabulary, untied embeddings), as published."""
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def markdown_rows(text: str, header_start: str) -> list[dict[str, str]]:
+    """The rows of the markdown table whose header line starts with `header_start`, as {column: cell}."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    header = [cell.strip() for cell in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2 :]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)))
+    return rows
+
+
+# -- bench_generate -------------------------------------------------------------------------------------------------
+
+
+def test_bench_generate_quick_prints_every_variant_and_batch(capsys):
+    args = [
+        "--quick",
+        "--batch-sizes",
+        "1",
+        "2",
+        "--naive-batch-sizes",
+        "2",
+        "--repeats",
+        "1",
+        "--max-new-tokens",
+        "2",
+    ]
+    bench_generate.main(args)
+    out = capsys.readouterr().out
+    rows = markdown_rows(out, "| variant |")
+    expected = {(v, b) for v in bench_generate.VARIANTS for b in (1, 2)} - {("naive", 1)}
+    assert {(row["variant"], int(row["batch"])) for row in rows} == expected
+    for row in rows:
+        latency_s = float(row["latency (ms)"]) / 1e3
+        assert latency_s > 0
+        # Rounded latency: captions/s within the rounding of the printed milliseconds.
+        assert float(row["captions/s"]) == pytest.approx(int(row["batch"]) / latency_s, rel=0.05, abs=0.5)
+        assert 0 <= int(row["encoders' share"].rstrip("%")) <= 100
+        assert row["captions = cached"] == ("reference" if row["variant"] == "cached" else "yes")
+    assert re.search(r"^batch 2: naive / cached = [\d.]+x", out, re.MULTILINE)
+    assert "device: cpu" in out and "beam 4" in out
+
+
+def _tiny_generation_setup():
+    tokenizer = word_level_tokenizer([])
+    config = bench_generate.build_config("quick", tokenizer)
+    torch.manual_seed(0)
+    model = bench_generate.build_model(config, torch.device("cpu"), torch.float32)
+    inputs = bench_generate.build_inputs(config, tokenizer, 2, torch.device("cpu"))
+    kwargs = {
+        "num_beams": 3,
+        "max_new_tokens": 4,
+        "min_new_tokens": 4,
+        "do_sample": False,
+        "pad_token_id": tokenizer.pad_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    return model, inputs, kwargs
+
+
+@pytest.mark.parametrize(
+    "variant, expected_calls",
+    [
+        ("cached", [6]),  # once, on batch * beams = 2 * 3 clips
+        ("naive", [6, 6, 6, 6]),  # prefill + every one of the 3 later steps
+        ("per-clip", [2]),  # once, on the 2 clips before beam expansion
+        ("per-clip-last-logits", [2]),
+    ],
+)
+def test_encoder_calls_per_variant(variant, expected_calls):
+    """The baselines do what the benchmark says: count `LavCapModel.forward` calls and their batch sizes."""
+    model, inputs, kwargs = _tiny_generation_setup()
+    calls = []
+    model.model.register_forward_hook(
+        lambda module, args, output: calls.append(output.multimodal_embeds.shape[0])
+    )
+    sequences = bench_generate.variant_call(variant, model, inputs, **kwargs)()
+    assert calls == expected_calls
+    assert sequences.shape[0] == 2
+    # The naive wrapper is removed afterwards: a plain generate() encodes once again.
+    calls.clear()
+    model.generate(**inputs, **kwargs)
+    assert calls == [6]
+
+
+def test_per_clip_variants_match_generate():
+    model, inputs, kwargs = _tiny_generation_setup()
+    reference = model.generate(**inputs, **kwargs)  # prompt + 4 new tokens
+    for variant in ("naive", "per-clip", "per-clip-last-logits"):
+        assert torch.equal(bench_generate.variant_call(variant, model, inputs, **kwargs)(), reference), (
+            variant
+        )
+
+
+def test_paper_size_builds_on_meta_and_fails_clearly_without_gpu(capsys):
+    with pytest.raises(SystemExit) as raised:
+        bench_generate.main(["--paper-size", "--device", "cpu"])
+    assert "--paper-size needs a CUDA GPU" in str(raised.value.code)
+    out = capsys.readouterr().out
+    llama = re.search(r"LLaMA: 4096-d x 32 layers, vocab 32000 \(([\d,]+) params\)", out)
+    assert llama and int(llama.group(1).replace(",", "")) == LLAMA_2_7B_PARAMETERS
+    assert "CLIP: 20 frames of 224 px / 14 px patches -> 257 tokens each, 1024-d x 24 layers" in out
+
+
+# -- bench_features -------------------------------------------------------------------------------------------------
+
+
+def test_bench_features_quick_prints_stages_and_loader_rows(capsys, tmp_path):
+    args = ["--quick", "--num-clips", "2", "--duration", "1", "--batch-size", "1", "--repeats", "1"]
+    bench_features.main([*args, "--workers", "0", "2", "--clips-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    stages = markdown_rows(out, "| stage |")
+    assert [row["stage"] for row in stages] == [*bench_features.STAGES, "**all four**"]
+    assert all(float(row["ms per clip"]) > 0 for row in stages)
+    total_ms = float(stages[-1]["ms per clip"])
+    per_core = float(re.search(r"per core: ([\d.]+) clips/s", out).group(1))
+    assert per_core == pytest.approx(1e3 / total_ms, rel=0.02)
+    loader = markdown_rows(out, "| collator |")
+    assert {(row["collator"], int(row["workers"])) for row in loader} == {
+        (c, w) for c in ("train", "eval") for w in (0, 2)
+    }
+    assert all(float(row["clips/s"]) > 0 and float(row["CPU ms per clip"]) > 0 for row in loader)
+    assert len(list(tmp_path.glob("train/*.mp4"))) == 2
+
+
+# -- gradient checkpointing -----------------------------------------------------------------------------------------
+
+
+def _training_batch(config, batch: int = 2) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    audio_count, video_count = config.placeholder_counts
+    prompt = [1] + [config.audio_token_id] * audio_count + [config.video_token_id] * video_count
+    input_ids = torch.tensor([prompt + [5, 6, 7, 2]] * batch)
+    labels = input_ids.clone()
+    labels[:, : len(prompt)] = -100
+    size = config.vision_config.image_size
+    return {
+        "input_ids": input_ids,
+        "attention_mask": torch.ones_like(input_ids),
+        "labels": labels,
+        "input_features": torch.randn(batch, config.audio_config.target_length, 64, generator=generator),
+        "pixel_values_videos": torch.randn(batch, config.num_frames, 3, size, size, generator=generator),
+    }
+
+
+FIRST_NORM = {CedBlock: "norm1", CLIPEncoderLayer: "layer_norm1", LlamaDecoderLayer: "input_layernorm"}
+"""The first submodule each block type runs."""
+
+
+def count_block_runs(model) -> dict[str, int]:
+    """Live counts of block runs per block type, recomputations included.
+
+    A run is seen as a call of the block's first norm (a forward pre-hook): recomputation may stop early, before
+    post-hooks run, and Transformers 5 checkpoints a layer's `forward` inside its `__call__`, past the layer's own
+    hooks.
+    """
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        if type(module) in FIRST_NORM:
+            name = type(module).__name__
+            norm = getattr(module, FIRST_NORM[type(module)])
+            norm.register_forward_pre_hook(
+                lambda *_, name=name: counts.__setitem__(name, counts.get(name, 0) + 1)
+            )
+    return counts
+
+
+def _loss_and_grads(model, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Loss and the gradients of all trainable parameters after one training forward + backward."""
+    model.train()
+    loss = model(**batch).loss
+    loss.backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert set(grads) == trainable, f"no gradient for {sorted(trainable - set(grads))}"
+    return loss.detach(), grads
+
+
+def _model_pair(use_lora: bool):
+    """A tiny model and a copy with gradient checkpointing on, with the paper's LoRA adapters when asked (without
+    dropout, so that both see the same computation), and a training batch."""
+    config = tiny_lavcap_config()
+    torch.manual_seed(0)
+    base = LavCapForConditionalGeneration(config)
+    models = []
+    for _ in range(2):
+        model = copy.deepcopy(base)
+        torch.manual_seed(1)  # the same random LoRA A matrices in both
+        models.append(apply_lora(model, lavcap_lora_config(lora_dropout=0.0)) if use_lora else model)
+    models[1].gradient_checkpointing_enable()
+    return models, _training_batch(config)
+
+
+@pytest.mark.parametrize("use_lora", [False, True], ids=["full", "lora"])
+def test_gradient_checkpointing_recomputes_trained_blocks_and_keeps_gradients(use_lora):
+    (plain, checkpointed), batch = _model_pair(use_lora)
+    plain_counts, counts = count_block_runs(plain), count_block_runs(checkpointed)
+    reference_loss, reference_grads = _loss_and_grads(plain, batch)
+    loss, grads = _loss_and_grads(checkpointed, batch)
+
+    assert plain_counts == {"CedBlock": 2, "CLIPEncoderLayer": 2, "LlamaDecoderLayer": 2}
+    # The two layers of CED and of the LLM run again in the backward pass.
+    assert counts["CedBlock"] == counts["LlamaDecoderLayer"] == 4
+    torch.testing.assert_close(loss, reference_loss)
+    assert set(grads) == set(reference_grads)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, reference_grads[name], msg=name)
+
+
+def test_frozen_vision_tower_stays_out_of_the_backward_pass_with_lora():
+    """With the LoRA recipe CLIP has nothing to train: checkpointing must not pull it into the backward pass."""
+    (_, checkpointed), batch = _model_pair(use_lora=True)
+    counts = count_block_runs(checkpointed)
+    checkpointed.train()
+    checkpointed(**batch).loss.backward()
+    assert counts["CLIPEncoderLayer"] == 2, "the frozen CLIP layers were recomputed for a backward pass"
