@@ -44,7 +44,7 @@ from measure import CLOCKS, cpu_name, peak_memory_mib, synchronize
 from transformers import CLIPVisionConfig, GenerationMixin, LlamaConfig
 
 from lavcap_hf import CedConfig, LavCapConfig, LavCapForConditionalGeneration, LavCapProcessor
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.testing_utils import paper_sized_config, tiny_lavcap_config, word_level_tokenizer
 
 VARIANTS = ("cached", "naive", "per-clip", "per-clip-last-logits")
 LLAMA_VOCAB = 32000
@@ -97,46 +97,13 @@ def small_config(audio_token_id: int, video_token_id: int) -> LavCapConfig:
     )
 
 
-def paper_config(audio_token_id: int, video_token_id: int) -> LavCapConfig:
-    """CED-base (768-d, 12 layers), CLIP ViT-L/14 at 224 px with its 768-d projection, LLaMA-2-7B shapes."""
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=224,
-        patch_size=14,
-        projection_dim=768,
-        hidden_act="quick_gelu",
-    )
-    text = LlamaConfig(
-        vocab_size=LLAMA_VOCAB,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return LavCapConfig(
-        audio_config=CedConfig(),
-        vision_config=vision,
-        text_config=text,
-        audio_token_id=audio_token_id,
-        video_token_id=video_token_id,
-    )
-
-
 def build_config(profile: str, tokenizer: Any) -> LavCapConfig:
     ids = tokenizer.convert_tokens_to_ids(["<|audio|>", "<|video|>"])
     if profile == "quick":
         return tiny_lavcap_config(vocab_size=len(tokenizer), audio_token_id=ids[0], video_token_id=ids[1])
-    return (paper_config if profile == "paper" else small_config)(*ids)
+    if profile == "paper":
+        return paper_sized_config(*ids, vocab_size=LLAMA_VOCAB)
+    return small_config(*ids)
 
 
 def build_inputs(

@@ -19,9 +19,9 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import CLIPVisionConfig, LlamaConfig, TrainingArguments, pipeline
+from transformers import TrainingArguments, pipeline
 
-from .configuration_lavcap import CedConfig, LavCapConfig
+from .configuration_lavcap import LavCapConfig
 from .data import Clip, LavCapDataset
 from .media import load_media
 from .metrics import compute_caption_metrics
@@ -30,7 +30,7 @@ from .pipeline_lavcap import TASK
 from .plotting import plot_ot_plan
 from .processing_lavcap import AUDIO_TOKEN, VIDEO_TOKEN, LavCapProcessor
 from .synthetic import generate_dataset, score_caption
-from .testing_utils import word_level_tokenizer
+from .testing_utils import tiny_lavcap_config, word_level_tokenizer
 from .training import LavCapDataCollator, LavCapTrainer, processor_kwarg
 
 FUSIONS = ("ot_att", "audio_only")
@@ -51,37 +51,15 @@ class DemoRow:
 
 
 def demo_config(fusion_type: str, tokenizer: Any, width: int = 64) -> LavCapConfig:
-    """A small LAVCap: 2-layer CED on 1.28 s of fbank, a 2-layer CLIP-style tower on 32 px frames, a 2-layer LLaMA."""
-    text = LlamaConfig(
+    """A small LAVCap: 2-layer CED on 1.28 s of fbank, a 2-layer CLIP-style tower on 32 px frames, a 2-layer LLaMA
+    over the tokenizer's vocabulary (its pad/bos/eos ids 0/1/2 are the tiny config's)."""
+    return tiny_lavcap_config(
+        fusion_type,
         vocab_size=len(tokenizer),
-        hidden_size=2 * width,
-        intermediate_size=4 * width,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LavCapConfig(
-        audio_config=CedConfig(
-            target_length=AUDIO_FRAMES, hidden_size=width, num_hidden_layers=2, num_attention_heads=2
-        ),
-        vision_config=CLIPVisionConfig(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=32,
-            patch_size=8,
-            projection_dim=width,
-        ),
-        text_config=text,
-        fusion_type=fusion_type,
+        width=width,
+        target_length=AUDIO_FRAMES,
         num_frames=NUM_FRAMES,
-        visual_embed_dim=width,
+        image_size=32,
         audio_token_id=tokenizer.convert_tokens_to_ids(AUDIO_TOKEN),
         video_token_id=tokenizer.convert_tokens_to_ids(VIDEO_TOKEN),
     )

@@ -94,3 +94,48 @@ def word_level_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     )
     add_lavcap_special_tokens(tokenizer)
     return tokenizer
+
+
+def paper_sized_config(
+    audio_token_id: int = 32001,
+    video_token_id: int = 32002,
+    vocab_size: int = 32003,
+    with_vision: bool = True,
+) -> LavCapConfig:
+    """The paper's dimensions with random weights: CED-base, CLIP ViT-L/14 (224 px, 768-d projection) and
+    LLaMA-2-7B (32000 tokens + `[PAD]` + the two placeholders by default). For meta-device counts and GPU benchmarks;
+    `with_vision=False` for the precomputed-feature set-up."""
+    vision = None
+    if with_vision:
+        vision = CLIPVisionConfig(
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=224,
+            patch_size=14,
+            projection_dim=768,
+            hidden_act="quick_gelu",
+        )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        max_position_embeddings=4096,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return LavCapConfig(
+        audio_config=CedConfig(),
+        vision_config=vision,
+        text_config=text,
+        visual_embed_dim=768,
+        audio_token_id=audio_token_id,
+        video_token_id=video_token_id,
+    )

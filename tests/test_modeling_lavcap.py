@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import run_without_package
-from transformers import AutoModel, CLIPVisionConfig, LlamaConfig
+from transformers import AutoModel
 
-from lavcap_hf import FUSION_TYPES, CedConfig, LavCapConfig, LavCapForConditionalGeneration
-from lavcap_hf.testing_utils import tiny_lavcap_config
+from lavcap_hf import FUSION_TYPES, LavCapConfig, LavCapForConditionalGeneration
+from lavcap_hf.testing_utils import paper_sized_config, tiny_lavcap_config
 from lavcap_hf.training import apply_lora
 
 BOS, PAD = 1, 0
@@ -283,29 +283,8 @@ def test_trust_remote_code_loads_without_the_package(model: LavCapForConditional
     torch.testing.assert_close(torch.load(tmp_path / "logits.pt"), expected, rtol=0, atol=0)
 
 
-def paper_config() -> LavCapConfig:
-    """CED-base, CLIP ViT-L/14 and LLaMA-2-7B dimensions; LLaMA's 32000 tokens + pad + 2 placeholders."""
-    vision = CLIPVisionConfig(
-        hidden_size=1024,
-        intermediate_size=4096,
-        num_hidden_layers=24,
-        num_attention_heads=16,
-        image_size=224,
-        patch_size=14,
-        projection_dim=768,
-    )
-    text = LlamaConfig(vocab_size=32003, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
-    return LavCapConfig(
-        audio_config=CedConfig(),
-        vision_config=vision,
-        text_config=text,
-        audio_token_id=32001,
-        video_token_id=32002,
-    )
-
-
 def test_paper_sized_model_on_meta_reports_trainable_parameters(capsys) -> None:
-    config = paper_config()
+    config = paper_sized_config()
     with torch.device("meta"):
         peft_model = apply_lora(LavCapForConditionalGeneration(config))
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
