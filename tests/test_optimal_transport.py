@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from lavcap_hf import optimal_transport
 from lavcap_hf.optimal_transport import (
     FUSION_TYPES,
     AudioVisualFusion,
@@ -142,6 +143,37 @@ def test_sinkhorn_matches_per_sample_reference(shape, epsilon, atol):
     expected = torch.stack([_reference_sinkhorn(s, epsilon, 50) for s in sim])
     assert torch.isfinite(plan).all()
     torch.testing.assert_close(plan.double(), expected, atol=atol, rtol=0)
+
+
+@pytest.mark.parametrize("pattern", ["one_peak", "one_column", "one_row", "diagonal", "signs"])
+def test_sinkhorn_scaling_form_at_its_spread_limit(pattern, monkeypatch):
+    """Scores of +-1 shaped to push the scaling form's iterates to their bounds, at a kernel spread just inside
+    its limit: the scaling form alone runs (the log-space form is made to fail) and matches the float64
+    log-space reference."""
+
+    def general_path(*args):
+        raise AssertionError("the log-space form ran")
+
+    monkeypatch.setattr(optimal_transport, "_logsumexp_potentials", general_path)
+    num_visual, num_audio = 20, 64
+    sim = -torch.ones(2, num_visual, num_audio)
+    if pattern == "one_peak":
+        sim[:, 0, 0] = 1
+    elif pattern == "one_column":
+        sim[:, :, 0] = 1
+    elif pattern == "one_row":
+        sim[:, 0, :] = 1
+    elif pattern == "diagonal":
+        sim[:, torch.arange(num_visual), torch.arange(num_visual)] = 1
+    else:
+        sim = torch.randint(0, 2, sim.shape, generator=torch.Generator().manual_seed(5)).float() * 2 - 1
+    epsilon = 2 / (optimal_transport._MAX_SCALING_SPREAD - 0.01)
+    plan = log_sinkhorn(sim, epsilon, 50)
+    expected = torch.stack([_reference_sinkhorn(s, epsilon, 50) for s in sim])
+    torch.testing.assert_close(plan.double(), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(
+        plan.exp().sum(1), torch.full((2, num_audio), 1 / num_audio), atol=1e-6, rtol=0
+    )
 
 
 def test_sinkhorn_is_fp32_and_has_no_gradient():
