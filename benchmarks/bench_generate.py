@@ -41,10 +41,15 @@ from typing import Any
 import torch
 import transformers
 from measure import CLOCKS, cpu_name, peak_memory_mib, synchronize
-from transformers import CLIPVisionConfig, GenerationMixin, LlamaConfig
+from transformers import GenerationMixin
 
-from lavcap_hf import CedConfig, LavCapConfig, LavCapForConditionalGeneration, LavCapProcessor
-from lavcap_hf.testing_utils import paper_sized_config, tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf import LavCapConfig, LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf.testing_utils import (
+    paper_sized_config,
+    small_lavcap_config,
+    tiny_lavcap_config,
+    word_level_tokenizer,
+)
 
 VARIANTS = ("cached", "naive", "per-clip", "per-clip-last-logits")
 LLAMA_VOCAB = 32000
@@ -58,52 +63,13 @@ PROFILES: dict[str, dict[str, Any]] = {
 }
 
 
-def small_config(audio_token_id: int, video_token_id: int) -> LavCapConfig:
-    """Paper input shapes at small widths: CED on the 1024 x 64 fbank (256 patches), a CLIP tower on 20 frames of
-    224 px cut in 32 px patches (50 tokens each), a 4-layer LLaMA with the 32000-token vocabulary.
-
-    Measured on CPU, one encoder pass over a clip (~80 ms) costs 1 to 4 prompt prefills and 15 to 50 decoding steps
-    of one beam; in the paper's model (CLIP ViT-L/14 on 20 frames, LLaMA-2-7B) it is ~2.5 prefills and ~250 steps
-    in FLOPs, so this config understates the encoders' weight in decoding rather than inflating it.
-    """
-    audio = CedConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4)
-    vision = CLIPVisionConfig(
-        hidden_size=128,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        image_size=224,
-        patch_size=32,
-        projection_dim=128,
-    )
-    text = LlamaConfig(
-        vocab_size=LLAMA_VOCAB,
-        hidden_size=256,
-        intermediate_size=688,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    return LavCapConfig(
-        audio_config=audio,
-        vision_config=vision,
-        text_config=text,
-        audio_token_id=audio_token_id,
-        video_token_id=video_token_id,
-    )
-
-
 def build_config(profile: str, tokenizer: Any) -> LavCapConfig:
     ids = tokenizer.convert_tokens_to_ids(["<|audio|>", "<|video|>"])
     if profile == "quick":
         return tiny_lavcap_config(vocab_size=len(tokenizer), audio_token_id=ids[0], video_token_id=ids[1])
     if profile == "paper":
         return paper_sized_config(*ids, vocab_size=LLAMA_VOCAB)
-    return small_config(*ids)
+    return small_lavcap_config(*ids, vocab_size=LLAMA_VOCAB)
 
 
 def build_inputs(

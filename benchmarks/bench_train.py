@@ -1,74 +1,58 @@
 """Training throughput and peak memory of LAVCap fine-tuning with `LavCapTrainer` (LoRA, OT loss, collator).
 
 Two configurations, random weights (nothing is downloaded):
-- `small` (CPU-sized): CED 4 x 192, LLaMA 4 x 256, full-length clips (10 s audio -> 1024 x 64 fbank, 64 audio
-  tokens), 20 precomputed visual embeddings;
-- `paper` (GPU): CED-base (12 x 768), LLaMA-2-7B dimensions (32 x 4096) in bf16 with float32 adapters, 20 precomputed
-  CLIP ViT-L/14 embeddings (768), bf16 autocast - the paper's training set-up.
+- `small` (CPU-sized): `lavcap_hf.testing_utils.small_lavcap_config`: CED 4 x 128 on full-length clips (10 s audio
+  -> 1024 x 64 fbank, 64 audio tokens), a 4 x 128 CLIP tower, LLaMA 4 x 256 with a 32003-token vocabulary;
+- `paper` (GPU): `lavcap_hf.testing_utils.paper_sized_config`: CED-base (12 x 768), CLIP ViT-L/14, LLaMA-2-7B
+  dimensions (32 x 4096); frozen weights in bf16, LoRA adapters, projector and logit scale in float32, bf16
+  autocast - the paper's training set-up.
 
-Each step is a real Trainer step: clips are featurised by the collator (fbank + SpecAugment, random instruction) in
-the DataLoader, then forward (OT fusion, LM), backward, AdamW. Throughput is measured over the steps after
-`--warmup`. Peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the process's peak resident set
+`--visual embeds` (default, the paper's recipe) feeds 20 precomputed CLIP embeddings per clip
+(examples/extract_visual_features.py); `--visual frames` feeds 20 random 256 x 256 frames per clip, preprocessed by
+the collator and encoded by the frozen CLIP tower inside every step.
+
+Each step is a real Trainer step: clips are featurised by the collator (fbank + SpecAugment, random instruction,
+frames) in the DataLoader, then forward (OT fusion, LM), backward, AdamW. Throughput is measured over the steps
+after `--warmup`. Peak memory: on CUDA `torch.cuda.max_memory_allocated`; on CPU the process's peak resident set
 (`VmHWM`), printed with the resident set after the model was built (`VmRSS`) for reference.
 
+The OT module's share of a step: after training, the OT fusion (normalisation, similarity, Sinkhorn, alignment
+losses, OT attention) runs forward and backward on the audio and visual tokens of the last training batch, in the
+step's dtype and autocast, with a random gradient on the fused tokens; its median time over the median step time.
+
     python benchmarks/bench_train.py --config small --device cpu [--steps 12 --warmup 3 --batch-size 4]
-    python benchmarks/bench_train.py --config paper --device cuda [--gradient-checkpointing]
+    python benchmarks/bench_train.py --config paper --device cuda [--gradient-checkpointing] [--visual frames]
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import tempfile
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from transformers import LlamaConfig, TrainerCallback, TrainingArguments
+from measure import status_mib, synchronize
+from transformers import TrainerCallback, TrainingArguments
 
-from lavcap_hf import CedConfig, LavCapConfig, LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf import LavCapConfig, LavCapForConditionalGeneration, LavCapProcessor
 from lavcap_hf.data import Clip, LavCapDataset
+from lavcap_hf.optimal_transport import OptimalTransportFusion
 from lavcap_hf.synthetic import PLACES, SOUNDS, make_caption
-from lavcap_hf.testing_utils import word_level_tokenizer
+from lavcap_hf.testing_utils import paper_sized_config, small_lavcap_config, word_level_tokenizer
 from lavcap_hf.training import LavCapTrainer, apply_lora
 
 SAMPLING_RATE = 16000
+FRAME_SIZE = 256
 CAPTIONS = [make_caption(sound, place) for sound in SOUNDS for place in PLACES]
 
 
-def build_config(name: str, audio_token_id: int, video_token_id: int) -> LavCapConfig:
-    if name == "small":
-        audio = CedConfig(hidden_size=192, num_hidden_layers=4, num_attention_heads=3)
-        text = LlamaConfig(
-            vocab_size=1000,
-            hidden_size=256,
-            intermediate_size=688,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-        )
-        visual_dim = 192
-    else:
-        audio = CedConfig()
-        text = LlamaConfig(vocab_size=32003, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32)
-        visual_dim = 768
-    text.bos_token_id, text.eos_token_id, text.pad_token_id = 1, 2, 0
-    return LavCapConfig(
-        audio_config=audio,
-        vision_config=None,
-        text_config=text,
-        visual_embed_dim=visual_dim,
-        audio_token_id=audio_token_id,
-        video_token_id=video_token_id,
-    )
-
-
-def memory_status(field: str) -> float:
-    """`VmHWM` / `VmRSS` of this process from /proc/self/status, in GiB."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 2**20
-    raise RuntimeError(f"no {field} in /proc/self/status")
+def build_config(name: str, with_vision: bool, audio_token_id: int, video_token_id: int) -> LavCapConfig:
+    """`paper` or `small`; `with_vision` adds the CLIP tower (for `--visual frames`)."""
+    build = paper_sized_config if name == "paper" else small_lavcap_config
+    return build(audio_token_id, video_token_id, with_vision=with_vision)
 
 
 class StepTimer(TrainerCallback):
@@ -83,8 +67,44 @@ class StepTimer(TrainerCallback):
         self.ends.append(time.perf_counter())
 
 
-def clips(count: int, visual_dim: int, seed: int = 0) -> list[Clip]:
-    """10 s of noise and 20 random visual embeddings per clip, with a synthetic caption."""
+class FusionInputs:
+    """Keeps the (audio, visual) tokens that the OT fusion module last received, detached."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.module: OptimalTransportFusion | None = None
+        self.tokens: tuple[torch.Tensor, torch.Tensor] | None = None
+        for module in model.modules():
+            if isinstance(module, OptimalTransportFusion):  # peft keeps a frozen original and a trained copy
+                module.register_forward_pre_hook(self._record)
+
+    def _record(self, module: OptimalTransportFusion, inputs: tuple[Any, ...]) -> None:
+        audio, visual = inputs[:2]
+        self.module = module
+        self.tokens = (audio.detach().requires_grad_(audio.requires_grad), visual.detach())
+
+
+def ot_module_ms(recorded: FusionInputs, dtype: torch.dtype, repeats: int = 20) -> float:
+    """Median time (ms) of the OT fusion's forward + backward on the last batch's tokens, as in a training step."""
+    audio, visual = recorded.tokens
+    device = audio.device
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32)
+    fused_grad = None
+    times = []
+    for _ in range(repeats + 1):  # the first run is a warm-up
+        synchronize(device)
+        start = time.perf_counter()
+        with autocast:
+            out = recorded.module(audio, visual)
+        if fused_grad is None:
+            fused_grad = torch.randn_like(out.fused)
+        torch.autograd.backward((out.loss_v + out.loss_a, out.fused), (None, fused_grad))
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times[1:])
+
+
+def clips(count: int, visual_dim: int, frames: bool, seed: int = 0) -> list[Clip]:
+    """10 s of noise and 20 random frames (`frames`) or visual embeddings per clip, with a synthetic caption."""
     rng = np.random.default_rng(seed)
     return [
         Clip(
@@ -92,13 +112,14 @@ def clips(count: int, visual_dim: int, seed: int = 0) -> list[Clip]:
             caption=CAPTIONS[i % len(CAPTIONS)],
             audio=(0.1 * rng.standard_normal(10 * SAMPLING_RATE)).astype(np.float32),
             sampling_rate=SAMPLING_RATE,
-            video_embeds=rng.standard_normal((20, visual_dim)).astype(np.float32),
+            video=rng.integers(0, 256, (20, FRAME_SIZE, FRAME_SIZE, 3), dtype=np.uint8) if frames else None,
+            video_embeds=None if frames else rng.standard_normal((20, visual_dim)).astype(np.float32),
         )
         for i in range(count)
     ]
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -109,35 +130,54 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=3, help="untimed first steps (at least 1)")
     parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--visual",
+        choices=("embeds", "frames"),
+        default="embeds",
+        help="precomputed CLIP embeddings (the paper's recipe) or frames through the frozen CLIP tower",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        help="frozen weights and autocast; default bfloat16 on CUDA, float32 on CPU",
+    )
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers featurising the clips")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if not 1 <= args.warmup < args.steps:
         parser.error("--warmup must be at least 1 and below --steps")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
     tokenizer = word_level_tokenizer(CAPTIONS)
     ids = tokenizer.convert_tokens_to_ids(["<|audio|>", "<|video|>"])
-    config = build_config(args.config, *ids)
+    config = build_config(args.config, args.visual == "frames", *ids)
     torch.manual_seed(0)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     default_dtype = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     with torch.device(args.device):
         model = LavCapForConditionalGeneration(config)
     torch.set_default_dtype(default_dtype)
     model = apply_lora(model)
+    fusion_inputs = FusionInputs(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
-    built_rss = memory_status("VmRSS")
+    built_rss = status_mib("VmRSS") / 1024
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
 
     processor = LavCapProcessor.from_model_config(config, tokenizer)
     dataset = LavCapDataset(
-        clips(args.batch_size * args.steps, config.visual_embed_dim), num_frames=20, load_visual=True
+        clips(args.batch_size * args.steps, config.visual_embed_dim, args.visual == "frames"),
+        num_frames=20,
+        load_visual=True,
     )
     timer = StepTimer()
     with tempfile.TemporaryDirectory() as output_dir:
@@ -147,7 +187,7 @@ def main() -> None:
             per_device_train_batch_size=args.batch_size,
             learning_rate=5e-6,
             weight_decay=1e-6,
-            bf16=args.device == "cuda",
+            bf16=dtype == torch.bfloat16,
             use_cpu=args.device == "cpu",
             gradient_checkpointing=args.gradient_checkpointing,
             dataloader_num_workers=args.workers,
@@ -168,18 +208,22 @@ def main() -> None:
     seconds = timer.ends[-1] - timer.ends[args.warmup - 1]
     steps = len(timer.ends) - args.warmup
     throughput = steps * args.batch_size / seconds
+    step_ms = 1e3 * statistics.median(np.diff(timer.ends[args.warmup - 1 :]))
+    ot_ms = ot_module_ms(fusion_inputs, dtype)
     if args.device == "cuda":
         memory = f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB ({torch.cuda.get_device_name()})"
     else:
-        memory = (
-            f"peak RSS {memory_status('VmHWM'):.2f} GiB (RSS after building the model {built_rss:.2f} GiB)"
-        )
-    print("| config | device | batch | steps timed | samples/s | s/step | memory |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+        memory = f"peak RSS {status_mib('VmHWM') / 1024:.2f} GiB (RSS after building the model {built_rss:.2f} GiB)"
+    checkpointing = ", gradient checkpointing" if args.gradient_checkpointing else ""
     print(
-        f"| {args.config} ({trainable / 1e6:.2f} M trainable of {total / 1e6:.1f} M) | {args.device} "
-        f"({torch.get_num_threads()} threads) | {args.batch_size} | {steps} | {throughput:.2f} | "
-        f"{seconds / steps:.3f} | {memory} |"
+        "| config | visual | device | dtype | batch | steps timed | samples/s | median step (ms) "
+        "| OT module (ms) | OT share | memory |"
+    )
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print(
+        f"| {args.config} ({trainable / 1e6:.2f} M trainable of {total / 1e6:.1f} M{checkpointing}) | "
+        f"{args.visual} | {args.device} ({torch.get_num_threads()} threads) | {str(dtype)[6:]} | {args.batch_size} "
+        f"| {steps} | {throughput:.2f} | {step_ms:.1f} | {ot_ms:.2f} | {100 * ot_ms / step_ms:.1f}% | {memory} |"
     )
 
 

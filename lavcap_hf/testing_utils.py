@@ -73,6 +73,54 @@ def tiny_lavcap_config(
     )
 
 
+def small_lavcap_config(
+    audio_token_id: int = 32001,
+    video_token_id: int = 32002,
+    vocab_size: int = 32003,
+    with_vision: bool = True,
+) -> LavCapConfig:
+    """The paper's input shapes at small widths, for CPU benchmarks: CED on the 1024 x 64 fbank (256 patches, 64
+    audio tokens), a CLIP tower on 20 frames of 224 px cut in 32 px patches (50 tokens each) and 128-d projections,
+    a 4-layer LLaMA (256-d) with LLaMA's vocabulary by default; 128 x 4 encoders.
+
+    Measured on CPU, one encoder pass over a clip (~80 ms) costs 1 to 4 prompt prefills and 15 to 50 decoding steps
+    of one beam; in the paper's model (CLIP ViT-L/14 on 20 frames, LLaMA-2-7B) it is ~2.5 prefills and ~250 steps
+    in FLOPs, so this config understates the encoders' weight in decoding rather than inflating it.
+    `with_vision=False` for the precomputed-feature set-up (128-d visual embeddings).
+    """
+    vision = None
+    if with_vision:
+        vision = CLIPVisionConfig(
+            hidden_size=128,
+            intermediate_size=512,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            image_size=224,
+            patch_size=32,
+            projection_dim=128,
+        )
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=256,
+        intermediate_size=688,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    return LavCapConfig(
+        audio_config=CedConfig(hidden_size=128, num_hidden_layers=4, num_attention_heads=4),
+        vision_config=vision,
+        text_config=text,
+        visual_embed_dim=128,
+        audio_token_id=audio_token_id,
+        video_token_id=video_token_id,
+    )
+
+
 def word_level_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer over the words of `texts` and of the LAVCap prompts, with the placeholder tokens.
 

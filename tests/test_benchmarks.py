@@ -1,10 +1,11 @@
-"""Smoke runs of benchmarks/bench_generate.py and bench_features.py, the behaviour their baselines rely on, and
-gradient checkpointing of LavCapForConditionalGeneration (full fine-tuning and the LoRA recipe of the 7B path)."""
+"""Smoke runs of the benchmarks in benchmarks/, the behaviour their baselines rely on, and gradient checkpointing of LavCapForConditionalGeneration (full fine-tuning and the LoRA recipe of the 7B path)."""
 
 from __future__ import annotations
 
 import copy
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from lavcap_hf.training import apply_lora, lavcap_lora_config
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_features  # noqa: E402
 import bench_generate  # noqa: E402
+import bench_ot  # noqa: E402
+import bench_train  # noqa: E402
 
 LLAMA_2_7B_PARAMETERS = 6_738_415_616
 """Parameter count of Llama-2-7b-hf (32000-token vocabulary, untied embeddings), as published."""
@@ -34,10 +37,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def markdown_rows(text: str, header_start: str) -> list[dict[str, str]]:
-    """The rows of the markdown table whose header line starts with `header_start`, as {column: cell}."""
+def markdown_rows(text: str, header_start: str, exact: bool = False) -> list[dict[str, str]]:
+    """The rows of the first markdown table whose header line starts with (`exact`: is) `header_start`, as
+    {column: cell}."""
     lines = text.splitlines()
-    start = next(i for i, line in enumerate(lines) if line.startswith(header_start))
+    start = next(
+        i
+        for i, line in enumerate(lines)
+        if (line == header_start if exact else line.startswith(header_start))
+    )
     header = [cell.strip() for cell in lines[start].strip("|").split("|")]
     rows = []
     for line in lines[start + 2 :]:
@@ -45,6 +53,84 @@ def markdown_rows(text: str, header_start: str) -> list[dict[str, str]]:
             break
         rows.append(dict(zip(header, (cell.strip() for cell in line.strip("|").split("|")), strict=True)))
     return rows
+
+
+# -- bench_ot and bench_train ---------------------------------------------------------------------------------------
+
+
+def test_bench_ot_tables_agree_with_the_per_sample_loop(capsys):
+    bench_ot.main(["--device", "cpu", "--batch-sizes", "3", "--repeats", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    header = "| batch | batched (ms) | per-sample loop (ms) | speed-up |"
+    step = markdown_rows(out, header + " max abs diff | peak MiB batched | peak MiB loop |", exact=True)
+    forward = markdown_rows(out, header, exact=True)
+    sinkhorn = markdown_rows(out, header + " max abs diff |", exact=True)
+    for rows in (step, forward, sinkhorn):
+        assert [row["batch"] for row in rows] == ["3"]
+        assert float(rows[0]["speed-up"].rstrip("x")) > 0
+    assert float(step[0]["max abs diff"]) < 1e-5
+    assert float(sinkhorn[0]["max abs diff"]) < 1e-5
+    assert float(step[0]["peak MiB batched"]) > 0
+
+
+@pytest.mark.parametrize("visual", ["embeds", "frames"])
+def test_bench_train_small_reports_throughput_and_the_ot_share(visual, capsys):
+    bench_train.main(
+        ["--config", "small", "--device", "cpu", "--steps", "3", "--warmup", "1", "--batch-size", "2"]
+        + ["--threads", "1", "--visual", visual]
+    )
+    (row,) = markdown_rows(capsys.readouterr().out, "| config | visual |")
+    assert row["visual"] == visual and row["dtype"] == "float32" and row["steps timed"] == "2"
+    assert float(row["samples/s"]) > 0
+    ot_ms, step_ms = float(row["OT module (ms)"]), float(row["median step (ms)"])
+    assert 0 < ot_ms < step_ms
+    assert float(row["OT share"].rstrip("%")) == pytest.approx(100 * ot_ms / step_ms, abs=0.1)
+
+
+GPU_SCRIPT_RUNS = ("train_embeds", "generate", "ot", "train_embeds_checkpointing", "train_frames")
+
+PARSE_ONLY = """
+import importlib.util
+import sys
+from pathlib import Path
+
+if sys.argv[1] == "-c":
+    exec(sys.argv[2])
+    sys.exit()
+path = Path(sys.argv[1])
+sys.path.insert(0, str(path.parent))
+spec = importlib.util.spec_from_file_location(path.stem, path)
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+module.parse_args(sys.argv[2:])
+print("parsed", path.name)
+"""
+
+
+def test_gpu_script_builds_command_lines_that_each_benchmark_accepts(tmp_path):
+    """benchmarks/gpu_paper_size.sh needs a CUDA GPU, which the test machines lack. Its python is replaced by a shim
+    that runs each benchmark's own argument parser on the command line the script built, and stops there, and
+    nvidia-smi by a stub; the script's control flow and every command line it builds are real."""
+    (tmp_path / "parse_only.py").write_text(PARSE_ONLY)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (
+        ("python", f'exec {sys.executable} {tmp_path / "parse_only.py"} "$@"'),
+        ("nvidia-smi", "echo stub GPU"),
+    ):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "PYTHON": str(bin_dir / "python")}
+    script = Path(bench_ot.__file__).with_name("gpu_paper_size.sh")
+    logs = tmp_path / "logs"
+    result = subprocess.run(
+        ["bash", str(script), str(logs)], env=env, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    for name in GPU_SCRIPT_RUNS:
+        assert f"== {name}: exit 0" in result.stdout, result.stdout
+    assert result.stdout.count("parsed bench_") == len(GPU_SCRIPT_RUNS)
+    assert sorted(path.stem for path in logs.iterdir()) == sorted(GPU_SCRIPT_RUNS)
 
 
 # -- bench_generate -------------------------------------------------------------------------------------------------
