@@ -176,6 +176,36 @@ def test_sinkhorn_scaling_form_at_its_spread_limit(pattern, monkeypatch):
     )
 
 
+def test_ot_modules_never_read_device_data():
+    """No host-device sync in the OT path: on the meta device, which holds no data, any read of a value (`.item()`,
+    `bool(tensor)`) raises. Sinkhorn picks its form from the cosine bound, not from the similarities."""
+    audio = torch.empty(2, 8, HIDDEN, device="meta", requires_grad=True)
+    visual = torch.empty(2, 3, HIDDEN, device="meta", requires_grad=True)
+    for fusion_type in OT_TYPES:
+        out = build_fusion(fusion_type, HIDDEN).to("meta")(audio, visual, output_ot_plan=True)
+        assert out.log_plan.shape == (2, 3, 8) and out.log_plan.device.type == "meta"
+        (out.loss_v + out.loss_a + out.fused.sum()).backward()
+    similarity = torch.empty(2, 3, 8, device="meta")
+    assert log_sinkhorn(similarity, 0.1, 5, max_abs_similarity=1.0).shape == (2, 3, 8)
+    with pytest.raises((RuntimeError, NotImplementedError)):  # without a bound the data decide: a sync
+        log_sinkhorn(similarity, 0.1, 5)
+
+
+@pytest.mark.parametrize("epsilon", [0.1, 0.05])
+def test_sinkhorn_with_a_bound_matches_sinkhorn_without(epsilon):
+    """The bound only chooses the form (scaling at epsilon 0.1, log space at 0.05); the plan is the same."""
+    generator = torch.Generator().manual_seed(6)
+    visual = normalize_features(torch.randn(3, 20, 768, generator=generator))
+    audio = normalize_features(torch.randn(3, 64, 768, generator=generator))
+    similarity = visual @ audio.transpose(1, 2)
+    torch.testing.assert_close(
+        log_sinkhorn(similarity, epsilon, 50, max_abs_similarity=1.0),
+        log_sinkhorn(similarity, epsilon, 50),
+        atol=2e-5,
+        rtol=0,
+    )
+
+
 def test_sinkhorn_is_fp32_and_has_no_gradient():
     sim = torch.rand(2, 4, 6, dtype=torch.bfloat16, requires_grad=True)
     plan = log_sinkhorn(sim, 0.1, 10)
