@@ -5,18 +5,16 @@ The variants share the weights and the inputs; all use beam search with the KV c
 
 - `cached`: the package as it is. `generate()` repeats the media inputs for the beams (B * num_beams clips) and
   `prepare_inputs_for_generation` passes them on the prefill step only, so the encoders, the OT fusion and the
-  projector run once per call, on B * num_beams clips.
+  projector run once per call, on B * num_beams clips; the prefill computes the logits of the last position only
+  (`logits_to_keep=1`, which `generate()` passes because `forward` takes it).
 - `naive`: what an implementation that forwards the media at every step does. `prepare_inputs_for_generation`
   passes them on every step and `forward` re-runs CED, CLIP, the fusion and the projector on the B * num_beams
   clips each time. The text still uses the KV cache: on a decoding step the input is the new token only and the
   fused prompt vectors are in the cache already, so the re-computed vectors are dropped. The baseline thus adds
   exactly the repeated encoder work, and its captions equal `cached`'s (checked).
 - `per-clip`: a candidate change to the model: the encoders run on the B clips before `generate()` repeats the
-  inputs for the beams, and the language model generates from `inputs_embeds` with the fused vectors in place.
-  The prefill still computes the logits of every prompt position, as `cached` does.
-- `per-clip-last-logits`: `per-clip` plus a second candidate change: the prefill computes the logits of the last
-  position only (`logits_to_keep=1`, which `generate()` sets for models whose `forward` takes `logits_to_keep`;
-  `LavCapForConditionalGeneration.forward` does not, so `cached` gets (B * num_beams, prompt, vocab) logits).
+  inputs for the beams, and the language model generates from `inputs_embeds` with the fused vectors in place
+  (the language model's `generate()` passes `logits_to_keep=1` as well).
 
 Per variant and batch size: median latency of a `generate()` call, captions per second, the share of that time
 spent in `LavCapModel.forward` (encoders + fusion + projector, timed with forward hooks), and peak memory of one
@@ -51,7 +49,7 @@ from lavcap_hf.testing_utils import (
     word_level_tokenizer,
 )
 
-VARIANTS = ("cached", "naive", "per-clip", "per-clip-last-logits")
+VARIANTS = ("cached", "naive", "per-clip")
 LLAMA_VOCAB = 32000
 # The word-level prompt tokenizer has ~100 ids; the decoder keeps LLaMA's 32000-entry vocabulary so that the
 # LM head and the beam search over it cost what they cost in the real model.
@@ -144,11 +142,8 @@ def variant_call(
     **generate_kwargs: Any,
 ) -> Callable[[], torch.Tensor]:
     """A closure running one `generate()` call of `variant`; it returns the B sequences (prompt + new tokens)."""
-    if variant.startswith("per-clip"):
-        logits_to_keep = 1 if variant == "per-clip-last-logits" else 0  # 0 keeps all, as `cached` does
-        return functools.partial(
-            generate_per_clip, model, inputs, logits_to_keep=logits_to_keep, **generate_kwargs
-        )
+    if variant == "per-clip":
+        return functools.partial(generate_per_clip, model, inputs, **generate_kwargs)
     if variant == "naive":
 
         def naive() -> torch.Tensor:
@@ -245,7 +240,7 @@ def print_row(row: dict[str, Any]) -> None:
     )
 
 
-RATIOS = (("naive", "cached"), ("cached", "per-clip"), ("cached", "per-clip-last-logits"))
+RATIOS = (("naive", "cached"), ("cached", "per-clip"))
 """(slower, faster) pairs whose latency ratio is printed per batch."""
 
 

@@ -353,6 +353,7 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         output_ot_plan: bool = False,
+        logits_to_keep: int | torch.Tensor = 0,
         **lm_kwargs: Any,
     ) -> LavCapCausalLMOutput:
         """
@@ -364,11 +365,18 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             pixel_values_videos: CLIP-preprocessed frames (B, V, 3, 224, 224), or
             video_embeds: precomputed projected CLIP embeddings (B, V, 768).
             labels: (B, L), -100 everywhere but the caption and EOS.
+            logits_to_keep: compute the logits of the last N positions only (0: all of them; `generate()` passes 1,
+                so that the prefill does not build (B x beams, L, vocab) logits). Must be 0 with `labels`.
             lm_kwargs: passed to the language model (cache, position ids, `use_cache`, ...).
         Returns:
-            `loss = lm_loss + ot_loss`, `lm_loss`, `ot_loss`, `logits` (B, L, vocab), the cache, and `ot_plan`
+            `loss = lm_loss + ot_loss`, `lm_loss`, `ot_loss`, `logits` (B, L or N, vocab), the cache, and `ot_plan`
             (B, V, A) when `output_ot_plan`.
         """
+        keeps_all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        if labels is not None and not keeps_all_logits:
+            raise ValueError("the loss needs the logits of every position: pass logits_to_keep=0 with labels")
+        if not keeps_all_logits:
+            lm_kwargs["logits_to_keep"] = logits_to_keep
         has_media = any(x is not None for x in (input_features, pixel_values_videos, video_embeds))
         front = None
         if inputs_embeds is None:

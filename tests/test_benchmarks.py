@@ -188,7 +188,6 @@ def _tiny_generation_setup():
         ("cached", [6]),  # once, on batch * beams = 2 * 3 clips
         ("naive", [6, 6, 6, 6]),  # prefill + every one of the 3 later steps
         ("per-clip", [2]),  # once, on the 2 clips before beam expansion
-        ("per-clip-last-logits", [2]),
     ],
 )
 def test_encoder_calls_per_variant(variant, expected_calls):
@@ -210,7 +209,7 @@ def test_encoder_calls_per_variant(variant, expected_calls):
 def test_per_clip_variants_match_generate():
     model, inputs, kwargs = _tiny_generation_setup()
     reference = model.generate(**inputs, **kwargs)  # prompt + 4 new tokens
-    for variant in ("naive", "per-clip", "per-clip-last-logits"):
+    for variant in ("naive", "per-clip"):
         assert torch.equal(bench_generate.variant_call(variant, model, inputs, **kwargs)(), reference), (
             variant
         )

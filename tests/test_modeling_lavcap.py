@@ -241,6 +241,31 @@ def test_beam_search_and_sampling_encode_once(model: LavCapForConditionalGenerat
     assert torch.equal(first, again) and counter.calls == 3
 
 
+def test_generate_computes_the_logits_of_the_last_position_only(
+    model: LavCapForConditionalGeneration,
+) -> None:
+    """`generate()` passes logits_to_keep=1, so the prefill of a beam search builds (B x beams, 1, vocab) logits,
+    not (B x beams, L, vocab); the forward's last-position logits equal the full forward's."""
+    lengths = []
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda _, __, out: lengths.append(out.shape[1])
+    )
+    batch = make_batch(model.config, [2, 3], seed=6)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **media(batch)}
+    try:
+        model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, num_beams=2)
+    finally:
+        hook.remove()
+    assert lengths == [1, 1, 1]
+    with torch.no_grad():
+        full = model(**inputs).logits
+        last = model(**inputs, logits_to_keep=1).logits
+    assert last.shape[1] == 1
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+    with pytest.raises(ValueError, match="logits_to_keep=0 with labels"):
+        model(**inputs, labels=batch["labels"], logits_to_keep=1)
+
+
 def test_save_and_load_give_identical_logits(model: LavCapForConditionalGeneration, tmp_path) -> None:
     model.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
