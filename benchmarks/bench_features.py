@@ -38,7 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from measure import CLOCKS, cpu_name, peak_memory_mib, peak_rss_growth, reset_peak_rss
+from measure import CLOCKS, add_clock_argument, cpu_name, peak_memory_mib, peak_rss_growth, reset_peak_rss
 from torch.utils.data import DataLoader
 
 from lavcap_hf import LavCapConfig, LavCapProcessor
@@ -239,11 +239,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--clips-dir", type=Path, help="write the clips here (default: a temporary folder)")
-    parser.add_argument(
-        "--clock",
-        choices=sorted(CLOCKS),
-        default="wall",
-        help="clock of the per-core table (see measure.CLOCKS); the DataLoader table is always wall time",
+    add_clock_argument(
+        parser, "clock of the per-core table (see measure.CLOCKS); the DataLoader table is always wall time"
     )
     args = parser.parse_args(argv)
     for key, value in PROFILES["quick" if args.quick else "full"].items():

@@ -38,7 +38,15 @@ from typing import Any
 
 import torch
 import transformers
-from measure import CLOCKS, cpu_name, peak_memory_mib, synchronize
+from measure import (
+    CLOCKS,
+    add_clock_argument,
+    build_model,
+    check_clock,
+    cpu_name,
+    peak_memory_mib,
+    synchronize,
+)
 from transformers import GenerationMixin
 
 from lavcap_hf import LavCapConfig, LavCapForConditionalGeneration, LavCapProcessor
@@ -279,15 +287,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    parser.add_argument(
-        "--clock",
-        choices=sorted(CLOCKS),
-        default="wall",
-        help="wall: elapsed time; process: CPU time, for one thread on a shared machine (see measure.CLOCKS)",
-    )
+    add_clock_argument(parser)
     args = parser.parse_args(argv)
-    if args.clock == "process" and args.device.startswith("cuda"):
-        parser.error("--clock process measures CPU time; GPU runs need --clock wall")
+    check_clock(parser, args.clock, args.device)
     args.profile = "paper" if args.paper_size else "quick" if args.quick else "small"
     for key, value in PROFILES[args.profile].items():
         if getattr(args, key) is None:
@@ -295,19 +297,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.dtype is None:
         args.dtype = "bfloat16" if args.paper_size else "float32"
     return args
-
-
-def build_model(
-    config: LavCapConfig, device: torch.device, dtype: torch.dtype
-) -> LavCapForConditionalGeneration:
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)  # initialise in the target dtype: a 7B model is not built in fp32 first
-    try:
-        with device:
-            model = LavCapForConditionalGeneration(config)
-    finally:
-        torch.set_default_dtype(default_dtype)
-    return model.eval()
 
 
 def benchmark_batch(
@@ -345,7 +334,7 @@ def main(argv: list[str] | None = None) -> None:
     config = build_config(args.profile, tokenizer)
     prompt_length = build_inputs(config, tokenizer, 1, torch.device("cpu"))["input_ids"].shape[1]
     if args.paper_size and device.type != "cuda":
-        model = build_model(config, torch.device("meta"), dtype)
+        model = build_model(config, "meta", dtype)
         print(f"paper size, built on the meta device:\n{describe(config, model, prompt_length)}")
         sys.exit(
             f"--paper-size needs a CUDA GPU (the bf16 weights alone take "
@@ -353,7 +342,7 @@ def main(argv: list[str] | None = None) -> None:
             f"got --device {args.device}"
         )
     torch.manual_seed(0)
-    model = build_model(config, device, dtype)
+    model = build_model(config, device, dtype).eval()
     timer = EncoderTimer(model.model, device, CLOCKS[args.clock])
     where = (
         torch.cuda.get_device_name(device)

@@ -29,7 +29,18 @@ import sys
 
 import torch
 import torch.nn.functional as F
-from measure import CLOCKS, cpu_name, status_mib, synchronize
+from measure import (
+    CLOCKS,
+    add_clock_argument,
+    check_clock,
+    cpu_name,
+    peak_rss_growth,
+    reset_peak_rss,
+    synchronize,
+)
+from measure import (
+    peak_memory_mib as peak_memory_of_call,
+)
 
 from lavcap_hf.optimal_transport import build_fusion, log_sinkhorn, normalize_features
 
@@ -128,12 +139,7 @@ def peak_memory_mib(
     """Peak memory growth (MiB) over one warm-up and one step, beyond the inputs and the module."""
     if device.type == "cuda":
         step = make_step(impl, batch_size, device, dtype)
-        synchronize(device)
-        before = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        step()
-        step()
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+        return peak_memory_of_call(lambda: (step(), step()), device)[1]
     probe = [sys.executable, __file__, "--rss-probe", impl, str(batch_size), "--dtype", str(dtype)[6:]]
     return float(subprocess.run(probe, check=True, capture_output=True, text=True).stdout)
 
@@ -141,12 +147,10 @@ def peak_memory_mib(
 def rss_probe(impl: str, batch_size: int, dtype: torch.dtype) -> None:
     """Print the peak RSS growth (MiB) over one warm-up and one step, in this fresh process."""
     step = make_step(impl, batch_size, torch.device("cpu"), dtype)
-    with open("/proc/self/clear_refs", "w") as clear_refs:
-        clear_refs.write("5")  # resets VmHWM to the current resident set
-    before = status_mib("VmRSS")
+    baseline = reset_peak_rss()
     step()
     step()
-    print(status_mib("VmHWM") - before)
+    print(peak_rss_growth(baseline))
 
 
 def max_abs_difference(batch_size: int, device: torch.device, dtype: torch.dtype) -> float:
@@ -216,16 +220,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)"
     )
-    parser.add_argument(
-        "--clock",
-        choices=sorted(CLOCKS),
-        default="wall",
-        help="wall: elapsed time; process: CPU time, for one thread on a shared machine (see measure.CLOCKS)",
-    )
+    add_clock_argument(parser)
     parser.add_argument("--rss-probe", nargs=2, metavar=("IMPL", "BATCH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    if args.clock == "process" and args.device.startswith("cuda"):
-        parser.error("--clock process measures CPU time; GPU runs need --clock wall")
+    check_clock(parser, args.clock, args.device)
     return args
 
 

@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from measure import status_mib, synchronize
+from measure import build_model, status_mib, synchronize
 from transformers import TrainerCallback, TrainingArguments
 
-from lavcap_hf import LavCapConfig, LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf import LavCapConfig, LavCapProcessor
 from lavcap_hf.data import Clip, LavCapDataset
 from lavcap_hf.optimal_transport import OptimalTransportFusion
 from lavcap_hf.synthetic import PLACES, SOUNDS, make_caption
@@ -160,12 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     config = build_config(args.config, args.visual == "frames", *ids)
     torch.manual_seed(0)
     dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
-    default_dtype = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    with torch.device(args.device):
-        model = LavCapForConditionalGeneration(config)
-    torch.set_default_dtype(default_dtype)
-    model = apply_lora(model)
+    model = apply_lora(build_model(config, args.device, dtype))
     fusion_inputs = FusionInputs(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -1,7 +1,8 @@
-"""Measurement helpers shared by bench_generate.py and bench_features.py: device sync, peak memory, machine name."""
+"""What the benchmark scripts share: device sync, peak memory, machine name, the clock option, random-weight models."""
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import ctypes
 import gc
@@ -16,6 +17,34 @@ CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "process": 
 other jobs, the process clock of single-threaded CPU work is what an idle core would take (up to cache and memory
 bandwidth effects), while wall time also counts the waits for the CPU; it says nothing about GPU work or about
 other processes (DataLoader workers)."""
+
+
+CLOCK_HELP = "wall: elapsed time; process: CPU time, for one thread on a shared machine (see measure.CLOCKS)"
+
+
+def add_clock_argument(parser: argparse.ArgumentParser, help: str = CLOCK_HELP) -> None:
+    """`--clock wall|process` (default wall)."""
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall", help=help)
+
+
+def check_clock(parser: argparse.ArgumentParser, clock: str, device: str) -> None:
+    """Refuse `--clock process` for GPU runs: the process clock does not see GPU work."""
+    if clock == "process" and device.startswith("cuda"):
+        parser.error("--clock process measures CPU time; GPU runs need --clock wall")
+
+
+def build_model(config: Any, device: torch.device | str, dtype: torch.dtype) -> Any:
+    """`LavCapForConditionalGeneration(config)` with random weights, created on `device` in `dtype` (a 7B model is
+    not built in fp32 on the CPU first)."""
+    from lavcap_hf import LavCapForConditionalGeneration
+
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            return LavCapForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(default_dtype)
 
 
 def synchronize(device: torch.device) -> None:

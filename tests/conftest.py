@@ -1,4 +1,4 @@
-"""Shared fixtures: synthetic audio and frames for media and feature-extraction tests."""
+"""Shared fixtures: one torch thread for every test; synthetic audio and frames for media and feature tests."""
 
 from __future__ import annotations
 
@@ -14,6 +14,18 @@ import pytest  # noqa: E402
 # Frames carry their index in binary, one black (0) or white (1) vertical stripe per bit, which survives any
 # lossy codec; this many stripes allows 64 frames.
 INDEX_BITS = 6
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One intra-op thread for every test, restored afterwards (benchmarks run in-process set their own); the env
+    variable above may be set otherwise by the caller."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -29,14 +29,6 @@ LLAMA_2_7B_PARAMETERS = 6_738_415_616
 """Parameter count of Llama-2-7b-hf (32000-token vocabulary, untied embeddings), as published."""
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def markdown_rows(text: str, header_start: str, exact: bool = False) -> list[dict[str, str]]:
     """The rows of the first markdown table whose header line starts with (`exact`: is) `header_start`, as
     {column: cell}."""

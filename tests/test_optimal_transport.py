@@ -19,15 +19,6 @@ HIDDEN = 32
 OT_TYPES = ("ot_att", "ot_concat")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """These tensors are tiny: on a busy 2-core machine OpenMP hand-offs made each op ~50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _features(batch, num_audio, num_visual, hidden=HIDDEN, seed=0):
     generator = torch.Generator().manual_seed(seed)
     audio = torch.randn(batch, num_audio, hidden, generator=generator)

@@ -39,15 +39,6 @@ ROOT = Path(__file__).resolve().parents[1]
 SEED = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two intra-op threads on a shared 2-core machine make tiny matmuls 10-50x slower; one thread is faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
     """Synthetic clips (mp4 with audio) + a manifest with precomputed visual embeddings + a tiny saved model.
