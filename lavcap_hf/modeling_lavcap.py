@@ -256,7 +256,7 @@ class LavCapModel(LavCapPreTrainedModel):
 class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
     """LAVCap captioner: [`LavCapModel`] front end + any causal LM; fused vectors replace the placeholder tokens.
 
-    The encoders and the fusion run once per `generate()` call, on the prefill step only.
+    `generate()` runs the encoders and the fusion once per call, on the B clips (not on their beam copies).
     """
 
     def __init__(self, config: LavCapConfig) -> None:
@@ -409,6 +409,38 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             **extra,
         )
 
+    @torch.no_grad()
+    def generate(
+        self,
+        inputs: torch.LongTensor | None = None,
+        *args: Any,
+        input_features: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_embeds: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """`GenerationMixin.generate` with the media encoded up front, once per clip.
+
+        The encoders, the fusion and the projector run on the B clips; their vectors replace the placeholders of
+        `input_ids` (B, L) and the language model decodes from these `inputs_embeds`, which `generate()` repeats
+        for the beams (as the released code does). Without media inputs this is the plain `generate()`.
+        The output holds the prompt ids then the new tokens, (B * num_return_sequences, L + new), as usual.
+        """
+        media = (input_features, pixel_values_videos, video_embeds)
+        if all(x is None for x in media):
+            return super().generate(inputs, *args, **kwargs)
+        if kwargs.get("inputs_embeds") is not None:
+            raise ValueError(
+                "pass either inputs_embeds or media inputs (input_features, pixel_values_videos, ...)"
+            )
+        input_ids = kwargs.pop("input_ids", None)
+        if (input_ids is None) == (inputs is None):
+            raise ValueError("generate() with media inputs needs the prompt ids, as input_ids or inputs")
+        input_ids = input_ids if input_ids is not None else inputs
+        fused = self.model(*media).multimodal_embeds
+        inputs_embeds = self._scatter_multimodal(input_ids, self._embed_tokens(input_ids), fused)
+        return super().generate(None, *args, input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
     def _embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Token embeddings (B, L, d); placeholders are looked up too (they are in the vocabulary) then replaced."""
         if input_ids is None:
@@ -453,13 +485,15 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         *args: Any,
+        inputs_embeds: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """Pass the media inputs on the prefill step only, so that the encoders run once per `generate()` call."""
-        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        """Pass media inputs on the prefill step only (where `GenerationMixin.generate` is called with them directly:
+        `generate()` above encodes them itself). `inputs_embeds` is named so that `generate()` forwards it."""
+        model_inputs = super().prepare_inputs_for_generation(*args, inputs_embeds=inputs_embeds, **kwargs)
         if not self._has_cache(model_inputs) or not kwargs.get("use_cache", True):
             model_inputs.update(
                 input_features=input_features,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from helpers import run_without_package
-from transformers import AutoModel
+from transformers import AutoModel, GenerationMixin
 
 from lavcap_hf import FUSION_TYPES, LavCapConfig, LavCapForConditionalGeneration
 from lavcap_hf.testing_utils import paper_sized_config, tiny_lavcap_config
@@ -183,12 +183,16 @@ def greedy_reference(model: LavCapForConditionalGeneration, batch: dict, steps: 
 
 
 class CallCounter:
+    """Counts a module's forward calls and records the batch size of each call's first input."""
+
     def __init__(self, module: torch.nn.Module) -> None:
         self.calls = 0
+        self.batch_sizes: list[int] = []
         module.register_forward_hook(self)
 
-    def __call__(self, *_: object) -> None:
+    def __call__(self, module: torch.nn.Module, args: tuple, output: object) -> None:
         self.calls += 1
+        self.batch_sizes.append(args[0].shape[0])
 
 
 def test_greedy_generate_equals_stepwise_argmax_and_encodes_once(
@@ -233,12 +237,42 @@ def test_beam_search_and_sampling_encode_once(model: LavCapForConditionalGenerat
     batch = make_batch(model.config, [2, 3], seed=5)
     inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **media(batch)}
     beams = model.generate(**inputs, max_new_tokens=5, num_beams=4, num_return_sequences=2)
-    assert beams.shape[0] == 4 and counter.calls == 1
+    # Once, on the 2 clips: the fused prompt embeddings are repeated for the beams, not the media.
+    assert beams.shape[0] == 4 and counter.batch_sizes == [2]
     torch.manual_seed(0)
     first = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=0, temperature=1.5)
     torch.manual_seed(0)
     again = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=0, temperature=1.5)
     assert torch.equal(first, again) and counter.calls == 3
+
+
+def test_beam_search_from_clip_embeddings_equals_beam_search_on_repeated_media(
+    model: LavCapForConditionalGeneration,
+) -> None:
+    """generate() encodes the B clips and lets the beams share their embeddings; GenerationMixin's own generate()
+    with the media encodes B x beams copies on the prefill step. Same tokens, a quarter of the encoder work."""
+    counter = CallCounter(model.model.audio_tower)
+    batch = make_batch(model.config, [2, 5], seed=7)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], **media(batch)}
+    kwargs = {"max_new_tokens": 6, "num_beams": 4, "num_return_sequences": 2, "do_sample": False}
+    per_clip = model.generate(**inputs, **kwargs)
+    repeated = GenerationMixin.generate(model, **inputs, **kwargs)
+    assert counter.batch_sizes == [2, 8]
+    assert torch.equal(per_clip, repeated)
+    # The prompt ids can be the positional `inputs`, as in GenerationMixin.generate.
+    positional = model.generate(inputs.pop("input_ids"), **inputs, **kwargs)
+    assert torch.equal(positional, per_clip)
+
+
+def test_generate_with_media_rejects_missing_prompt_and_inputs_embeds(
+    model: LavCapForConditionalGeneration,
+) -> None:
+    batch = make_batch(model.config, [2], seed=8)
+    with pytest.raises(ValueError, match="needs the prompt ids"):
+        model.generate(attention_mask=batch["attention_mask"], **media(batch), max_new_tokens=2)
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    with pytest.raises(ValueError, match="either inputs_embeds or media inputs"):
+        model.generate(input_ids=batch["input_ids"], inputs_embeds=embeds, **media(batch), max_new_tokens=2)
 
 
 def test_generate_computes_the_logits_of_the_last_position_only(
@@ -290,7 +324,7 @@ def test_trust_remote_code_loads_without_the_package(model: LavCapForConditional
     run_without_package(
         f"""
         import torch
-        from transformers import AutoModel
+        from transformers import AutoModel, GenerationMixin
         try:
             import lavcap_hf
             raise SystemExit("lavcap_hf should not be importable here")
