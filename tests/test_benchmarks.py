@@ -177,9 +177,9 @@ def _tiny_generation_setup():
 @pytest.mark.parametrize(
     "variant, expected_calls",
     [
-        ("cached", [6]),  # once, on batch * beams = 2 * 3 clips
+        ("cached", [2]),  # once, on the 2 clips before beam expansion
+        ("beam-copies", [6]),  # once, on batch * beams = 2 * 3 clips
         ("naive", [6, 6, 6, 6]),  # prefill + every one of the 3 later steps
-        ("per-clip", [2]),  # once, on the 2 clips before beam expansion
     ],
 )
 def test_encoder_calls_per_variant(variant, expected_calls):
@@ -195,13 +195,13 @@ def test_encoder_calls_per_variant(variant, expected_calls):
     # The naive wrapper is removed afterwards: a plain generate() encodes once again.
     calls.clear()
     model.generate(**inputs, **kwargs)
-    assert calls == [6]
+    assert calls == [2]
 
 
-def test_per_clip_variants_match_generate():
+def test_baseline_variants_match_generate():
     model, inputs, kwargs = _tiny_generation_setup()
     reference = model.generate(**inputs, **kwargs)  # prompt + 4 new tokens
-    for variant in ("naive", "per-clip"):
+    for variant in ("beam-copies", "naive"):
         assert torch.equal(bench_generate.variant_call(variant, model, inputs, **kwargs)(), reference), (
             variant
         )
