@@ -168,6 +168,7 @@ class LavCapProcessor(ProcessorMixin):
         instruction: str | Sequence[str] | None = None,
         random_instruction: bool = False,
         spec_augment: bool = False,
+        generator: np.random.Generator | int | None = None,
         padding_side: str = "left",
         max_caption_length: int | None = None,
         return_tensors: str | None = "pt",
@@ -184,6 +185,7 @@ class LavCapProcessor(ProcessorMixin):
             video_embeds: precomputed CLIP embeddings (num_frames, 768) per clip, instead of `videos`.
             instruction: instruction(s) in the prompt; `random_instruction` draws one of the paper's 8 per clip.
             spec_augment: SpecAugment the fbank (training only).
+            generator: numpy Generator or seed for the SpecAugment masks (default: fresh entropy).
             padding_side: "left" for generation (the default), "right" is fine for training.
             max_caption_length: caption tokens kept (before EOS).
         Returns:
@@ -198,7 +200,11 @@ class LavCapProcessor(ProcessorMixin):
             if audio is None:
                 raise ValueError("this model captions audio: pass `audio` (and `sampling_rate`)")
             features = self.feature_extractor(
-                audio, sampling_rate=sampling_rate, videos=videos, spec_augment=spec_augment
+                audio,
+                sampling_rate=sampling_rate,
+                videos=videos,
+                spec_augment=spec_augment,
+                generator=generator,
             )
             data["input_features"] = features["input_features"]
             batch = len(data["input_features"])

@@ -202,15 +202,12 @@ class LavCapDataCollator:
             text=captions,
             sampling_rate=sampling_rate,
             instruction=instruction,
+            spec_augment=self.training and self.spec_augment,
+            generator=rng,
             padding_side="right" if self.training else "left",
             max_caption_length=self.max_caption_length,
             return_tensors="pt",
         )
-        if self.training and self.spec_augment and audio is not None:
-            # The processor draws SpecAugment masks from fresh entropy; a seeded pass keeps runs reproducible.
-            batch["input_features"] = self.processor.feature_extractor(
-                audio, sampling_rate=sampling_rate, spec_augment=True, generator=rng, return_tensors="pt"
-            )["input_features"]
         if not self.training:
             batch["clip_index"] = torch.tensor([item["index"] for item in items])
         return dict(batch)

@@ -256,12 +256,16 @@ def test_training_batch_has_labels_on_caption_and_eos_only(processor, items) -> 
     assert "clip_index" not in batch
 
 
-def test_spec_augment_masks_training_features_reproducibly(processor, items) -> None:
+def test_spec_augment_masks_training_features_reproducibly(processor, items, monkeypatch) -> None:
     plain = LavCapDataCollator(processor, spec_augment=False)(items)["input_features"]
+    extractor: LavCapFeatureExtractor = processor.feature_extractor
+    log_mel_calls = []
+    log_mel = extractor._log_mel
+    monkeypatch.setattr(extractor, "_log_mel", lambda waveform: log_mel_calls.append(1) or log_mel(waveform))
     augmented = LavCapDataCollator(processor)(items)["input_features"]
+    assert len(log_mel_calls) == len(items)  # one fbank per clip: the masks go on the collator's only pass
     again = LavCapDataCollator(processor)(items)["input_features"]
     torch.testing.assert_close(augmented, again, rtol=0, atol=0)
-    extractor: LavCapFeatureExtractor = processor.feature_extractor
     masked_value = -extractor.mean / extractor.std  # a zeroed log-mel value after normalisation (and padding)
     assert (augmented != plain).any()
     for clip, item in enumerate(items):
