@@ -435,7 +435,9 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             )
         input_ids = kwargs.pop("input_ids", None)
         if (input_ids is None) == (inputs is None):
-            raise ValueError("generate() with media inputs needs the prompt ids, as input_ids or inputs")
+            raise ValueError(
+                "generate() with media inputs needs the prompt ids once: as input_ids or as inputs"
+            )
         input_ids = input_ids if input_ids is not None else inputs
         fused = self.model(*media).multimodal_embeds
         inputs_embeds = self._scatter_multimodal(input_ids, self._embed_tokens(input_ids), fused)

@@ -268,8 +268,10 @@ def test_generate_with_media_rejects_missing_prompt_and_inputs_embeds(
     model: LavCapForConditionalGeneration,
 ) -> None:
     batch = make_batch(model.config, [2], seed=8)
-    with pytest.raises(ValueError, match="needs the prompt ids"):
+    with pytest.raises(ValueError, match="needs the prompt ids once"):
         model.generate(attention_mask=batch["attention_mask"], **media(batch), max_new_tokens=2)
+    with pytest.raises(ValueError, match="needs the prompt ids once"):
+        model.generate(batch["input_ids"], input_ids=batch["input_ids"], **media(batch), max_new_tokens=2)
     embeds = model.get_input_embeddings()(batch["input_ids"])
     with pytest.raises(ValueError, match="either inputs_embeds or media inputs"):
         model.generate(input_ids=batch["input_ids"], inputs_embeds=embeds, **media(batch), max_new_tokens=2)
