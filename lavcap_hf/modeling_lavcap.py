@@ -18,6 +18,9 @@ from .modeling_ced import CedModel
 from .optimal_transport import OT_FUSION_TYPES, build_fusion
 
 IGNORE_INDEX = -100
+# Devices on which the placeholder-count check runs on the device (`torch._assert_async`) rather than as a Python
+# `if`, which would make the host wait for the device once per forward; meta tensors have no values to read.
+_ON_DEVICE_CHECK_TYPES = ("cuda", "meta")
 
 
 @dataclass
@@ -449,9 +452,16 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             raise ValueError("pass either input_ids or inputs_embeds")
         return self.get_input_embeddings()(input_ids)
 
+    def _placeholder_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
+        """(B, L) bool, True at the audio and video placeholder tokens."""
+        # Compared one id at a time: a tensor of the ids would be a host-to-device copy, which waits for the device.
+        mask = torch.zeros_like(input_ids, dtype=torch.bool)
+        for token_id in self.placeholder_token_ids:
+            mask |= input_ids == token_id
+        return mask
+
     def _count_placeholders(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        ids = torch.tensor(self.placeholder_token_ids, device=input_ids.device, dtype=input_ids.dtype)
-        return torch.isin(input_ids, ids).sum(dim=1)
+        return self._placeholder_mask(input_ids).sum(dim=1)
 
     def _scatter_multimodal(
         self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, multimodal_embeds: torch.Tensor
@@ -461,16 +471,31 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             raise ValueError(
                 "config.audio_token_id / video_token_id are not set: the prompt has no placeholders"
             )
-        counts = self._count_placeholders(input_ids)
-        expected = multimodal_embeds.shape[1]
-        if multimodal_embeds.shape[0] != input_ids.shape[0] or (counts != expected).any():
+        if multimodal_embeds.shape[0] != input_ids.shape[0]:
             raise ValueError(
-                f"each prompt must hold {expected} placeholder tokens (audio then video) for fusion_type="
-                f"{self.config.fusion_type!r}; got {counts.tolist()} for a batch of {multimodal_embeds.shape[0]} clips"
+                f"got {multimodal_embeds.shape[0]} clips for {input_ids.shape[0]} prompts: pass one clip per prompt"
             )
-        ids = torch.tensor(self.placeholder_token_ids, device=input_ids.device, dtype=input_ids.dtype)
-        mask = torch.isin(input_ids, ids).unsqueeze(-1).expand_as(inputs_embeds)
-        return inputs_embeds.masked_scatter(mask, multimodal_embeds.to(inputs_embeds.dtype))
+        num_vectors = multimodal_embeds.shape[1]
+        is_placeholder = self._placeholder_mask(input_ids)
+        self._check_placeholder_counts(is_placeholder.sum(dim=1), num_vectors)
+        # The k-th placeholder of a row takes the row's k-th vector. A gather, not masked_scatter, whose backward
+        # selects by the mask and so waits for the device: static shapes keep both directions free of syncs.
+        order = (is_placeholder.cumsum(dim=1) - 1).clamp_(0, num_vectors - 1)
+        index = order.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1])
+        vectors = multimodal_embeds.to(inputs_embeds.dtype).gather(1, index)
+        return torch.where(is_placeholder.unsqueeze(-1), vectors, inputs_embeds)
+
+    def _check_placeholder_counts(self, counts: torch.Tensor, expected: int) -> None:
+        """Every prompt of the batch (counts (B,)) must hold `expected` placeholders: ValueError naming the counts,
+        or on CUDA a device-side assertion with the same message, raised at the next synchronisation."""
+        message = (
+            f"each prompt must hold {expected} placeholder tokens (audio then video) for fusion_type="
+            f"{self.config.fusion_type!r}"
+        )
+        if counts.device.type in _ON_DEVICE_CHECK_TYPES:
+            torch._assert_async((counts == expected).all(), message)
+        elif (counts != expected).any():
+            raise ValueError(f"{message}; got {counts.tolist()} for a batch of {len(counts)} clips")
 
     @staticmethod
     def _has_cache(lm_kwargs: dict[str, Any]) -> bool:

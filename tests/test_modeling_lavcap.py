@@ -103,6 +103,52 @@ def test_placeholder_count_mismatch_is_a_clear_error(model: LavCapForConditional
     }
     with pytest.raises(ValueError, match="no input_features"):
         model(**without_media)
+    two = make_batch(model.config, [3, 3])
+    fused = model.model(**media(two)).multimodal_embeds
+    with pytest.raises(ValueError, match="got 1 clips for 2 prompts"):
+        model._scatter_multimodal(two["input_ids"], model._embed_tokens(two["input_ids"]), fused[:1])
+
+
+def test_placeholder_scatter_puts_the_kth_vector_at_the_kth_placeholder(
+    model: LavCapForConditionalGeneration,
+) -> None:
+    """Placeholders anywhere in a row (here shuffled among the text): values and gradients equal masked_scatter's."""
+    config = model.config
+    batch = make_batch(config, [3, 6], seed=9)
+    generator = torch.Generator().manual_seed(9)
+    input_ids = torch.stack(
+        [row[torch.randperm(len(row), generator=generator)] for row in batch["input_ids"]]
+    )
+    num_vectors = sum(config.placeholder_counts)
+    tokens = torch.randn(*input_ids.shape, 8, generator=generator, requires_grad=True)
+    vectors = torch.randn(2, num_vectors, 8, generator=generator, requires_grad=True)
+    out = model._scatter_multimodal(input_ids, tokens, vectors)
+    mask = torch.isin(input_ids, torch.tensor([config.audio_token_id, config.video_token_id]))
+    reference = tokens.masked_scatter(mask.unsqueeze(-1).expand_as(tokens), vectors)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+    weights = torch.randn(out.shape, generator=generator)
+    grads = torch.autograd.grad((out * weights).sum(), (tokens, vectors))
+    reference_grads = torch.autograd.grad((reference * weights).sum(), (tokens, vectors))
+    for grad, expected in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
+def test_front_end_and_placeholder_scatter_never_read_device_values() -> None:
+    """No host-device sync in LAVCap's part of a training step: the encoders, the OT fusion, the projector and the
+    placeholder scatter with its count check run forward and backward on the meta device, where reading any value
+    raises (the count check runs on the device there and on CUDA). The language model is the library's own; its
+    attention-mask code reads the mask."""
+    config = tiny_lavcap_config()
+    batch = {k: v.to("meta") for k, v in make_batch(config, [2, 5]).items()}
+    with torch.device("meta"):
+        model = LavCapForConditionalGeneration(config)
+    front = model.model(**media(batch))
+    embeds = model._scatter_multimodal(
+        batch["input_ids"], model._embed_tokens(batch["input_ids"]), front.multimodal_embeds
+    )
+    (embeds.sum() + front.ot_loss).backward()
+    assert embeds.shape == (2, batch["input_ids"].shape[1], config.text_config.hidden_size)
+    assert model.model.multi_modal_projector.weight.grad is not None
 
 
 def test_precomputed_video_embeds_match_the_vision_tower(model: LavCapForConditionalGeneration) -> None:
@@ -275,6 +321,31 @@ def test_generate_with_media_rejects_missing_prompt_and_inputs_embeds(
     embeds = model.get_input_embeddings()(batch["input_ids"])
     with pytest.raises(ValueError, match="either inputs_embeds or media inputs"):
         model.generate(input_ids=batch["input_ids"], inputs_embeds=embeds, **media(batch), max_new_tokens=2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: checks CUDA synchronisations")
+@pytest.mark.parametrize("fusion_type", ["ot_att", "concat"])
+def test_front_end_and_placeholder_scatter_make_no_cuda_sync(fusion_type: str) -> None:
+    """On CUDA, LAVCap's part of a training step (encoders, fusion, projector, placeholder scatter; forward and
+    backward) never waits for the device: torch's sync debug mode turns any synchronising call into an error."""
+    config = tiny_lavcap_config(fusion_type=fusion_type)
+    model = LavCapForConditionalGeneration(config).cuda().train()
+    batch = {k: v.cuda() for k, v in make_batch(config, [2, 5]).items()}
+
+    def step() -> None:
+        front = model.model(**media(batch))
+        tokens = model._embed_tokens(batch["input_ids"])
+        embeds = model._scatter_multimodal(batch["input_ids"], tokens, front.multimodal_embeds)
+        ot_loss = front.ot_loss if front.ot_loss is not None else 0
+        (embeds.float().square().mean() + ot_loss).backward()
+
+    step()  # warm-up: lazy initialisations may synchronise once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
 
 
 def test_generate_computes_the_logits_of_the_last_position_only(
