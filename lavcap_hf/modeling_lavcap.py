@@ -382,14 +382,13 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             lm_kwargs["logits_to_keep"] = logits_to_keep
         has_media = any(x is not None for x in (input_features, pixel_values_videos, video_embeds))
         front = None
-        if inputs_embeds is None:
+        if inputs_embeds is None and has_media:
+            inputs_embeds, front = self._embed_prompt(
+                input_ids, input_features, pixel_values_videos, video_embeds, output_ot_plan
+            )
+        elif inputs_embeds is None:
             inputs_embeds = self._embed_tokens(input_ids)
-            if has_media:
-                front = self.model(
-                    input_features, pixel_values_videos, video_embeds, output_ot_plan=output_ot_plan
-                )
-                inputs_embeds = self._scatter_multimodal(input_ids, inputs_embeds, front.multimodal_embeds)
-            elif self._count_placeholders(input_ids).any() and not self._has_cache(lm_kwargs):
+            if self._count_placeholders(input_ids).any() and not self._has_cache(lm_kwargs):
                 raise ValueError(
                     "input_ids contain audio/video placeholder tokens but no input_features, pixel_values_videos "
                     "or video_embeds were given"
@@ -442,9 +441,22 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
                 "generate() with media inputs needs the prompt ids once: as input_ids or as inputs"
             )
         input_ids = input_ids if input_ids is not None else inputs
-        fused = self.model(*media).multimodal_embeds
-        inputs_embeds = self._scatter_multimodal(input_ids, self._embed_tokens(input_ids), fused)
+        inputs_embeds, _ = self._embed_prompt(input_ids, *media)
         return super().generate(None, *args, input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+
+    def _embed_prompt(
+        self,
+        input_ids: torch.LongTensor,
+        input_features: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_embeds: torch.Tensor | None = None,
+        output_ot_plan: bool = False,
+    ) -> tuple[torch.Tensor, LavCapModelOutput]:
+        """Prompt embeddings (B, L, d) with the B clips' fused vectors at the placeholders, and the front end's
+        output (OT loss, and the plan when `output_ot_plan`)."""
+        token_embeds = self._embed_tokens(input_ids)
+        front = self.model(input_features, pixel_values_videos, video_embeds, output_ot_plan=output_ot_plan)
+        return self._scatter_multimodal(input_ids, token_embeds, front.multimodal_embeds), front
 
     def _embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
         """Token embeddings (B, L, d); placeholders are looked up too (they are in the vocabulary) then replaced."""

@@ -172,12 +172,17 @@ class AudioVisualCaptioningPipeline(ChunkPipeline):
         if "pixel_values_videos" in media:
             pixels = media["pixel_values_videos"]
             media["pixel_values_videos"] = pixels.view(pixels.shape[0], -1, 3, *pixels.shape[-2:])
-        sequences = self.model.generate(
-            input_ids=model_inputs["input_ids"],
-            attention_mask=model_inputs["attention_mask"],
-            **media,
-            **generate_kwargs,
-        )
+        prompt = {"input_ids": model_inputs["input_ids"], "attention_mask": model_inputs["attention_mask"]}
+        plan = None
+        if return_ot_plan:
+            # One front-end pass gives both the plan and the prompt embeddings that generate() decodes from.
+            embeds, front = self.model._embed_prompt(prompt["input_ids"], **media, output_ot_plan=True)
+            if front.ot_plan is None:
+                raise ValueError(f"fusion_type={self.model.config.fusion_type!r} has no OT plan")
+            plan, encoded = front.ot_plan, {"inputs_embeds": embeds}
+        else:
+            encoded = media  # generate() encodes them
+        sequences = self.model.generate(**prompt, **encoded, **generate_kwargs)
         # A tensor (one entry per clip) so that batched outputs split per clip like the sequences.
         prompt_length = torch.full((len(sequences),), model_inputs["input_ids"].shape[1])
         out = {
@@ -186,10 +191,7 @@ class AudioVisualCaptioningPipeline(ChunkPipeline):
             "timestamp": timestamp,
             "is_last": is_last,
         }
-        if return_ot_plan:
-            plan = self.model.model(**media, output_ot_plan=True).ot_plan
-            if plan is None:
-                raise ValueError(f"fusion_type={self.model.config.fusion_type!r} has no OT plan")
+        if plan is not None:
             out["ot_plan"] = plan
         return out
 

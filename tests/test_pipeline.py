@@ -303,3 +303,14 @@ def test_every_fusion_type_captions_a_video_in_process(fusion_type: str, workdir
     if fusion_type not in OT_FUSION_TYPES:
         with pytest.raises(ValueError, match="no OT plan"):
             pipe(str(workdir / "clip.mp4"), max_new_tokens=1, return_ot_plan=True)
+        return
+    # With the plan: the same caption from a single front-end pass (the plan and the prompt embeddings share it).
+    front_end_calls = []
+    hook = reference.model.model.register_forward_hook(lambda *_: front_end_calls.append(1))
+    try:
+        result = pipe(str(workdir / "clip.mp4"), max_new_tokens=3, return_ot_plan=True)
+    finally:
+        hook.remove()
+    audio_tokens, video_tokens = reference.model.config.placeholder_counts
+    assert result[0]["caption"] == expected and result[0]["ot_plan"].shape == (video_tokens, audio_tokens)
+    assert len(front_end_calls) == 1
