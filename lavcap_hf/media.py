@@ -97,6 +97,12 @@ def _add_video_stream(container, frames: np.ndarray, fps: float, codec: str):
     stream = container.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
     stream.height, stream.width = frames.shape[1], frames.shape[2]
     stream.pix_fmt = "yuv420p"
+    if codec == "libx264":
+        # x264's C code, not its SIMD: on AVX-512 machines the same frames gave different streams depending on
+        # what the process had done before (an AVX-512 routine reads memory it never wrote), so synthesised
+        # clips were not reproducible. x264's SIMD is bit-exact with its C code elsewhere, so these bytes are
+        # what any machine writes.
+        stream.options = {"x264-params": "asm=0"}
     return stream
 
 

@@ -383,8 +383,8 @@ def generate_dataset(
     """Write ``<out_dir>/<split>/<id>.mp4`` clips (H.264 video + audio) and ``<out_dir>/<split>.jsonl``.
 
     Both splits are balanced over (sound, place) combinations; the test split covers every combination once
-    ``num_test >= len(SOUNDS) * len(PLACES)``. The same arguments give the same captions and the same audio
-    and frame content (with this PyAV/FFmpeg build even byte-identical files, though that is not promised).
+    ``num_test >= len(SOUNDS) * len(PLACES)``. The same arguments give byte-identical files, whatever the
+    process did before and whatever the machine's load (H.264 is written by x264's C code, see `write_media`).
 
     Returns ``{"train": records, "test": records}``; a record has ``id``, ``video_path`` (absolute),
     ``caption``, ``sound``, ``place``, ``duration_s``, ``seed``. The manifests hold the same records with
