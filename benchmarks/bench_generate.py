@@ -227,7 +227,7 @@ TABLE_HEADER = (
 
 def print_row(row: dict[str, Any]) -> None:
     print(
-        f"| {row['variant']} | {row['batch']} | {1e3 * row['latency']:.0f} | "
+        f"| {row['variant']} | {row['batch']} | {1e3 * row['latency']:.1f} | "
         f"{row['batch'] / row['latency']:.2f} | {100 * row['encoder_share']:.0f}% | {row['peak_mib']:.0f} | "
         f"{row['same']} |",
         flush=True,

@@ -38,6 +38,7 @@ from measure import build_model, status_mib, synchronize
 from transformers import TrainerCallback, TrainingArguments
 
 from lavcap_hf import LavCapConfig, LavCapProcessor
+from lavcap_hf._compat import activation_checkpointing_argument
 from lavcap_hf.data import Clip, LavCapDataset
 from lavcap_hf.optimal_transport import OptimalTransportFusion
 from lavcap_hf.synthetic import PLACES, SOUNDS, make_caption
@@ -184,13 +185,13 @@ def main(argv: list[str] | None = None) -> None:
             weight_decay=1e-6,
             bf16=dtype == torch.bfloat16,
             use_cpu=args.device == "cpu",
-            gradient_checkpointing=args.gradient_checkpointing,
             dataloader_num_workers=args.workers,
             remove_unused_columns=False,
             save_strategy="no",
             logging_strategy="no",
             report_to="none",
             disable_tqdm=True,
+            **{activation_checkpointing_argument(): args.gradient_checkpointing},
         )
         trainer = LavCapTrainer(
             model=model,
