@@ -25,6 +25,10 @@ IGNORE_INDEX = -100
 PROCESSOR_CONFIG = "processor_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 ASSISTANT_MARK = re.compile(r"ASSISTANT\s*:")
+PLACEHOLDER = re.compile(f"{re.escape(AUDIO_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
+PLACEHOLDER_RUN = re.compile(f"((?:{PLACEHOLDER.pattern})+)")
+MAX_CAPTION_LENGTH = 300
+"""Caption tokens kept in training by default: the released `max_txt_len`."""
 
 DEFAULT_INSTRUCTION = "Please describe the audio."
 TRAINING_INSTRUCTIONS = (
@@ -69,9 +73,12 @@ def add_lavcap_special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[int, 
 class LavCapProcessor(ProcessorMixin):
     r"""Builds LAVCap model inputs from audio, frames (or precomputed frame embeddings) and captions.
 
-    Prompt (DESIGN section 5): `BOS USER: <Speech>{64 x <|audio|>}{20 x <|video|>}</Speech> {instruction}\nASSISTANT:`
-    then, for training, ` {caption}EOS`. The placeholder counts follow the model's fusion type
+    Prompt (docs/architecture.md, section 1):
+    `BOS USER: <Speech>{64 x <|audio|>}{20 x <|video|>}</Speech> {instruction}\nASSISTANT:`
+    then, for training, the caption and EOS. The placeholder counts follow the model's fusion type
     (`LavCapConfig.placeholder_counts`); the model swaps the placeholders for the fused audio-visual vectors.
+    As in the released code, the text on each side of the placeholders and the caption are tokenised separately
+    (see `_tokenize`).
 
     Args:
         feature_extractor: [`LavCapFeatureExtractor`] (fbank and frame preprocessing).
@@ -187,7 +194,7 @@ class LavCapProcessor(ProcessorMixin):
             spec_augment: SpecAugment the fbank (training only).
             generator: numpy Generator or seed for the SpecAugment masks (default: fresh entropy).
             padding_side: "left" for generation (the default), "right" is fine for training.
-            max_caption_length: caption tokens kept (before EOS).
+            max_caption_length: caption tokens kept (before EOS); None keeps the released `max_txt_len`, 300.
         Returns:
             `input_ids`, `attention_mask` (B, L), `input_features` (B, 1024, 64), `pixel_values_videos`
             (B, 20, 3, 224, 224) or `video_embeds` (B, 20, 768), and `labels` (B, L) when `text` is given.
@@ -269,22 +276,20 @@ class LavCapProcessor(ProcessorMixin):
         padding_side: str,
         max_caption_length: int | None,
     ) -> dict[str, np.ndarray]:
-        """Token-level concatenation `BOS + prompt (+ caption + EOS)`, padded; labels on caption + EOS only."""
+        """Token-level concatenation `BOS + prompt (+ caption + EOS)`, padded to (B, L); labels on caption + EOS only.
+
+        The released LAVCap tokenises `"USER: <Speech>"`, `"</Speech> {instruction}\nASSISTANT:"` and the caption
+        each on its own, so with Llama-2's SentencePiece tokenizer each starts with the word-start marker `▁`
+        (`▁</`, `▁A`), whatever its `legacy` setting; tokenising the prompt as one string would not reproduce that.
+        """
         tok = self.tokenizer
         bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        prompt_ids = tok(prompts, add_special_tokens=False)["input_ids"]
-        rows, label_rows = [], []
-        for i, prompt in enumerate(prompt_ids):
-            ids = bos + prompt
-            labels = [IGNORE_INDEX] * len(ids)
-            if captions is not None:
-                caption = tok(" " + captions[i].strip(), add_special_tokens=False)["input_ids"][
-                    :max_caption_length
-                ]
-                caption = caption + [tok.eos_token_id]
-                ids, labels = ids + caption, labels + caption
-            rows.append(ids)
-            label_rows.append(labels)
+        rows = [bos + ids for ids in self._prompt_ids(prompts)]
+        label_rows = [[IGNORE_INDEX] * len(row) for row in rows]
+        if captions is not None:
+            targets = self._caption_ids(captions, max_caption_length)
+            rows = [row + target for row, target in zip(rows, targets, strict=True)]
+            label_rows = [labels + target for labels, target in zip(label_rows, targets, strict=True)]
         out = {
             "input_ids": _pad(rows, tok.pad_token_id, padding_side),
             "attention_mask": _pad([[1] * len(r) for r in rows], 0, padding_side),
@@ -292,6 +297,35 @@ class LavCapProcessor(ProcessorMixin):
         if captions is not None:
             out["labels"] = _pad(label_rows, IGNORE_INDEX, padding_side)
         return out
+
+    def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
+        """Ids of each prompt without BOS: text between placeholder runs tokenised piece by piece, one id per
+        placeholder."""
+        pieces = [PLACEHOLDER_RUN.split(prompt) for prompt in prompts]  # text, run, text, ...
+        texts = sorted({text for parts in pieces for text in parts[::2] if text})
+        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+        ids_of = dict(zip(texts, encoded, strict=True))
+        rows = []
+        for parts in pieces:
+            row: list[int] = []
+            for index, part in enumerate(parts):
+                if index % 2:
+                    row += self.tokenizer.convert_tokens_to_ids(PLACEHOLDER.findall(part))
+                elif part:
+                    row += ids_of[part]
+            rows.append(row)
+        return rows
+
+    def _caption_ids(self, captions: list[str], max_caption_length: int | None) -> list[list[int]]:
+        """Ids of each caption, cut to `max_caption_length` (300 when None), then EOS."""
+        limit = MAX_CAPTION_LENGTH if max_caption_length is None else max_caption_length
+        if limit < 1:
+            raise ValueError(f"max_caption_length must be at least 1, got {max_caption_length}")
+        # A tokenizer that marks no word start on text tokenised alone (GPT-2's byte-level BPE) would glue the
+        # caption to "ASSISTANT:"; there the space the caption follows has to be part of the caption's text.
+        lead = "" if _starts_a_word_alone(self.tokenizer) else " "
+        encoded = self.tokenizer([lead + c.strip() for c in captions], add_special_tokens=False)["input_ids"]
+        return [ids[:limit] + [self.tokenizer.eos_token_id] for ids in encoded]
 
     # -- decoding ------------------------------------------------------------------------------------------
 
@@ -377,6 +411,15 @@ class LavCapProcessor(ProcessorMixin):
 def _compiled_template(template: str) -> Template:
     """Jinja compilation takes ~50 ms; prompts are rendered for every batch."""
     return ImmutableSandboxedEnvironment().from_string(template)
+
+
+def _starts_a_word_alone(tokenizer: PreTrainedTokenizerBase) -> bool:
+    """Whether text tokenised on its own begins a new word, i.e. `ids("USER") + ids("ASSISTANT")` equals
+    `ids("USER ASSISTANT")`: true of SentencePiece's `▁` prefix, of whitespace-split vocabularies and of byte-level BPE
+    with a prefix space; false of GPT-2's byte-level BPE."""
+    probes = ["USER", "ASSISTANT", "USER ASSISTANT"]
+    first, second, joined = tokenizer(probes, add_special_tokens=False)["input_ids"]
+    return first + second == joined
 
 
 def _pad(rows: list[list[int]], value: int, side: str) -> np.ndarray:

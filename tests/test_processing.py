@@ -58,7 +58,7 @@ def media_kwargs(fusion_type: str, count: int) -> dict:
 
 
 def expected_prompt(num_audio: int, num_video: int, instruction: str = "Please describe the audio.") -> str:
-    """DESIGN section 5, written out independently of the processor's chat template."""
+    """The prompt of docs/architecture.md (section 1), written out apart from the processor's chat template."""
     placeholders = AUDIO_TOKEN * num_audio + VIDEO_TOKEN * num_video
     return f"USER: <Speech>{placeholders}</Speech> {instruction}\nASSISTANT:"
 
