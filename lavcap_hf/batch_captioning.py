@@ -62,8 +62,10 @@ def _decoded_inputs(
                 path,
                 sampling_rate=extractor.sampling_rate,
                 num_frames=extractor.num_frames,
-                need_audio=processor.num_audio_tokens > 0,
-                need_frames=processor.num_video_tokens > 0,
+                need_audio=pipe.model.config.uses_audio,
+                # Not the video placeholder count: channel concatenation and cross-attention use the frames
+                # without giving them tokens of their own.
+                need_frames=pipe.model.config.uses_visual,
             )
         except ValueError as error:
             report.failures.append((path, str(error)))

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 from transformers import CLIPVisionConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING, AutoConfig
 
-from .optimal_transport import FUSION_TYPES
+from .optimal_transport import FUSION_TYPES, FUSIONS, FusionSpec
 
-USES_AUDIO = tuple(t for t in FUSION_TYPES if t != "visual_only")
-USES_VISUAL = tuple(t for t in FUSION_TYPES if t != "audio_only")
+USES_AUDIO = tuple(name for name, spec in FUSIONS.items() if spec.uses_audio)
+USES_VISUAL = tuple(name for name, spec in FUSIONS.items() if spec.uses_visual)
+RENAMED_FUSION_TYPES = {former: spec.name for spec in FUSIONS.values() for former in spec.former_names}
+"""Former `fusion_type` values -> current names; configs saved with a former name load under the current one."""
 
 
 class CedConfig(PretrainedConfig):
@@ -104,7 +107,8 @@ class LavCapConfig(PretrainedConfig):
         vision_config: CLIP vision config (or dict) of the frozen frame encoder, or None when the model only ever gets
             precomputed `video_embeds`.
         text_config: config (or dict with `model_type`) of any causal LM; LLaMA by default.
-        fusion_type: one of `FUSION_TYPES`.
+        fusion_type: one of `FUSION_TYPES` (see `lavcap_hf.optimal_transport.FUSIONS`); a name in
+            `RENAMED_FUSION_TYPES` is replaced by its current name with a FutureWarning.
         ot_loss_weight: weight of the OT alignment loss in `loss = lm_loss + ot_loss`.
         sinkhorn_epsilon: entropic regularisation of the Sinkhorn iterations.
         sinkhorn_iterations: Sinkhorn iterations.
@@ -136,8 +140,7 @@ class LavCapConfig(PretrainedConfig):
         logit_scale_max: float = 4.605170249938965,
         **kwargs: Any,
     ) -> None:
-        if fusion_type not in FUSION_TYPES:
-            raise ValueError(f"fusion_type must be one of {FUSION_TYPES}, got {fusion_type!r}")
+        fusion_type = _current_fusion_type(fusion_type)
         if isinstance(audio_config, dict):
             audio_config = CedConfig(**{k: v for k, v in audio_config.items() if k != "model_type"})
         self.audio_config = audio_config if audio_config is not None else CedConfig()
@@ -187,20 +190,39 @@ class LavCapConfig(PretrainedConfig):
         return self.audio_config.time_patches
 
     @property
+    def fusion_spec(self) -> FusionSpec:
+        """The row of `FUSIONS` that describes `fusion_type`."""
+        return FUSIONS[self.fusion_type]
+
+    @property
     def uses_audio(self) -> bool:
-        return self.fusion_type in USES_AUDIO
+        return self.fusion_spec.uses_audio
 
     @property
     def uses_visual(self) -> bool:
-        return self.fusion_type in USES_VISUAL
+        return self.fusion_spec.uses_visual
 
     @property
     def placeholder_counts(self) -> tuple[int, int]:
-        """(audio placeholders, video placeholders) the prompt carries for this fusion type.
+        """(audio placeholders, video placeholders) the prompt carries: one per fused token, from the fusion type's
+        token layout. At the paper's sizes: 64 + 20 for `ot_att`, 64 + 40 for `concat` (the frames twice), 64 + 0
+        for the types that keep the audio positions (channel concatenation, cross-attention), 0 + 20 for
+        `visual_only`."""
+        return self.fusion_spec.token_counts(self.num_audio_tokens, self.num_frames)
 
-        Token-concatenating fusions emit 64 audio tokens then 20 visual tokens; fusions that keep the audio sequence
-        (channel concat, cross-attention) emit audio tokens only.
-        """
-        audio = self.num_audio_tokens if self.uses_audio else 0
-        video = self.num_frames if self.fusion_type in ("ot_att", "ot_concat", "concat", "visual_only") else 0
-        return audio, video
+
+def _current_fusion_type(fusion_type: str) -> str:
+    """`fusion_type`, or its current name if it is a former one (with a FutureWarning); ValueError if unknown."""
+    if fusion_type in RENAMED_FUSION_TYPES:
+        current = RENAMED_FUSION_TYPES[fusion_type]
+        warnings.warn(
+            f"fusion_type={fusion_type!r} is now called {current!r}: {FUSIONS[current].description}. Loading it as "
+            f"{current!r}, which computes the same with the same weights; lavcap_hf.optimal_transport.FUSIONS "
+            "lists the fusion types and the released ones they reproduce.",
+            FutureWarning,
+            stacklevel=3,
+        )
+        return current
+    if fusion_type not in FUSION_TYPES:
+        raise ValueError(f"fusion_type must be one of {FUSION_TYPES}, got {fusion_type!r}")
+    return fusion_type

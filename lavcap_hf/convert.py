@@ -52,6 +52,7 @@ from transformers import (
 from .configuration_lavcap import FUSION_TYPES, CedConfig, LavCapConfig
 from .modeling_ced import CedModel, interpolate_time_pos_embed
 from .modeling_lavcap import LavCapForConditionalGeneration, LavCapModel
+from .optimal_transport import FUSIONS
 from .processing_lavcap import add_lavcap_special_tokens
 from .training import apply_lora, lavcap_lora_config
 
@@ -64,15 +65,10 @@ SHARD_INDEXES = ("model.safetensors.index.json", "pytorch_model.bin.index.json")
 OFFICIAL_LORA_ALPHA = 32.0
 """`enc_lora_alpha` / `dec_lora_alpha` of the released configuration, used when a checkpoint carries no config."""
 
-OFFICIAL_FUSION_TYPES = {
-    "ot_tempcat_QAV_add": "ot_att",
-    "ot_tempcat": "ot_concat",
-    "tempcat_bfQF": "concat",
-    "chancat_bfQF": "channel_concat",
-}
-"""Released `fusion_type` names -> this package's, for the variants that compute the same thing here. The released
-OT cross-attention and OT channel concatenation run on normalised features, which this package's
-`cross_attention` / `channel_concat` do not; they have no equivalent."""
+OFFICIAL_FUSION_TYPES = {released: spec.name for spec in FUSIONS.values() for released in spec.released_names}
+"""Released `fusion_type` values -> the fusion type here whose forward computes the same (`FusionSpec.released_names`).
+Any other released value is refused: those the released code cannot run without its Q-Former (`aud_embed_only`,
+`vis_embed_only`, `chancat_afQF`) or that only its comments name."""
 
 _CED_DROPPED = (
     (
@@ -110,7 +106,10 @@ _OFFICIAL_UNUSED = (
     ("speech_query_tokens", "Q-Former queries of the released Q-Former variants: not in this model"),
     ("ln_aud.", "LayerNorm of the released av_embed_norm variant: not in this model"),
     ("ln_vis.", "LayerNorm of the released av_embed_norm variant: not in this model"),
-    ("visual_llama_proj.", "visual projector of the released tempcat_afQF variant: not in this model"),
+    (
+        "visual_llama_proj.",
+        "visual projector of the released tempcat_afQF variant, used only with its Q-Former: not in this model",
+    ),
 )
 _MISSING_REASONS = (
     (
@@ -533,15 +532,25 @@ def official_config_kwargs(checkpoint: Mapping[str, Any]) -> dict[str, Any]:
         raise ValueError(
             "the checkpoint was trained without frequency mean pooling (spec_f_mean=False): not supported"
         )
-    official = settings.get("fusion_type")
-    if official is not None and official not in OFFICIAL_FUSION_TYPES:
-        raise ValueError(
-            f"the checkpoint's fusion_type {official!r} has no equivalent here; convertible: {sorted(OFFICIAL_FUSION_TYPES)}"
-        )
     kwargs = {ours: settings[theirs] for theirs, ours in _OFFICIAL_SETTINGS.items() if theirs in settings}
-    if official is not None:
-        kwargs["fusion_type"] = OFFICIAL_FUSION_TYPES[official]
+    if settings.get("fusion_type") is not None:
+        kwargs["fusion_type"] = fusion_type_of_release(settings["fusion_type"])
     return kwargs
+
+
+def fusion_type_of_release(released: str) -> str:
+    """This package's fusion type that computes what the released code's `fusion_type=released` computes.
+
+    Raises:
+        ValueError: naming `released` and the released types that convert, when none here reproduces it.
+    """
+    if released not in OFFICIAL_FUSION_TYPES:
+        convertible = ", ".join(f"{theirs} -> {ours}" for theirs, ours in OFFICIAL_FUSION_TYPES.items())
+        raise ValueError(
+            f"the checkpoint's fusion_type {released!r} has no equivalent here; the released fusion types this "
+            f"package reproduces are: {convertible}"
+        )
+    return OFFICIAL_FUSION_TYPES[released]
 
 
 def _official_model_config(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -22,6 +22,7 @@ from .configuration_lavcap import LavCapConfig
 from .convert import dtype_kwarg
 from .metrics import CAPTION_METRICS, format_metrics_table
 from .modeling_lavcap import LavCapForConditionalGeneration
+from .optimal_transport import FUSIONS
 from .pipeline_lavcap import TASK as PIPELINE_TASK
 
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.jinja")
@@ -32,15 +33,8 @@ DEFAULT_TRAINING_DATA = (
     "sound, as in the LAVCap paper (about 49k training clips with one caption each; test clips have five). The "
     "frames are those of the same clips."
 )
-FUSION_DESCRIPTIONS = {
-    "ot_att": "optimal-transport alignment loss and OT attention (the paper's model)",
-    "ot_concat": "optimal-transport alignment loss, normalised audio and visual tokens concatenated",
-    "concat": "audio and visual tokens concatenated",
-    "channel_concat": "visual tokens spread over the audio positions and concatenated along channels",
-    "cross_attention": "audio tokens attend to the visual tokens",
-    "audio_only": "audio tokens only",
-    "visual_only": "visual tokens only",
-}
+FUSION_DESCRIPTIONS = {name: spec.description for name, spec in FUSIONS.items()}
+"""One line per fusion type for the model card, from `lavcap_hf.optimal_transport.FUSIONS`."""
 
 
 def load_eval_results(source: Mapping[str, Any] | str | os.PathLike) -> dict[str, Any]:

@@ -1,32 +1,27 @@
 """Optimal-transport alignment and audio-visual fusion of LAVCap (pure torch, no Transformers imports).
 
 Notation: `ha` (B, A, C) audio tokens, `hv` (B, V, C) visual tokens (A=64, V=20 in the paper).
-The OT fusion (DESIGN.md section 4) normalises both, builds the similarity `S = <hv, ha>` (B, V, A),
-solves an entropic transport problem on it with log-domain Sinkhorn, trains the audio encoder with an
-alignment loss that uses the transport plan as soft targets, and (for `ot_att`) lets each token attend to
-the other modality through the plan. The other fusion types are the rows of the paper's ablations.
+The OT fusion (docs/architecture.md, equations (1)-(14)) normalises both, builds the similarity `S = <hv, ha>`
+(B, V, A) and solves an entropic transport problem on it with Sinkhorn iterations, giving the log plan `L` (no
+gradient). Its alignment loss multiplies the log plan with the similarity into logits `Zv = s L S^T` (V x V) and
+`Za = s L^T S` (A x A) and applies a cross entropy whose targets are the diagonal: each token's similarity profile
+must match its own row (column) of the plan better than any other token's, which trains the audio encoder through
+`S`. For `ot_att`, each token also attends to the other modality through the plan `P = exp(L)`.
+The other fusion types are the rows of the paper's ablations, each computing what the released code computes under
+its released name. `FUSIONS`, at the end, is the one table of fusion types (modalities read, OT or not, token
+layout, released names) from which every list of them derives.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-
-FUSION_TYPES = (
-    "ot_att",
-    "ot_concat",
-    "concat",
-    "channel_concat",
-    "cross_attention",
-    "audio_only",
-    "visual_only",
-)
-"""One fusion type per row of the paper's fusion ablation; "ot_att" is the paper's model."""
 
 
 def normalize_features(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -73,11 +68,12 @@ def log_sinkhorn(
     num_iterations: int,
     max_abs_similarity: float | None = None,
 ) -> torch.Tensor:
-    """Entropic optimal transport between V visual and A audio tokens, in log space (DESIGN.md 4.3).
+    """Entropic optimal transport between V visual and A audio tokens, in log space (docs/architecture.md (3)-(8)).
 
     With `Z = similarity / epsilon`, `u = 0` (B, V), `w = 0` (B, A), iterate
     `u = -log V - logsumexp_a(Z + w)`, `w = -log A - logsumexp_v(Z + u)` and return `Z + u + w`.
-    The whole batch is updated at once.
+    The whole batch is updated at once. When the spread of `Z` is at most `_MAX_SCALING_SPREAD`, the same log plan
+    is computed with the multiplicative form (`_scaling_potentials`), which is faster.
 
     Args:
         similarity: (B, V, A) scores; any float dtype, computed in fp32.
@@ -128,28 +124,32 @@ def _scaling_potentials(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The potentials of `_logsumexp_potentials` from Sinkhorn's scaling form, for kernels of bounded spread.
 
-    With `K = exp(Z - max Z)` (B, V, A) in [exp(-s), 1] for spread s, the updates `a = 1 / (K b)` (rows) and
-    `b = 1 / (K^T a)` (columns) are `exp` of the log-space ones up to constant factors (1/V, 1/A, `max Z`) that the
-    plan `a K b` absorbs; three kernels per half-iteration instead of eight, which matters on GPUs, where the
-    iterations are launch-bound, and on CPUs alike. Scaling `a` by `1 / a[0]` (free: `K b` is computed anyway)
-    fixes the gauge `(a c, b / c)`, which leaves the plan unchanged and bounds every iterate: `a` in
-    [exp(-s), exp(s)], `b` in [exp(-s) / V, exp(2s) / V], and every product of `K`, `a`, `b` likewise.
-    Returns `u = log a - max Z - log A` (B, V, 1) and `w = log b` (B, 1, A): `Z + u + w` is the same log plan.
+    `kernel` is `Z = similarity / epsilon` (B, V, A) and `kernel_max` its per-sample maximum `M` (B, 1, 1); see
+    docs/architecture.md, equations (7), (8) and (8'). With the Gibbs kernel `K = exp(Z - M)`, in [exp(-s), 1]
+    for spread s, each iteration sets `a = 1 / (K b)` rescaled so that `a[0] = 1` (rows) and `b = 1 / (K^T a)`
+    (columns), starting from `b = 1`. Iteration by iteration, `a` and `b` are proportional to `exp(u)` and
+    `exp(w)` of the log-space updates, and the plan after the column step, `a K b / A`, does not depend on the
+    scale of `a`, so both forms give the same log plan. The factor `a[0]` costs nothing (`K b` is computed anyway).
+    It picks one member of the family `(a c, b / c)` of equivalent scalings and bounds every iterate: `a` in
+    [exp(-s), exp(s)], `b` in [exp(-s) / V, exp(2s) / V], and every product of `K`, `a`, `b` likewise. Each
+    half-iteration needs three kernels instead of eight. That matters on GPUs, where the iterations are bound by
+    launch time, and it helps on CPUs too.
+    Returns `u = log a - M - log A` (B, V, 1) and `w = log b` (B, 1, A), so that `Z + u + w` is the log plan.
     """
     batch_size, _, num_audio = kernel.shape
-    scaled = (kernel - kernel_max).exp()
+    gibbs_kernel = (kernel - kernel_max).exp()
     b = kernel.new_ones(batch_size, 1, num_audio)
     for _ in range(num_iterations):
-        row_sums = (scaled * b).sum(dim=2, keepdim=True)
+        row_sums = (gibbs_kernel * b).sum(dim=2, keepdim=True)
         a = row_sums[:, :1] / row_sums
-        b = (scaled * a).sum(dim=1, keepdim=True).reciprocal_()
+        b = (gibbs_kernel * a).sum(dim=1, keepdim=True).reciprocal_()
     return a.log_() - (kernel_max + math.log(num_audio)), b.log_()
 
 
 def ot_alignment_loss(
     similarity: torch.Tensor, log_plan: torch.Tensor, logit_scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """OT alignment losses of LAVCap (DESIGN.md section 4, step 5), computed in fp32.
+    """OT alignment losses of LAVCap (docs/architecture.md (10)-(12)), computed in fp32.
 
     `Zv[b,i,j] = s * sum_a L[b,i,a] S[b,j,a]` (B, V, V) and `Za[b,i,j] = s * sum_v L[b,v,i] S[b,v,j]`
     (B, A, A); each loss is the cross entropy with the softmax over the *first* index of every column j
@@ -206,18 +206,21 @@ class FusionOutput:
 class AudioVisualFusion(nn.Module):
     """Base class: fuses audio tokens (B, A, C) and visual tokens (B, V, C) into (B, N, output_dim).
 
-    Subclasses set `fusion_type` (and `uses_audio` / `uses_visual` when a modality is ignored) and implement
-    `fuse`. How many fused tokens come from each modality is `LavCapConfig.placeholder_counts`.
+    Subclasses set `fusion_type` and implement `fuse`; which modalities a type reads and how many fused tokens come
+    from each is its `FusionSpec` in `FUSIONS`.
     """
 
     fusion_type: str
-    uses_audio: bool = True
-    uses_visual: bool = True
 
     def __init__(self, hidden_size: int):
         super().__init__()
         self.hidden_size = hidden_size
         self.output_dim = hidden_size
+
+    @property
+    def spec(self) -> FusionSpec:
+        """This type's row of `FUSIONS`."""
+        return FUSIONS[self.fusion_type]
 
     def extra_repr(self) -> str:
         return f"hidden_size={self.hidden_size}, output_dim={self.output_dim}"
@@ -245,8 +248,8 @@ class AudioVisualFusion(nn.Module):
         """Raise ValueError for a missing modality or inconsistent shapes."""
         given = []
         for name, tokens, needed in (
-            ("audio_tokens", audio_tokens, self.uses_audio),
-            ("visual_tokens", visual_tokens, self.uses_visual),
+            ("audio_tokens", audio_tokens, self.spec.uses_audio),
+            ("visual_tokens", visual_tokens, self.spec.uses_visual),
         ):
             if not needed:
                 continue
@@ -262,6 +265,30 @@ class AudioVisualFusion(nn.Module):
                 f"audio_tokens and visual_tokens have different batch sizes: "
                 f"{audio_tokens.shape[0]} and {visual_tokens.shape[0]}"
             )
+
+
+def spread_visual(visual: torch.Tensor, num_audio: int) -> torch.Tensor:
+    """Visual tokens (B, V, C) laid over A audio positions for channel concatenation: (B, A, C).
+
+    With `gap = A // V`, visual token i sits at position `i * gap`; every other position (including the last
+    `A % V`) is zero, as the released channel concatenation pads them. Requires A >= V.
+    """
+    batch_size, num_visual, channels = visual.shape
+    if num_audio < num_visual:
+        raise ValueError(
+            f"channel concatenation needs at least as many audio as visual tokens, got {num_audio} and {num_visual}"
+        )
+    gap, rem = divmod(num_audio, num_visual)
+    spread = F.pad(visual.unsqueeze(2), (0, 0, 0, gap - 1))  # (B, V, gap, C)
+    return F.pad(spread.reshape(batch_size, num_visual * gap, channels), (0, 0, 0, rem))
+
+
+def _multihead_attention(hidden_size: int, num_heads: int | None) -> nn.MultiheadAttention:
+    """Batch-first attention with `num_heads` heads (default `hidden_size // 64`, at least 1, as released)."""
+    num_heads = num_heads or max(1, hidden_size // 64)
+    if hidden_size % num_heads:
+        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
+    return nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
 
 
 class OptimalTransportFusion(AudioVisualFusion):
@@ -311,7 +338,7 @@ class OptimalTransportFusion(AudioVisualFusion):
         return FusionOutput(fused, loss_v, loss_a, log_plan if output_ot_plan else None)
 
     def _combine(self, audio: torch.Tensor, visual: torch.Tensor, log_plan: torch.Tensor) -> torch.Tensor:
-        """Fuse normalised audio (B, A, C) and visual (B, V, C) given the log plan (B, V, A)."""
+        """Fuse normalised fp32 audio (B, A, C) and visual (B, V, C) given the log plan (B, V, A)."""
         raise NotImplementedError
 
 
@@ -339,10 +366,57 @@ class OTConcatFusion(OptimalTransportFusion):
         return torch.cat([audio, visual], dim=1)
 
 
+class OTChannelConcatFusion(OptimalTransportFusion):
+    """`ot_channel_concat`: OT loss, then normalised audio and `spread_visual` of the normalised visual tokens
+    concatenated on channels, (B, A, 2C)."""
+
+    fusion_type = "ot_channel_concat"
+
+    def __init__(self, hidden_size: int, **ot_settings: float):
+        super().__init__(hidden_size, **ot_settings)
+        self.output_dim = 2 * hidden_size
+
+    def _combine(self, audio: torch.Tensor, visual: torch.Tensor, log_plan: torch.Tensor) -> torch.Tensor:
+        return torch.cat([audio, spread_visual(visual, audio.shape[1])], dim=-1)
+
+
+class OTCrossAttentionFusion(OptimalTransportFusion):
+    """`ot_cross_attention`: OT loss, then normalised audio queries attend to the normalised visual tokens, plus the
+    normalised audio as residual, (B, A, C). The plan does not enter the fused tokens, only the loss."""
+
+    fusion_type = "ot_cross_attention"
+
+    def __init__(self, hidden_size: int, num_attention_heads: int | None = None, **ot_settings: float):
+        super().__init__(hidden_size, **ot_settings)
+        self.cross_attn = _multihead_attention(hidden_size, num_attention_heads)
+
+    def _combine(self, audio: torch.Tensor, visual: torch.Tensor, log_plan: torch.Tensor) -> torch.Tensor:
+        # The normalised features are fp32; the attention runs in its weights' dtype (bf16 in a bf16 model).
+        dtype = self.cross_attn.in_proj_weight.dtype
+        keys = visual.to(dtype)
+        attended, _ = self.cross_attn(audio.to(dtype), keys, keys, need_weights=False)
+        return attended.float() + audio
+
+
 class ConcatFusion(AudioVisualFusion):
-    """`concat`: raw audio and visual tokens concatenated along the token axis, (B, A+V, C); no OT."""
+    """`concat`: raw audio tokens, then the raw visual tokens twice, (B, A+2V, C); no OT.
+
+    The released `tempcat_bfQF` concatenates the visual tokens before its (optional) Q-Former and, without one,
+    once more after it.
+    """
 
     fusion_type = "concat"
+
+    def fuse(
+        self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None, output_ot_plan: bool
+    ) -> FusionOutput:
+        return FusionOutput(torch.cat([audio_tokens, visual_tokens, visual_tokens], dim=1))
+
+
+class ConcatOnceFusion(AudioVisualFusion):
+    """`concat_once`: raw audio tokens then raw visual tokens, (B, A+V, C); no OT."""
+
+    fusion_type = "concat_once"
 
     def fuse(
         self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None, output_ot_plan: bool
@@ -351,12 +425,8 @@ class ConcatFusion(AudioVisualFusion):
 
 
 class ChannelConcatFusion(AudioVisualFusion):
-    """`channel_concat`: raw visual tokens spread over the audio positions, concatenated on channels.
-
-    With `gap = A // V` and `rem = A % V`, visual token i sits at audio position `i * gap`, the other
-    positions (and the last `rem`) get zeros, as in the official code's channel-concatenation ablation.
-    Output (B, A, 2C); requires A >= V.
-    """
+    """`channel_concat`: raw audio and `spread_visual` of the raw visual tokens concatenated on channels, (B, A, 2C);
+    no OT. Requires A >= V."""
 
     fusion_type = "channel_concat"
 
@@ -367,29 +437,19 @@ class ChannelConcatFusion(AudioVisualFusion):
     def fuse(
         self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None, output_ot_plan: bool
     ) -> FusionOutput:
-        batch_size, num_audio, channels = audio_tokens.shape
-        num_visual = visual_tokens.shape[1]
-        if num_audio < num_visual:
-            raise ValueError(
-                f"channel_concat needs at least as many audio as visual tokens, got {num_audio} and {num_visual}"
-            )
-        gap, rem = divmod(num_audio, num_visual)
-        spread = F.pad(visual_tokens.unsqueeze(2), (0, 0, 0, gap - 1))  # (B, V, gap, C)
-        spread = F.pad(spread.reshape(batch_size, num_visual * gap, channels), (0, 0, 0, rem))
+        spread = spread_visual(visual_tokens, audio_tokens.shape[1])
         return FusionOutput(torch.cat([audio_tokens, spread], dim=-1))
 
 
-class CrossAttentionFusion(AudioVisualFusion):
-    """`cross_attention`: audio queries attend to visual keys/values, plus an audio residual, (B, A, C)."""
+class PlainCrossAttentionFusion(AudioVisualFusion):
+    """`plain_cross_attention`: raw audio queries attend to raw visual keys/values, plus an audio residual, (B, A, C);
+    no OT loss."""
 
-    fusion_type = "cross_attention"
+    fusion_type = "plain_cross_attention"
 
     def __init__(self, hidden_size: int, num_attention_heads: int | None = None):
         super().__init__(hidden_size)
-        num_heads = num_attention_heads or max(1, hidden_size // 64)
-        if hidden_size % num_heads:
-            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
-        self.cross_attn = nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
+        self.cross_attn = _multihead_attention(hidden_size, num_attention_heads)
 
     def fuse(
         self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None, output_ot_plan: bool
@@ -402,7 +462,6 @@ class AudioOnlyFusion(AudioVisualFusion):
     """`audio_only`: the audio tokens unchanged, (B, A, C); visual tokens are ignored and may be None."""
 
     fusion_type = "audio_only"
-    uses_visual = False
 
     def fuse(
         self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None, output_ot_plan: bool
@@ -414,7 +473,6 @@ class VisualOnlyFusion(AudioVisualFusion):
     """`visual_only`: the visual tokens unchanged, (B, V, C); audio tokens are ignored and may be None."""
 
     fusion_type = "visual_only"
-    uses_audio = False
 
     def fuse(
         self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None, output_ot_plan: bool
@@ -422,14 +480,144 @@ class VisualOnlyFusion(AudioVisualFusion):
         return FusionOutput(visual_tokens)
 
 
-_OT_FUSIONS = {"ot_att": OTAttentionFusion, "ot_concat": OTConcatFusion}
-OT_FUSION_TYPES = tuple(_OT_FUSIONS)
-_PLAIN_FUSIONS = {
-    "concat": ConcatFusion,
-    "channel_concat": ChannelConcatFusion,
-    "audio_only": AudioOnlyFusion,
-    "visual_only": VisualOnlyFusion,
+# ---------------------------------------------------------------------------------------------------------------
+# The table of fusion types
+
+Modality = Literal["audio", "visual"]
+
+
+@dataclass(frozen=True)
+class FusionSpec:
+    """One fusion type. Every list of fusion types (here, in the config, the converter, the model card) derives
+    from `FUSIONS`.
+
+    Attributes:
+        name: the `fusion_type` value.
+        module: the `AudioVisualFusion` subclass that computes it.
+        token_layout: the fused sequence as modality segments, audio ones first: ("audio", "visual", "visual") is
+            A audio-indexed tokens then V visual-indexed tokens twice. A type that keeps the audio positions and
+            mixes the frames into them (channel concatenation, cross-attention) is ("audio",). The prompt carries
+            one placeholder per fused token, `<|audio|>` for audio segments and `<|video|>` for visual ones.
+        description: one line for model cards and docs.
+        uses_audio: whether the type reads the audio tokens (the model then has an audio encoder).
+        uses_visual: whether it reads the visual tokens.
+        released_names: the released code's `fusion_type` values whose forward (without its Q-Former) computes
+            this type; empty when no released type does.
+        former_names: earlier names of this type in this package; `LavCapConfig` maps them here with a warning.
+    """
+
+    name: str
+    module: type[AudioVisualFusion]
+    token_layout: tuple[Modality, ...]
+    description: str
+    uses_audio: bool = True
+    uses_visual: bool = True
+    released_names: tuple[str, ...] = ()
+    former_names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.module.fusion_type != self.name:
+            raise ValueError(
+                f"{self.module.__name__} computes {self.module.fusion_type!r}, not {self.name!r}"
+            )
+        if list(self.token_layout) != sorted(self.token_layout):
+            raise ValueError(f"{self.name}: audio segments must come first, got {self.token_layout}")
+
+    @property
+    def uses_ot(self) -> bool:
+        """Whether the type aligns the modalities with optimal transport (and so has an OT loss and plan)."""
+        return issubclass(self.module, OptimalTransportFusion)
+
+    @property
+    def takes_attention_heads(self) -> bool:
+        """Whether `build_fusion`'s `num_attention_heads` applies."""
+        return self.module in (OTCrossAttentionFusion, PlainCrossAttentionFusion)
+
+    def token_counts(self, num_audio: int, num_visual: int) -> tuple[int, int]:
+        """(audio-indexed, visual-indexed) fused tokens for `num_audio` audio and `num_visual` visual input tokens."""
+        return num_audio * self.token_layout.count("audio"), num_visual * self.token_layout.count("visual")
+
+
+FUSIONS: dict[str, FusionSpec] = {
+    spec.name: spec
+    for spec in (
+        FusionSpec(
+            "ot_att",
+            OTAttentionFusion,
+            ("audio", "visual"),
+            "optimal-transport alignment loss and OT attention on normalised tokens (the paper's model)",
+            released_names=("ot_tempcat_QAV_add",),
+        ),
+        FusionSpec(
+            "ot_concat",
+            OTConcatFusion,
+            ("audio", "visual"),
+            "optimal-transport alignment loss, normalised audio and visual tokens concatenated",
+            released_names=("ot_tempcat", "ot_tempcat_bfQF", "ot_tempcat_afQF"),
+        ),
+        FusionSpec(
+            "ot_channel_concat",
+            OTChannelConcatFusion,
+            ("audio",),
+            "optimal-transport alignment loss, normalised visual tokens spread over the audio positions and "
+            "concatenated along channels",
+            released_names=("ot_chancat", "ot_chancat_bfQF", "ot_chancat_afQF"),
+        ),
+        FusionSpec(
+            "ot_cross_attention",
+            OTCrossAttentionFusion,
+            ("audio",),
+            "optimal-transport alignment loss, normalised audio tokens attend to the normalised visual tokens",
+            released_names=("ot_crossattn",),
+        ),
+        FusionSpec(
+            "concat",
+            ConcatFusion,
+            ("audio", "visual", "visual"),
+            "audio tokens, then the visual tokens twice, no OT",
+            released_names=("tempcat_bfQF",),
+        ),
+        FusionSpec(
+            "channel_concat",
+            ChannelConcatFusion,
+            ("audio",),
+            "visual tokens spread over the audio positions and concatenated along channels, no OT",
+            released_names=("chancat_bfQF",),
+        ),
+        # The released `crossattn` builds a cross-attention that its forward never calls: it feeds the audio only.
+        FusionSpec(
+            "audio_only",
+            AudioOnlyFusion,
+            ("audio",),
+            "audio tokens only",
+            uses_visual=False,
+            released_names=("crossattn",),
+        ),
+        # The released `vis_embed_only` (and `aud_embed_only`) build no projector without the Q-Former: they never ran.
+        FusionSpec("visual_only", VisualOnlyFusion, ("visual",), "visual tokens only", uses_audio=False),
+        FusionSpec(
+            "concat_once",
+            ConcatOnceFusion,
+            ("audio", "visual"),
+            "audio tokens then the visual tokens once, no OT",
+            released_names=("tempcat_afQF",),
+        ),
+        FusionSpec(
+            "plain_cross_attention",
+            PlainCrossAttentionFusion,
+            ("audio",),
+            "raw audio tokens attend to the raw visual tokens, no OT (not a row of the paper or the released code)",
+            former_names=("cross_attention",),
+        ),
+    )
 }
+"""Every fusion type, by name; "ot_att" is the paper's model."""
+
+FUSION_TYPES = tuple(FUSIONS)
+"""The names of `FUSIONS`, in its order."""
+
+OT_FUSION_TYPES = tuple(name for name, spec in FUSIONS.items() if spec.uses_ot)
+"""The fusion types with an OT alignment loss and plan."""
 
 
 def build_fusion(
@@ -443,15 +631,20 @@ def build_fusion(
 ) -> AudioVisualFusion:
     """Build the fusion module for `fusion_type` (one of `FUSION_TYPES`) on `hidden_size` channels.
 
-    `num_attention_heads` is used by `cross_attention` only (default `hidden_size // 64`, at least 1);
+    `num_attention_heads` is used by the cross-attention types only (default `hidden_size // 64`, at least 1);
     the Sinkhorn and logit-scale arguments by the OT types only.
     """
-    if fusion_type in _OT_FUSIONS:
-        return _OT_FUSIONS[fusion_type](
-            hidden_size, sinkhorn_epsilon, sinkhorn_iterations, logit_scale_init, logit_scale_max
+    spec = FUSIONS.get(fusion_type)
+    if spec is None:
+        raise ValueError(f"unknown fusion_type {fusion_type!r}; expected one of {', '.join(FUSION_TYPES)}")
+    kwargs: dict[str, int | float | None] = {}
+    if spec.uses_ot:
+        kwargs.update(
+            sinkhorn_epsilon=sinkhorn_epsilon,
+            sinkhorn_iterations=sinkhorn_iterations,
+            logit_scale_init=logit_scale_init,
+            logit_scale_max=logit_scale_max,
         )
-    if fusion_type == "cross_attention":
-        return CrossAttentionFusion(hidden_size, num_attention_heads)
-    if fusion_type in _PLAIN_FUSIONS:
-        return _PLAIN_FUSIONS[fusion_type](hidden_size)
-    raise ValueError(f"unknown fusion_type {fusion_type!r}; expected one of {', '.join(FUSION_TYPES)}")
+    if spec.takes_attention_heads:
+        kwargs["num_attention_heads"] = num_attention_heads
+    return spec.module(hidden_size, **kwargs)

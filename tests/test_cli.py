@@ -105,3 +105,22 @@ def test_caption_writes_csv_and_fails_only_when_nothing_was_captioned(model_dir,
         rows = list(csv.DictReader(f))
     assert [Path(r["path"]).name for r in rows] == ["one.mp4"]
     assert main(["caption", str(media_dir / "not_media.mp4"), *args]) == 1
+
+
+@pytest.mark.parametrize("fusion_type", ["channel_concat", "ot_cross_attention"])
+def test_caption_decodes_frames_for_fusions_without_video_tokens(fusion_type, media_dir, tmp_path) -> None:
+    """These fusions use the frames but give them no placeholder tokens: the frames must still be decoded."""
+    tokenizer = word_level_tokenizer(["a bird chirps in a forest"])
+    config = tiny_lavcap_config(
+        fusion_type=fusion_type,
+        vocab_size=len(tokenizer),
+        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio|>"),
+        video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
+    )
+    assert config.placeholder_counts[1] == 0 and config.uses_visual
+    LavCapForConditionalGeneration(config).save_pretrained(tmp_path / "model")
+    LavCapProcessor.from_model_config(config, tokenizer).save_pretrained(tmp_path / "model")
+    output = tmp_path / "captions.jsonl"
+    code = main(["caption", str(media_dir / "one.mp4"), "--model", str(tmp_path / "model"), "--output", str(output)])
+    assert code == 0
+    assert [json.loads(line)["path"] for line in output.read_text().splitlines()] == [str(media_dir / "one.mp4")]

@@ -29,6 +29,7 @@ from transformers import (
 
 from lavcap_hf import CedModel, LavCapForConditionalGeneration
 from lavcap_hf.convert import (
+    OFFICIAL_FUSION_TYPES,
     add_convert_arguments,
     build_from_components,
     ced_config_from_state_dict,
@@ -637,11 +638,88 @@ def test_released_config_is_checked(released, release, llm_folder) -> None:
     for change, message in (
         ({"use_speech_Qformer": True}, "Q-Former"),
         ({"spec_f_mean": False}, "frequency mean pooling"),
-        ({"fusion_type": "ot_crossattn"}, "no equivalent"),
+        ({"fusion_type": "chancat_afQF"}, "no equivalent"),
     ):
         broken = {**checkpoint, "config": {"model": {**checkpoint["config"]["model"], **change}}}
         with pytest.raises(ValueError, match=message):
             official_config_kwargs(broken)
+
+
+RELEASED_ROWS = {
+    "ot_tempcat_QAV_add": "ot_att",
+    "ot_tempcat": "ot_concat",
+    "ot_tempcat_bfQF": "ot_concat",
+    "ot_tempcat_afQF": "ot_concat",
+    "ot_chancat": "ot_channel_concat",
+    "ot_chancat_bfQF": "ot_channel_concat",
+    "ot_chancat_afQF": "ot_channel_concat",
+    "ot_crossattn": "ot_cross_attention",
+    "tempcat_bfQF": "concat",
+    "tempcat_afQF": "concat_once",
+    "chancat_bfQF": "channel_concat",
+    "crossattn": "audio_only",
+}
+"""Released `fusion_type` (no Q-Former) -> the fusion type here that computes the same, read off the released forward:
+`ot_*` normalise and add the OT loss; `ot_tempcat*` concatenate tokens, `QAV_add` adds the plan-weighted tokens,
+`ot_chancat*` pad the frames over the audio positions, `ot_crossattn` runs its attention; `tempcat_bfQF`
+concatenates the frames before and again after the (skipped) Q-Former, `tempcat_afQF` only after; `crossattn`
+falls through to the audio tokens."""
+
+
+def released_config(fusion_type: str) -> dict:
+    return {
+        "config": {"model": {"fusion_type": fusion_type, "spec_f_mean": True, "use_speech_Qformer": False}}
+    }
+
+
+@pytest.mark.parametrize("released_type", RELEASED_ROWS)
+def test_each_released_fusion_type_converts_to_the_row_that_computes_it(released_type: str) -> None:
+    assert OFFICIAL_FUSION_TYPES == RELEASED_ROWS
+    assert official_config_kwargs(released_config(released_type)) == {
+        "fusion_type": RELEASED_ROWS[released_type]
+    }
+
+
+@pytest.mark.parametrize(
+    "released_type",
+    # The released forward fails for the first three without the Q-Former (no projector, or a 2C-wide projector on
+    # C-wide tokens); the others are names from its config comments or this package's own.
+    [
+        "aud_embed_only",
+        "vis_embed_only",
+        "chancat_afQF",
+        "temp_cat_bfQF",
+        "opt_trans_chan",
+        "cross_attention",
+    ],
+)
+def test_a_released_fusion_type_without_an_equivalent_is_refused(released_type: str) -> None:
+    with pytest.raises(ValueError, match=rf"fusion_type '{released_type}' has no equivalent") as error:
+        official_config_kwargs(released_config(released_type))
+    for theirs, ours in RELEASED_ROWS.items():
+        assert f"{theirs} -> {ours}" in str(error.value)
+
+
+@pytest.mark.parametrize(
+    ("released_type", "ours", "written"),
+    [("ot_crossattn", "ot_cross_attention", True), ("crossattn", "audio_only", False)],
+)
+def test_released_cross_attention_weights(released_type, ours, written, release, llm_folder) -> None:
+    """`ot_crossattn`'s attention lands in the fusion; `crossattn`'s, which its forward never calls, is skipped."""
+    attention = nn.MultiheadAttention(WIDTH, WIDTH // 64, batch_first=True)
+    state = {f"cross_attn.{k}": torch.randn(v.shape) for k, v in attention.state_dict().items()}
+    checkpoint = {"model": {**state, "logit_scale": torch.tensor(2.0)}, **released_config(released_type)}
+    model = build(llm_folder, audio=release, **official_config_kwargs(checkpoint))
+    assert model.config.fusion_type == ours
+    report = convert_official_checkpoint(checkpoint, model)
+    for key, tensor in state.items():
+        target = f"model.fusion.{key}"
+        if written:
+            assert report.mapped[key] == target
+            torch.testing.assert_close(model.get_parameter(target), tensor, rtol=0, atol=0)
+        else:
+            assert f"has no {target}" in report.skipped[key]
+    assert (report.mapped.get("logit_scale") == "model.fusion.logit_scale") == written
 
 
 @pytest.mark.parametrize("adapters", [False, True], ids=["merged", "adapters"])

@@ -20,6 +20,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
 from lavcap_hf.hub import (
+    FUSION_DESCRIPTIONS,
     PIPELINE_TASK,
     add_push_arguments,
     load_eval_results,
@@ -123,6 +124,20 @@ def test_card_without_results_says_so(model) -> None:
     text = str(render_model_card(model.config))
     assert "No evaluation results were supplied" in text and "model-index" not in text
     assert 'model="path/to/lavcap"' in text
+
+
+@pytest.mark.parametrize(
+    ("fusion_type", "words", "tokens"),
+    [
+        ("concat", "visual tokens twice", "8 audio + 8 visual tokens"),  # 8 audio tokens, 4 frames fed twice
+        ("ot_cross_attention", "optimal-transport", "8 audio + 0 visual tokens"),
+        ("plain_cross_attention", "not a row of the paper", "8 audio + 0 visual tokens"),
+    ],
+)
+def test_card_describes_the_fusion_type_and_its_tokens(fusion_type: str, words: str, tokens: str) -> None:
+    text = " ".join(str(render_model_card(tiny_lavcap_config(fusion_type))).split())
+    assert f"{FUSION_DESCRIPTIONS[fusion_type]}; {tokens} go to the language model" in text
+    assert words in FUSION_DESCRIPTIONS[fusion_type]
 
 
 def test_bad_evaluation_results_are_value_errors(tmp_path) -> None:

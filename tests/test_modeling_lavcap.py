@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 from helpers import run_without_package
@@ -80,6 +82,67 @@ def test_forward_losses_for_every_fusion_type(fusion_type: str) -> None:
     keep = labels != -100
     expected = torch.nn.functional.cross_entropy(logits[keep], labels[keep])
     torch.testing.assert_close(out.lm_loss, expected)
+
+
+PAPER_PLACEHOLDERS = {
+    "ot_att": (64, 20),
+    "ot_concat": (64, 20),
+    "ot_channel_concat": (64, 0),
+    "ot_cross_attention": (64, 0),
+    "concat": (64, 40),
+    "channel_concat": (64, 0),
+    "audio_only": (64, 0),
+    "visual_only": (0, 20),
+    "concat_once": (64, 20),
+    "plain_cross_attention": (64, 0),
+}
+"""(audio, video) placeholders per fusion type with 64 audio tokens and 20 frames, as the released code feeds them."""
+
+
+@pytest.mark.parametrize("fusion_type", PAPER_PLACEHOLDERS)
+def test_placeholder_counts_at_the_paper_sizes(fusion_type: str) -> None:
+    assert set(PAPER_PLACEHOLDERS) == set(FUSION_TYPES)
+    assert LavCapConfig(fusion_type=fusion_type).placeholder_counts == PAPER_PLACEHOLDERS[fusion_type]
+
+
+def test_concat_feeds_the_audio_then_the_visual_tokens_twice() -> None:
+    """`concat` is the released `tempcat_bfQF`: the projector sees [ha, hv, hv]."""
+    torch.manual_seed(0)
+    config = tiny_lavcap_config("concat")
+    model = LavCapForConditionalGeneration(config).eval()
+    batch = make_batch(config, [3, 2])
+    num_audio, num_visual = config.num_audio_tokens, config.num_frames
+    assert config.placeholder_counts == (num_audio, 2 * num_visual)
+    with torch.no_grad():
+        fused = model.model(**media(batch)).multimodal_embeds
+        audio = model.model.get_audio_features(batch["input_features"])
+        visual = model.model.get_video_features(batch["pixel_values_videos"])
+        expected = model.model.multi_modal_projector(torch.cat([audio, visual, visual], dim=1))
+        assert torch.isfinite(model(**batch).loss)
+    assert fused.shape[1] == num_audio + 2 * num_visual
+    torch.testing.assert_close(fused, expected, rtol=0, atol=0)
+
+
+def test_a_model_saved_as_cross_attention_loads_as_plain_cross_attention(tmp_path) -> None:
+    """The former name loads with a FutureWarning into the same computation and weights; unknown names are errors."""
+    torch.manual_seed(0)
+    config = tiny_lavcap_config("plain_cross_attention")
+    model = LavCapForConditionalGeneration(config).eval()
+    model.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**saved, "fusion_type": "cross_attention"}))
+    with pytest.warns(FutureWarning, match="'cross_attention' is now called 'plain_cross_attention'"):
+        loaded = LavCapForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.fusion_type == "plain_cross_attention"
+    batch = make_batch(config, [3, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(**batch).logits, model(**batch).logits, rtol=0, atol=0)
+    loaded.save_pretrained(tmp_path / "again")
+    assert (
+        json.loads((tmp_path / "again" / "config.json").read_text())["fusion_type"] == "plain_cross_attention"
+    )
+    with pytest.raises(ValueError, match="fusion_type must be one of"):
+        LavCapConfig(fusion_type="crossattn")
 
 
 def test_ot_loss_weight_scales_ot_loss() -> None:

@@ -87,7 +87,7 @@ def build_case(
 def reference_ot(
     audio: torch.Tensor, visual: torch.Tensor, epsilon: float, iterations: int, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float64 plan (B, V, A) and ot_loss of DESIGN section 4, with eps-guarded normalisation."""
+    """float64 plan (B, V, A) and ot_loss of docs/architecture.md, equations (1)-(13), eps-guarded."""
     audio, visual = audio.double(), visual.double()
     audio = audio / audio.norm(dim=-1, keepdim=True).clamp_min(1e-6)
     visual = visual / visual.norm(dim=-1, keepdim=True).clamp_min(1e-6)

@@ -1,4 +1,4 @@
-"""Tests of lavcap_hf.optimal_transport against per-sample reference computations of DESIGN.md section 4."""
+"""Tests of lavcap_hf.optimal_transport against per-sample references of docs/architecture.md, equations (1)-(14)."""
 
 import math
 
@@ -8,7 +8,10 @@ import torch
 from lavcap_hf import optimal_transport
 from lavcap_hf.optimal_transport import (
     FUSION_TYPES,
+    FUSIONS,
+    OT_FUSION_TYPES,
     AudioVisualFusion,
+    OptimalTransportFusion,
     build_fusion,
     log_sinkhorn,
     normalize_features,
@@ -16,7 +19,7 @@ from lavcap_hf.optimal_transport import (
 )
 
 HIDDEN = 32
-OT_TYPES = ("ot_att", "ot_concat")
+OT_TYPES = OT_FUSION_TYPES
 
 
 def _features(batch, num_audio, num_visual, hidden=HIDDEN, seed=0):
@@ -68,6 +71,57 @@ def _reference_ot(audio, visual, scale, epsilon=0.1, iterations=50):
     stacked = (torch.stack(values) for values in (plans, losses_v, losses_a, attended, concatenated))
     plan, loss_v, loss_a, attended, concatenated = stacked
     return plan, loss_v.mean(), loss_a.mean(), attended, concatenated
+
+
+def _reference_attention(query, key, mha):
+    """`mha(query, key, key)` for one sample, query (N, C) and key (M, C), in float64 and written out."""
+    heads = mha.num_heads
+    w_q, w_k, w_v = mha.in_proj_weight.double().chunk(3)
+    b_q, b_k, b_v = mha.in_proj_bias.double().chunk(3)
+
+    def split(x):  # (N, C) -> (heads, N, C / heads)
+        return x.unflatten(-1, (heads, -1)).transpose(0, 1)
+
+    q, k, v = split(query @ w_q.T + b_q), split(key @ w_k.T + b_k), split(key @ w_v.T + b_v)
+    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]), dim=-1)
+    attended = (weights @ v).transpose(0, 1).flatten(1)
+    return attended @ mha.out_proj.weight.double().T + mha.out_proj.bias.double()
+
+
+def _released_spread(hv, num_audio):
+    """The released channel concatenation's padding of one sample's visual tokens (V, C) to (A, C), loop as written."""
+    num_visual = hv.shape[0]
+    gap, rem = num_audio // num_visual, num_audio % num_visual
+    rows = []
+    for i in range(num_visual):
+        rows += [hv[i]] + [torch.zeros_like(hv[i])] * (gap - 1)
+    rows += [torch.zeros_like(hv[0])] * rem
+    return torch.stack(rows)
+
+
+def _released_ot_fusion(audio, visual, scale, combine):
+    """The released OT branch, one sample at a time in float64: bare-norm normalisation, Sinkhorn plan, losses, then
+    `combine(ha, hv)` of the normalised tokens. Returns plan, loss_v, loss_a, fused."""
+    plans, losses_v, losses_a, fused = [], [], [], []
+    for ha, hv in zip(audio.double(), visual.double(), strict=True):
+        ha, hv = ha / ha.norm(dim=-1, keepdim=True), hv / hv.norm(dim=-1, keepdim=True)
+        sim = hv @ ha.T
+        plan = _reference_sinkhorn(sim, 0.1, 50)
+        losses_v.append(_reference_column_cross_entropy(scale * plan @ sim.T))
+        losses_a.append(_reference_column_cross_entropy(scale * plan.T @ sim))
+        plans.append(plan)
+        fused.append(combine(ha, hv))
+    return torch.stack(plans), torch.stack(losses_v).mean(), torch.stack(losses_a).mean(), torch.stack(fused)
+
+
+def _randomize(module, seed=3):
+    """Random values for every parameter but the logit scale (attention biases start at zero)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in module.named_parameters():
+            if name != "logit_scale":
+                parameter.copy_(0.1 * torch.randn(parameter.shape, generator=generator))
+    return module
 
 
 # ---------------------------------------------------------------- normalize_features
@@ -270,6 +324,52 @@ def test_ot_fusions_match_per_sample_reference(num_audio, num_visual):
         torch.testing.assert_close(out.fused.double(), expected_fused, atol=1e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("num_audio, num_visual", [(64, 20), (9, 4)])
+def test_ot_cross_attention_matches_the_released_computation(num_audio, num_visual):
+    """Released `ot_crossattn`: `cross_attn(ha, hv, hv) + ha` on the normalised tokens, with the OT loss."""
+    hidden = 128  # 2 heads, hidden // 64 as released
+    audio, visual = _features(3, num_audio, num_visual, hidden=hidden)
+    fusion = _randomize(build_fusion("ot_cross_attention", hidden))
+    assert fusion.cross_attn.num_heads == 2
+    plan, loss_v, loss_a, fused = _released_ot_fusion(
+        audio, visual, math.log(1 / 0.07), lambda ha, hv: _reference_attention(ha, hv, fusion.cross_attn) + ha
+    )
+    out = fusion(audio, visual, output_ot_plan=True)
+    assert out.fused.shape == (3, num_audio, hidden)
+    torch.testing.assert_close(out.log_plan.double(), plan, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.loss_v.double(), loss_v, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.loss_a.double(), loss_a, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.fused.double(), fused, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("num_audio, num_visual", [(64, 20), (9, 4), (6, 6)])
+def test_ot_channel_concat_matches_the_released_computation(num_audio, num_visual):
+    """Released `ot_chancat`: the normalised audio tokens with the padded normalised visual tokens on channels."""
+    audio, visual = _features(3, num_audio, num_visual)
+    plan, loss_v, loss_a, fused = _released_ot_fusion(
+        audio,
+        visual,
+        math.log(1 / 0.07),
+        lambda ha, hv: torch.cat([ha, _released_spread(hv, len(ha))], dim=-1),
+    )
+    out = build_fusion("ot_channel_concat", HIDDEN)(audio, visual, output_ot_plan=True)
+    assert out.fused.shape == (3, num_audio, 2 * HIDDEN)
+    torch.testing.assert_close(out.log_plan.double(), plan, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.loss_v.double(), loss_v, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.loss_a.double(), loss_a, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(out.fused.double(), fused, atol=1e-6, rtol=1e-6)
+
+
+def test_ot_cross_attention_in_a_bf16_model():
+    """A bf16 model: the attention runs in bf16 on the fp32 normalised tokens, the fused tokens come out in bf16."""
+    audio, visual = _features(2, 12, 5, hidden=128)
+    fusion = _randomize(build_fusion("ot_cross_attention", 128))
+    full = fusion(audio, visual).fused
+    half = fusion.to(torch.bfloat16)(audio.bfloat16(), visual.bfloat16())
+    assert half.fused.dtype == torch.bfloat16 and half.loss_v.dtype == torch.float32
+    torch.testing.assert_close(half.fused.float(), full, atol=5e-2, rtol=5e-2)
+
+
 def test_ot_hyperparameters_are_used():
     audio, visual = _features(2, 12, 5)
     plan, loss_v, _, _, _ = _reference_ot(audio, visual, scale=1.5, epsilon=0.3, iterations=7)
@@ -390,9 +490,11 @@ def test_output_shape_and_token_count(fusion_type):
     fusion = build_fusion(fusion_type, 128)
     assert isinstance(fusion, AudioVisualFusion) and fusion.fusion_type == fusion_type
     out = fusion(audio, visual, output_ot_plan=True)
-    tokens = {"ot_att": 84, "ot_concat": 84, "concat": 84, "visual_only": 20}.get(fusion_type, 64)
+    tokens = {"ot_att": 84, "ot_concat": 84, "concat": 104, "concat_once": 84, "visual_only": 20}.get(
+        fusion_type, 64
+    )
     assert out.fused.shape == (2, tokens, fusion.output_dim)
-    assert fusion.output_dim == (256 if fusion_type == "channel_concat" else 128)
+    assert fusion.output_dim == (256 if fusion_type in ("channel_concat", "ot_channel_concat") else 128)
     if fusion_type in OT_TYPES:
         assert out.log_plan.shape == (2, num_visual, num_audio)
         assert out.loss_v.shape == out.loss_a.shape == ()
@@ -404,10 +506,22 @@ def test_output_shape_and_token_count(fusion_type):
 def test_raw_feature_fusions():
     audio, visual = _features(2, 12, 5)
     torch.testing.assert_close(
-        build_fusion("concat", HIDDEN)(audio, visual).fused, torch.cat([audio, visual], 1)
+        build_fusion("concat", HIDDEN)(audio, visual).fused, torch.cat([audio, visual, visual], 1)
+    )
+    torch.testing.assert_close(
+        build_fusion("concat_once", HIDDEN)(audio, visual).fused, torch.cat([audio, visual], 1)
     )
     assert build_fusion("audio_only", HIDDEN)(audio, None).fused is audio
     assert build_fusion("visual_only", HIDDEN)(None, visual).fused is visual
+
+
+def test_concat_is_the_released_tempcat_bfQF():
+    """Released `tempcat_bfQF` without Q-Former: [ha, hv] before the (skipped) Q-Former, hv once more after it."""
+    audio, visual = _features(2, 64, 20)
+    fused = build_fusion("concat", HIDDEN)(audio, visual).fused
+    assert fused.shape == (2, 104, HIDDEN)
+    for start, stop, expected in ((0, 64, audio), (64, 84, visual), (84, 104, visual)):
+        torch.testing.assert_close(fused[:, start:stop], expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("num_audio, num_visual", [(64, 20), (12, 5), (6, 6), (7, 1)])
@@ -421,36 +535,37 @@ def test_channel_concat_placement(num_audio, num_visual):
     torch.testing.assert_close(fused, torch.cat([audio, expected_visual], dim=-1))
 
 
-def test_channel_concat_needs_enough_audio_tokens():
+@pytest.mark.parametrize("fusion_type", ["channel_concat", "ot_channel_concat"])
+def test_channel_concat_needs_enough_audio_tokens(fusion_type):
     audio, visual = _features(1, 3, 5)
     with pytest.raises(ValueError, match="at least as many audio"):
-        build_fusion("channel_concat", HIDDEN)(audio, visual)
+        build_fusion(fusion_type, HIDDEN)(audio, visual)
 
 
-def test_cross_attention_matches_manual_attention():
-    hidden, heads = 128, 2
+def test_plain_cross_attention_matches_manual_attention():
+    """Raw tokens, no normalisation and no OT: `cross_attn(ha, hv, hv) + ha`."""
+    hidden = 128
     audio, visual = _features(2, 12, 5, hidden=hidden)
-    fusion = build_fusion("cross_attention", hidden)
-    assert fusion.cross_attn.num_heads == heads  # hidden // 64
-    mha = fusion.cross_attn
-    w_q, w_k, w_v = mha.in_proj_weight.chunk(3)
-    b_q, b_k, b_v = mha.in_proj_bias.chunk(3)
-
-    def split(x):
-        return x.unflatten(-1, (heads, hidden // heads)).transpose(1, 2)
-
-    q, k, v = split(audio @ w_q.T + b_q), split(visual @ w_k.T + b_k), split(visual @ w_v.T + b_v)
-    weights = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(hidden // heads), dim=-1)
-    attended = (weights @ v).transpose(1, 2).flatten(2) @ mha.out_proj.weight.T + mha.out_proj.bias
-    torch.testing.assert_close(fusion(audio, visual).fused, attended + audio, atol=1e-5, rtol=1e-5)
+    fusion = _randomize(build_fusion("plain_cross_attention", hidden))
+    assert fusion.cross_attn.num_heads == 2  # hidden // 64
+    expected = torch.stack(
+        [
+            _reference_attention(ha, hv, fusion.cross_attn) + ha
+            for ha, hv in zip(audio.double(), visual.double(), strict=True)
+        ]
+    )
+    out = fusion(audio, visual)
+    assert out.loss_v is None
+    torch.testing.assert_close(out.fused.double(), expected, atol=1e-5, rtol=1e-5)
 
 
-def test_cross_attention_heads():
-    assert build_fusion("cross_attention", 32).cross_attn.num_heads == 1
-    assert build_fusion("cross_attention", 768).cross_attn.num_heads == 12
-    assert build_fusion("cross_attention", 96, num_attention_heads=3).cross_attn.num_heads == 3
+@pytest.mark.parametrize("fusion_type", ["plain_cross_attention", "ot_cross_attention"])
+def test_cross_attention_heads(fusion_type):
+    assert build_fusion(fusion_type, 32).cross_attn.num_heads == 1
+    assert build_fusion(fusion_type, 768).cross_attn.num_heads == 12
+    assert build_fusion(fusion_type, 96, num_attention_heads=3).cross_attn.num_heads == 3
     with pytest.raises(ValueError, match="divisible"):
-        build_fusion("cross_attention", 96, num_attention_heads=5)
+        build_fusion(fusion_type, 96, num_attention_heads=5)
 
 
 @pytest.mark.parametrize("fusion_type", [t for t in FUSION_TYPES if t != "visual_only"])
@@ -476,3 +591,23 @@ def test_inconsistent_inputs_are_rejected():
         fusion(audio, visual[..., :-1])
     with pytest.raises(ValueError, match="unknown fusion_type"):
         build_fusion("ot_tempcat", HIDDEN)
+
+
+@pytest.mark.parametrize("fusion_type", FUSION_TYPES)
+def test_the_table_describes_what_each_module_does(fusion_type):
+    """`FUSIONS` is the one description: name, OT or not, modalities read and token layout match the module."""
+    spec = FUSIONS[fusion_type]
+    fusion = build_fusion(fusion_type, HIDDEN)
+    assert fusion.fusion_type == spec.name == fusion_type and fusion.spec is spec
+    assert isinstance(fusion, OptimalTransportFusion) == spec.uses_ot == (fusion_type in OT_FUSION_TYPES)
+    audio, visual = _features(2, 12, 5)
+    out = fusion(audio if spec.uses_audio else None, visual if spec.uses_visual else None)
+    assert out.fused.shape[1] == sum(spec.token_counts(12, 5))
+    assert (out.loss_v is not None) == spec.uses_ot
+
+
+def test_fusion_type_lists_derive_from_the_table():
+    assert FUSION_TYPES == tuple(FUSIONS) and len(set(FUSION_TYPES)) == len(FUSION_TYPES)
+    assert OT_FUSION_TYPES == ("ot_att", "ot_concat", "ot_channel_concat", "ot_cross_attention")
+    released = [name for spec in FUSIONS.values() for name in spec.released_names]
+    assert len(released) == len(set(released)), "a released name maps to two fusion types"
