@@ -8,6 +8,9 @@ projection of the original release is split into ``q_proj``/``k_proj``/``v_proj`
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -68,6 +71,35 @@ class CedBlock(nn.Module):
         return hidden_states + self.mlp(self.norm2(hidden_states))
 
 
+class Float32BatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm whose affine weights and running statistics stay float32 whatever the dtype of the model.
+
+    In training mode the running statistics move by `momentum` (0.01) times the batch deviation per step; in bf16
+    such increments mostly round away. Here the tensors are created float32 (also under a half-precision default
+    dtype), dtype casts of the module (`model.to(torch.bfloat16)`, `.half()`) pass them by while device moves still
+    apply, and the input is normalised in float32 and returned in its own dtype.
+    """
+
+    def __init__(self, num_features: int, **kwargs: Any) -> None:
+        super().__init__(num_features, **{**kwargs, "dtype": torch.float32})
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) in any float dtype -> (B, C, H, W) in the same dtype, normalised in float32."""
+        # Cast explicitly: half-precision input with float32 statistics is a per-backend capability of batch_norm
+        # (torch 2.13 has it on CPU and CUDA), not something every device plugin offers.
+        return super().forward(hidden_states.float()).to(hidden_states.dtype)
+
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> nn.Module:
+        def keep_float32(tensor: torch.Tensor) -> torch.Tensor:
+            moved = fn(tensor)
+            if tensor.is_floating_point() and moved.dtype != torch.float32:
+                # Re-done from the original tensor, not from `moved`: its values would already be rounded.
+                return tensor.to(device=moved.device, dtype=torch.float32)
+            return moved
+
+        return super()._apply(keep_float32, recurse)
+
+
 class CedPatchEmbed(nn.Module):
     def __init__(self, config: CedConfig) -> None:
         super().__init__()
@@ -84,6 +116,9 @@ class CedPreTrainedModel(PreTrainedModel):
     main_input_name = "input_features"
     supports_gradient_checkpointing = True
     _no_split_modules = ["CedBlock"]
+    # Loaded in float32 also under from_pretrained(dtype=bfloat16 / float16): Transformers 5.x gathers this into
+    # composite models; 4.55 does not, and relies on Float32BatchNorm2d creating its tensors in float32.
+    _keep_in_fp32_modules_strict = ["init_bn"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -116,7 +151,7 @@ class CedModel(CedPreTrainedModel):
 
     def __init__(self, config: CedConfig) -> None:
         super().__init__(config)
-        self.init_bn = nn.BatchNorm2d(config.num_mel_bins, momentum=config.batch_norm_momentum)
+        self.init_bn = Float32BatchNorm2d(config.num_mel_bins, momentum=config.batch_norm_momentum)
         self.patch_embed = CedPatchEmbed(config)
         self.time_pos_embed = nn.Parameter(torch.zeros(1, config.hidden_size, 1, config.time_patches))
         self.freq_pos_embed = nn.Parameter(torch.zeros(1, config.hidden_size, config.freq_patches, 1))
@@ -139,10 +174,10 @@ class CedModel(CedPreTrainedModel):
             `last_hidden_state` (B, (mel/16) * (frames/16), C), frequency-major.
         """
         self._check_input(input_features)
-        input_features = input_features.to(self.init_bn.weight.dtype)
-        # BatchNorm over mel bins: (B, frames, mel) -> (B, mel, 1, frames), the layout the release normalises.
-        spectrogram = self.init_bn(input_features.transpose(1, 2).unsqueeze(2)).transpose(1, 2)
-        patches = self.patch_embed(spectrogram)
+        # BatchNorm over mel bins: (B, frames, mel) -> (B, mel, 1, frames), the layout the release normalises; in
+        # float32 (statistics and features), then in the dtype of the patch embedding.
+        spectrogram = self.init_bn(input_features.float().transpose(1, 2).unsqueeze(2)).transpose(1, 2)
+        patches = self.patch_embed(spectrogram.to(self.patch_embed.proj.weight.dtype))
         time_patches = patches.shape[-1]
         patches = patches + self.time_pos_embed[..., :time_patches] + self.freq_pos_embed
         hidden_states = patches.flatten(2).transpose(1, 2)  # (B, C, F, T) -> (B, F*T, C), frequency-major

@@ -2,21 +2,25 @@
 checkpoint merging, and the reusable `run_training` behind `examples/train.py` and `lavcap train`.
 
 The paper's recipe (configs/config_best.yaml of the release): LoRA r 8 / alpha 32 / dropout 0.1 on the q/v projections
-of CED and of the LLM, projector and OT logit scale trained, CLIP and base weights frozen; AdamW (beta2 0.999),
-lr 5e-6 with a 2 % linear warmup and cosine decay to 1e-8, weight decay 1e-6 on matrices, batch 4 per device,
-mixed precision, SpecAugment (48 mel bins, 192 frames) on training clips only, one of 8 instructions drawn per
-example; evaluation by beam search (4 beams, 200 new tokens).
+of CED and of the LLM, projector and OT logit scale trained, CLIP and base weights frozen; AdamW (betas 0.9, 0.999),
+weight decay 1e-6 on matrices, lr 5e-6 reached by a linear warm-up from 2e-9 over 2 epochs, then a cosine, computed
+over the whole run (100 epochs), down to 1e-8 (`lavcap_lr_scheduler`); batch 4 per device, captions cut to 300
+tokens, SpecAugment (48 mel bins, 192 frames) on training clips only, one of 8 instructions drawn per example;
+CED's input BatchNorm statistics updated in training, in float32; the kept checkpoint is the one with the best
+teacher-forced token accuracy on the evaluation split; captions by beam search (4 beams, 200 new tokens).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import functools
 import inspect
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,14 +29,15 @@ import numpy as np
 import torch
 from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
 from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
 from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
-from transformers.trainer_utils import set_seed
+from transformers.trainer_utils import SchedulerType, set_seed
 from transformers.utils import logging
 
 from .configuration_lavcap import LavCapConfig
 from .data import Clip, EpochShuffleSampler, LavCapDataset, group_clips, load_clips
 from .metrics import CAPTION_METRICS, compute_caption_metrics
-from .modeling_lavcap import LavCapForConditionalGeneration
+from .modeling_lavcap import IGNORE_INDEX, LavCapForConditionalGeneration
 from .processing_lavcap import TRAINING_INSTRUCTIONS, LavCapProcessor
 
 logger = logging.get_logger(__name__)
@@ -43,6 +48,9 @@ TRAINED_MODULES = ("multi_modal_projector", "fusion")
 RUNNING_STAT_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 DEFAULT_GENERATION = {"num_beams": 4, "max_new_tokens": 200, "do_sample": False}
 """The paper's evaluation decoding."""
+CAPTION_PREFIX = "caption_"
+"""Evaluation batches carry the teacher-forced rows (prompt + caption) under `caption_input_ids`,
+`caption_attention_mask` and `caption_labels`, next to the prompts `input_ids` / `attention_mask` that generate."""
 
 # ----------------------------------------------------------------------------------------------------------------
 # LoRA
@@ -150,6 +158,67 @@ def merge_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Learning-rate schedule and token accuracy
+
+
+def lavcap_lr_factor(
+    step: int, *, warmup_steps: int, total_steps: int, start_factor: float, min_factor: float
+) -> float:
+    """Multiple of the peak lr at optimizer step `step` (0-based) in the released schedule (optims.py).
+
+    Linear warm-up from `start_factor` to 1 over `warmup_steps` steps, then a cosine from 1 to `min_factor` whose
+    phase runs over the whole run, `pi * step / total_steps`, not over the steps after the warm-up.
+    """
+    if step < warmup_steps:
+        return start_factor + (1.0 - start_factor) * step / warmup_steps
+    return min_factor + (1.0 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
+
+
+def lavcap_lr_scheduler(
+    optimizer: torch.optim.Optimizer,
+    num_training_steps: int,
+    num_warmup_steps: int,
+    warmup_start_lr: float = 0.0,
+    min_lr: float | None = None,
+    min_lr_rate: float | None = None,
+) -> LambdaLR:
+    """The released LAVCap schedule as a `LambdaLR` over the optimizer's lr (the peak, 5e-6 in the paper).
+
+    Step `s` of `num_training_steps` runs at `warmup_start_lr + (lr - warmup_start_lr) * s / num_warmup_steps` during
+    the warm-up, then at `min_lr + (lr - min_lr) * (1 + cos(pi * s / num_training_steps)) / 2`. `min_lr` (absolute)
+    or `min_lr_rate` (fraction of lr) as for Transformers' `cosine_with_min_lr`.
+    """
+    if (min_lr is None) == (min_lr_rate is None):
+        raise ValueError("the LAVCap schedule needs one of min_lr and min_lr_rate in lr_scheduler_kwargs")
+    peak = optimizer.defaults["lr"]
+    factor = functools.partial(
+        lavcap_lr_factor,
+        warmup_steps=num_warmup_steps,
+        total_steps=num_training_steps,
+        start_factor=warmup_start_lr / peak,
+        min_factor=min_lr / peak if min_lr is not None else min_lr_rate,
+    )
+    return LambdaLR(optimizer, factor)
+
+
+def token_accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Teacher-forced next-token accuracy counts, as the released validation measures them.
+
+    Args:
+        logits: (B, L, V) logits of the full sequences (prompt + caption).
+        labels: (B, L), -100 everywhere but the caption tokens and EOS.
+    Returns:
+        (B, 2) int64 [correct, scored] per row: positions t whose label t + 1 is not -100, and among them those
+        where the argmax of logits t is that label.
+    """
+    predicted = logits[:, :-1].argmax(dim=-1)
+    targets = labels[:, 1:].to(predicted.device)
+    scored = targets != IGNORE_INDEX
+    correct = (predicted == targets) & scored
+    return torch.stack([correct.sum(dim=1), scored.sum(dim=1)], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Collator
 
 
@@ -160,14 +229,17 @@ class LavCapDataCollator:
     Training batches: right-padded `prompt + caption + EOS`, `labels` on caption + EOS, one of the paper's 8
     instructions per example and SpecAugment on the fbank. Evaluation batches (`training=False`): left-padded
     prompts with `instruction` (the processor's default when None), no augmentation, and `clip_index` (B,), the
-    dataset indices the trainer uses to find each clip's references.
+    dataset indices the trainer uses to find each clip's references. With `teacher_forcing`, when every clip of the
+    batch has a caption, they also hold the right-padded `prompt + caption + EOS` rows and their labels under
+    `caption_input_ids`, `caption_attention_mask`, `caption_labels` (B, L), for the teacher-forced loss and token
+    accuracy; the prompts are cut from these rows, so featurisation runs once.
 
     Random choices come from a generator seeded with the items' `seed`s, so batches are reproducible.
 
     Returns:
         `input_ids`, `attention_mask` (B, L), `input_features` (B, frames, mel) unless `visual_only`,
         `pixel_values_videos` (B, V, 3, H, W) or `video_embeds` (B, V, D) unless `audio_only`, and `labels` (B, L) or
-        `clip_index` (B,).
+        `clip_index` (B,) (and the `caption_*` rows).
     """
 
     processor: LavCapProcessor
@@ -176,6 +248,7 @@ class LavCapDataCollator:
     random_instruction: bool = True
     instruction: str | None = None
     max_caption_length: int | None = None
+    teacher_forcing: bool = False
 
     def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         rng = np.random.default_rng([item["seed"] for item in items])
@@ -195,6 +268,8 @@ class LavCapDataCollator:
                     TRAINING_INSTRUCTIONS[i]
                     for i in rng.integers(len(TRAINING_INSTRUCTIONS), size=len(items))
                 ]
+        elif self.teacher_forcing and all(item["caption"] for item in items):
+            captions = [item["caption"] for item in items]
         batch = self.processor(
             audio=audio,
             videos=frames,
@@ -204,13 +279,33 @@ class LavCapDataCollator:
             instruction=instruction,
             spec_augment=self.training and self.spec_augment,
             generator=rng,
-            padding_side="right" if self.training else "left",
+            padding_side="right" if captions is not None else "left",
             max_caption_length=self.max_caption_length,
             return_tensors="pt",
         )
+        batch = dict(batch)
         if not self.training:
+            if captions is not None:
+                batch = self._split_prompts(batch, self.processor.tokenizer.pad_token_id)
             batch["clip_index"] = torch.tensor([item["index"] for item in items])
-        return dict(batch)
+        return batch
+
+    @staticmethod
+    def _split_prompts(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+        """Move the right-padded teacher-forced rows (B, L) to `caption_*` and put their prompts, left-padded
+        (B, P), in `input_ids` / `attention_mask`: the prompt of a row is what precedes its first label."""
+        ids, mask, labels = batch.pop("input_ids"), batch.pop("attention_mask"), batch.pop("labels")
+        batch.update({f"{CAPTION_PREFIX}input_ids": ids, f"{CAPTION_PREFIX}attention_mask": mask})
+        batch[f"{CAPTION_PREFIX}labels"] = labels
+        # The first labelled position; every row has one, its caption's EOS.
+        prompt_lengths = (labels != IGNORE_INDEX).int().argmax(dim=1)
+        width = int(prompt_lengths.max())
+        # (B, P): the position in `ids` that each left-padded prompt position copies, negative on the padding.
+        source = torch.arange(width)[None, :] - (width - prompt_lengths)[:, None]
+        present = source >= 0
+        batch["input_ids"] = torch.where(present, ids.gather(1, source.clamp(min=0)), pad_token_id)
+        batch["attention_mask"] = present.to(mask.dtype)
+        return batch
 
     @staticmethod
     def _stack(items: list[dict[str, Any]], key: str) -> list[np.ndarray] | None:
@@ -245,12 +340,20 @@ class LavCapTrainerMixin:
     """LAVCap training on top of a Transformers `Trainer` (or optimum-habana's `GaudiTrainer`).
 
     - logs `lm_loss` and `ot_loss` next to `loss`, each averaged over the logging interval and the processes;
-    - evaluates by generating captions (`generation_kwargs`, beam 4 / 200 tokens by default) and, when the clips
-      have references and `caption_metrics` is True, scores them with `compute_caption_metrics` (on the main
-      process; the scores are broadcast). The captions of the last evaluation are in `last_eval_predictions` and
-      are written to `<output_dir>/captions-step<N>.jsonl`;
-    - uses [`LavCapDataCollator`] for training and its `training=False` twin for evaluation unless given;
+    - evaluates as the release validates: teacher-forced loss (`eval_loss`) and token accuracy (`eval_token_accuracy`,
+      correct argmax next tokens over all caption tokens of the split) on each clip's caption (that of its first
+      entry, with the evaluation instruction), one forward pass per batch. With `caption_metrics` (and always in
+      `predict`) it also generates captions (`generation_kwargs`, beam 4 / 200 tokens by default) and, when the
+      clips have references, scores them with `compute_caption_metrics` (on the main process; the scores are
+      broadcast). The captions of the last generation are in
+      `last_eval_predictions` and are written to `<output_dir>/captions-step<N>.jsonl`. The kept checkpoint is
+      chosen by the Trainer's `metric_for_best_model` (`token_accuracy` as released, or e.g. `CIDEr`);
+    - uses [`LavCapDataCollator`] for training and its `training=False, teacher_forcing=True` twin for evaluation
+      unless given;
     - weight decay on matrices only (not on biases, norms or the logit scale), as the released optimiser;
+    - with `warmup_start_lr`, `lr_scheduler_type="cosine_with_min_lr"` runs the released schedule
+      ([`lavcap_lr_scheduler`]): the Trainer's warm-up steps and `lr_scheduler_kwargs` (`min_lr`), a warm-up that
+      starts at `warmup_start_lr` and a cosine whose phase spans the whole run;
     - orders a [`LavCapDataset`] with [`EpochShuffleSampler`] and starts each of its epochs, so that a resumed run
       replays exactly the batches and augmentations of an uninterrupted one.
 
@@ -263,6 +366,7 @@ class LavCapTrainerMixin:
         eval_data_collator: LavCapDataCollator | None = None,
         generation_kwargs: dict[str, Any] | None = None,
         caption_metrics: bool = True,
+        warmup_start_lr: float | None = None,
         **kwargs: Any,
     ) -> None:
         processor = kwargs.get("processing_class", kwargs.get("tokenizer"))
@@ -277,16 +381,29 @@ class LavCapTrainerMixin:
         self.model_accepts_loss_kwargs = False
         self.eval_data_collator = eval_data_collator
         if eval_data_collator is None and isinstance(self.data_collator, LavCapDataCollator):
-            self.eval_data_collator = dataclasses.replace(self.data_collator, training=False)
+            self.eval_data_collator = dataclasses.replace(
+                self.data_collator, training=False, teacher_forcing=True
+            )
         self.generation_kwargs = {**DEFAULT_GENERATION, **(generation_kwargs or {})}
         self.caption_metrics = caption_metrics
+        self.warmup_start_lr = warmup_start_lr
+        self._check_best_metric()
         if self.compute_metrics is None:
-            self.compute_metrics = self._score_captions
+            self.compute_metrics = self._evaluation_metrics
         self.last_eval_predictions: list[dict[str, Any]] = []
         self._loss_sums: dict[str, torch.Tensor] = {}
         self._loss_batches = 0
         self._scored_dataset: Any = None
+        self._generate_captions = True
         self.add_callback(_StartDatasetEpoch(self))
+
+    def _check_best_metric(self) -> None:
+        metric = (self.args.metric_for_best_model or "").removeprefix("eval_")
+        if metric in CAPTION_METRICS and not self.caption_metrics:
+            raise ValueError(
+                f"metric_for_best_model={metric!r} is a caption metric: it needs caption_metrics=True (evaluation then "
+                "generates captions); token_accuracy needs no generation"
+            )
 
     @property
     def processor(self) -> LavCapProcessor | None:
@@ -331,6 +448,28 @@ class LavCapTrainerMixin:
         parameters = dict(model.named_parameters())
         return [name for name in super().get_decay_parameter_names(model) if parameters[name].ndim >= 2]
 
+    # -- learning-rate schedule ----------------------------------------------------------------------------------
+
+    def create_scheduler(
+        self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
+    ) -> Any:
+        if self.lr_scheduler is not None or self.warmup_start_lr is None:
+            return super().create_scheduler(num_training_steps, optimizer)
+        if SchedulerType(self.args.lr_scheduler_type) != SchedulerType.COSINE_WITH_MIN_LR:
+            raise ValueError(
+                "warmup_start_lr selects the released LAVCap schedule, a variant of cosine_with_min_lr: set "
+                f"lr_scheduler_type=cosine_with_min_lr (got {self.args.lr_scheduler_type})"
+            )
+        self.lr_scheduler = lavcap_lr_scheduler(
+            optimizer if optimizer is not None else self.optimizer,
+            num_training_steps,
+            self.args.get_warmup_steps(num_training_steps),
+            self.warmup_start_lr,
+            **(self.args.lr_scheduler_kwargs or {}),
+        )
+        self._created_lr_scheduler = True
+        return self.lr_scheduler
+
     # -- evaluation ----------------------------------------------------------------------------------------------
 
     def get_eval_dataloader(self, eval_dataset: Any = None) -> Any:
@@ -351,12 +490,21 @@ class LavCapTrainerMixin:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset
         if isinstance(dataset, str):
             dataset = self.eval_dataset[dataset]
-        self._scored_dataset = dataset
-        return super().evaluate(eval_dataset, *args, **kwargs)
+        with self._scoring(dataset, generate=self.caption_metrics):
+            return super().evaluate(eval_dataset, *args, **kwargs)
 
     def predict(self, test_dataset: Any, *args: Any, **kwargs: Any) -> Any:
-        self._scored_dataset = test_dataset
-        return super().predict(test_dataset, *args, **kwargs)
+        with self._scoring(test_dataset, generate=True):
+            return super().predict(test_dataset, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def _scoring(self, dataset: Any, generate: bool) -> Iterator[None]:
+        """The dataset whose references the metrics use, and whether its evaluation generates captions."""
+        self._scored_dataset, self._generate_captions = dataset, generate
+        try:
+            yield
+        finally:
+            self._generate_captions = True
 
     def prediction_step(
         self,
@@ -364,16 +512,46 @@ class LavCapTrainerMixin:
         inputs: dict[str, Any],
         prediction_loss_only: bool,
         ignore_keys: list[str] | None = None,
-    ) -> tuple[None, torch.Tensor | None, torch.Tensor | None]:
-        """Generate captions: returns (None, new token ids (B, T), dataset indices of the clips (B,))."""
+    ) -> tuple[torch.Tensor | None, tuple[torch.Tensor, ...] | None, torch.Tensor | None]:
+        """Teacher-forced loss and token counts on the clips' captions, and the generated captions when asked.
+
+        Returns:
+            (loss, or None when the batch has no captions; predictions; dataset indices of the clips (B,)), where
+            predictions are `(token_counts,)` or, when generating, `(sequences, token_counts)`: sequences (B, T) the
+            new token ids (first, where a generic `compute_metrics` looks for them), token_counts (B, 2) [correct,
+            scored] (zeros without captions). A tuple, not a dict: optimum-habana's evaluation loop converts tuples
+            of predictions only.
+        """
         if "clip_index" not in inputs:
             raise ValueError(
                 "evaluation batches must come from LavCapDataCollator(training=False) (they carry clip_index)"
             )
         inputs = self._prepare_inputs(inputs)
         clip_index = inputs.pop("clip_index")
+        forced = {
+            key.removeprefix(CAPTION_PREFIX): inputs.pop(key)
+            for key in list(inputs)
+            if key.startswith(CAPTION_PREFIX)
+        }
+        loss, counts = None, torch.zeros(len(clip_index), 2, dtype=torch.long, device=clip_index.device)
+        if forced:
+            loss, counts = self._teacher_forced(model, inputs, forced)
         if prediction_loss_only:
-            return None, None, None
+            return loss, None, None
+        predictions = (self._generate(model, inputs), counts) if self._generate_captions else (counts,)
+        return loss, predictions, clip_index
+
+    def _teacher_forced(
+        self, model: nn.Module, inputs: dict[str, torch.Tensor], forced: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Loss (lm + OT, as in training) and token counts (B, 2) of one forward pass over prompt + caption."""
+        media = {key: value for key, value in inputs.items() if key not in ("input_ids", "attention_mask")}
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss, outputs = self.compute_loss(model, {**media, **forced}, return_outputs=True)
+        return loss.detach(), token_accuracy_counts(outputs.logits, forced["labels"])
+
+    def _generate(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """New token ids (B, T) generated from the left-padded prompts of `inputs`."""
         processor = self.processor
         generation = dict(self.generation_kwargs)
         if processor is not None:
@@ -382,20 +560,29 @@ class LavCapTrainerMixin:
         generator = self.accelerator.unwrap_model(model)
         with torch.no_grad(), self.autocast_smart_context_manager():
             sequences = generator.generate(**inputs, **generation)
-        return None, sequences[:, inputs["input_ids"].shape[1] :], clip_index
+        return sequences[:, inputs["input_ids"].shape[1] :]
 
-    def _score_captions(self, prediction: Any) -> dict[str, float]:
-        """compute_metrics: decode the generated ids, pair them with the clips' references, score them."""
-        token_ids = (
-            prediction.predictions[0] if isinstance(prediction.predictions, tuple) else prediction.predictions
-        )
+    def _evaluation_metrics(self, prediction: Any) -> dict[str, float]:
+        """compute_metrics: token accuracy from the summed counts (over all caption tokens of the split, as the
+        release's correct / n_token), and caption scores when captions were generated."""
+        *sequences, counts = prediction.predictions
+        metrics: dict[str, float] = {}
+        correct, scored = np.asarray(counts, dtype=np.int64).sum(axis=0)
+        if scored > 0:
+            metrics["token_accuracy"] = float(correct / scored)
+        if sequences:
+            metrics.update(self._score_captions(sequences[0], prediction.label_ids))
+        return metrics
+
+    def _score_captions(self, token_ids: Any, clip_indices: Any) -> dict[str, float]:
+        """Decode the generated ids (N, T), pair them with the clips' references, score them."""
         token_ids = np.asarray(token_ids)
         processor = self.processor
         captions = processor.batch_decode(
             np.where(token_ids < 0, processor.tokenizer.pad_token_id, token_ids)
         )
         clips: Sequence[Clip] = getattr(self._scored_dataset, "clips", None) or []
-        indices = np.asarray(prediction.label_ids).reshape(-1).tolist()
+        indices = np.asarray(clip_indices).reshape(-1).tolist()
         references = [list(clips[i].references) if clips else [] for i in indices]
         self.last_eval_predictions = [
             {"id": clips[i].id if clips else str(i), "caption": caption, "references": refs}
@@ -457,7 +644,14 @@ class ModelArguments:
     dtype: str | None = field(
         default=None,
         metadata={
-            "help": "Dtype of the frozen weights: float32, bfloat16, float16 (trained ones stay fp32)."
+            "help": "Dtype of the frozen weights: float32, bfloat16, float16 (trained ones and the BatchNorm stay fp32)."
+        },
+    )
+    audio_tower_float32: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the CED audio tower in float32 whatever `dtype` is; with `dtype float16` and `fp16` this "
+            "is the CUDA release's precision (LLaMA fp16 under fp16 autocast with a grad scaler, CED fp32)."
         },
     )
     fusion_type: str = field(default="ot_att", metadata={"help": "Fusion of a components build."})
@@ -500,7 +694,11 @@ class DataArguments:
         default=True, metadata={"help": "Draw one of the 8 instructions per example."}
     )
     max_caption_length: int | None = field(
-        default=None, metadata={"help": "Caption tokens kept in training."}
+        default=None,
+        metadata={
+            "help": "Caption tokens kept in training and in the teacher-forced evaluation (the released max_txt_len; "
+            "default: the processor's, 300)."
+        },
     )
 
 
@@ -527,9 +725,26 @@ class EvaluationArguments:
         default=200, metadata={"help": "New tokens per evaluation caption."}
     )
     caption_metrics: bool = field(
-        default=True, metadata={"help": "Score evaluation captions (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE)."}
+        default=True,
+        metadata={
+            "help": "Generate evaluation captions and score them (BLEU, METEOR, ROUGE-L, CIDEr-D, SPICE); without it "
+            "evaluation is the teacher-forced loss and token accuracy only (one forward pass per batch)."
+        },
     )
     eval_instruction: str | None = field(default=None, metadata={"help": "Evaluation prompt instruction."})
+
+
+@dataclass
+class ScheduleArguments:
+    """The released learning-rate schedule, a variant of TrainingArguments' `cosine_with_min_lr`."""
+
+    warmup_start_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Run the released schedule (with lr_scheduler_type cosine_with_min_lr): linear warm-up from this lr "
+            "(2e-9 in the paper) over the warm-up steps, then a cosine to min_lr whose phase spans the whole run."
+        },
+    )
 
 
 @dataclass
@@ -542,6 +757,7 @@ class LavCapArguments:
     evaluation: EvaluationArguments
     training: TrainingArguments
     gaudi: bool = False
+    schedule: ScheduleArguments = field(default_factory=ScheduleArguments)
 
 
 def parse_arguments(argv: Sequence[str] | None = None) -> LavCapArguments:
@@ -556,15 +772,22 @@ def parse_arguments(argv: Sequence[str] | None = None) -> LavCapArguments:
         training_class, defaults = gaudi_training_arguments_class(), dict(GAUDI_ARGUMENT_DEFAULTS)
     else:
         training_class, defaults = TrainingArguments, {}
-    classes = (ModelArguments, DataArguments, LoraArguments, EvaluationArguments, training_class)
+    classes = (
+        ModelArguments,
+        DataArguments,
+        LoraArguments,
+        EvaluationArguments,
+        ScheduleArguments,
+        training_class,
+    )
     parser = HfArgumentParser(classes)
     _add_run_options(parser)
     defaults["remove_unused_columns"] = False
     if known.config:
         defaults.update(_read_config(known.config, classes))
     parser.set_defaults(**defaults)
-    model, data, lora, evaluation, training, _ = parser.parse_args_into_dataclasses(rest)
-    return LavCapArguments(model, data, lora, evaluation, training, gaudi=known.gaudi)
+    model, data, lora, evaluation, schedule, training, _ = parser.parse_args_into_dataclasses(rest)
+    return LavCapArguments(model, data, lora, evaluation, training, gaudi=known.gaudi, schedule=schedule)
 
 
 def _add_run_options(parser: argparse.ArgumentParser) -> None:
@@ -597,31 +820,68 @@ def _read_config(path: str | os.PathLike, classes: Sequence[type]) -> dict[str, 
 def load_model_and_processor(
     arguments: ModelArguments,
 ) -> tuple[LavCapForConditionalGeneration, LavCapProcessor]:
-    """The starting model and its processor, from a LAVCap folder or from pretrained components."""
+    """The starting model and its processor, from a LAVCap folder or from pretrained components.
+
+    With `audio_tower_float32` and a half-precision `dtype`, the CED tower's weights are read in float32 from the
+    checkpoint (not cast back up from `dtype`).
+    """
     dtype = getattr(torch, arguments.dtype) if arguments.dtype else None
+    keep_audio = arguments.audio_tower_float32 and dtype not in (None, torch.float32)
     if arguments.model_name_or_path:
         from .convert import dtype_kwarg
 
         kwargs = {dtype_kwarg(): dtype} if dtype is not None else {}
-        model = LavCapForConditionalGeneration.from_pretrained(arguments.model_name_or_path, **kwargs)
-        return model, LavCapProcessor.from_pretrained(arguments.model_name_or_path)
+        source = arguments.model_name_or_path
+        kept = ["audio_tower"] if keep_audio and LavCapConfig.from_pretrained(source).uses_audio else []
+        with kept_in_float32(LavCapForConditionalGeneration, kept):
+            model = LavCapForConditionalGeneration.from_pretrained(source, **kwargs)
+        return model, LavCapProcessor.from_pretrained(source)
     if not arguments.language_model:
         raise ValueError(
             "give --model_name_or_path (a LAVCap folder) or the components, at least --language_model"
         )
-    from .convert import build_from_components
+    from .convert import build_from_components, load_language_model
 
+    language_model, tokenizer = arguments.language_model, arguments.tokenizer_name
+    if keep_audio:
+        # A loaded LM and no dtype: build_from_components then leaves the front end in float32.
+        language_model = load_language_model(arguments.language_model, dtype)
+        tokenizer = tokenizer or arguments.language_model
     model, tokenizer = build_from_components(
         arguments.audio_encoder,
         arguments.vision_encoder,
-        arguments.language_model,
-        arguments.tokenizer_name,
-        dtype=dtype,
+        language_model,
+        tokenizer,
+        dtype=None if keep_audio else dtype,
         fusion_type=arguments.fusion_type,
         num_frames=arguments.num_frames,
         **({"visual_embed_dim": arguments.visual_embed_dim} if arguments.visual_embed_dim else {}),
     )
+    if keep_audio and model.model.vision_tower is not None:
+        model.model.vision_tower.to(dtype)
     return model, LavCapProcessor.from_model_config(model.config, tokenizer)
+
+
+@contextlib.contextmanager
+def kept_in_float32(model_class: type[PreTrainedModel], modules: Sequence[str]) -> Iterator[None]:
+    """`model_class.from_pretrained(..., dtype=float16 / bfloat16)` inside keeps `modules` in float32.
+
+    Uses the library's `_keep_in_fp32_modules_strict`, which `from_pretrained` reads from the new instance
+    (Transformers 4.55 copies the class attribute, 5.x also gathers the submodules' lists).
+    """
+    if not modules:
+        yield
+        return
+    own = "_keep_in_fp32_modules_strict" in vars(model_class)
+    previous = model_class._keep_in_fp32_modules_strict
+    model_class._keep_in_fp32_modules_strict = [*(previous or []), *modules]
+    try:
+        yield
+    finally:
+        if own:
+            model_class._keep_in_fp32_modules_strict = previous
+        else:
+            del model_class._keep_in_fp32_modules_strict
 
 
 def save_base_model(
@@ -687,20 +947,26 @@ def build_trainer(
         random_instruction=data.random_instruction,
         max_caption_length=data.max_caption_length,
     )
+    eval_collator = LavCapDataCollator(
+        processor,
+        training=False,
+        instruction=evaluation.eval_instruction,
+        max_caption_length=data.max_caption_length,
+        teacher_forcing=True,
+    )
     kwargs: dict[str, Any] = {
         "model": model,
         "args": arguments.training,
         "train_dataset": train_dataset,
         "eval_dataset": eval_dataset,
         "data_collator": collator,
-        "eval_data_collator": LavCapDataCollator(
-            processor, training=False, instruction=evaluation.eval_instruction
-        ),
+        "eval_data_collator": eval_collator,
         "generation_kwargs": {
             "num_beams": evaluation.generation_num_beams,
             "max_new_tokens": evaluation.generation_max_new_tokens,
         },
         "caption_metrics": evaluation.caption_metrics,
+        "warmup_start_lr": arguments.schedule.warmup_start_lr,
     }
     if arguments.gaudi:
         from .gaudi import gaudi_config_for, gaudi_trainer_class

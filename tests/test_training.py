@@ -171,6 +171,8 @@ def test_fine_tune_logs_both_losses_trains_only_adapters_and_reloads(
     assert metrics["eval_num_clips"] == len(references) == 4
     assert {row["id"]: row["references"] for row in trainer.last_eval_predictions} == references
     assert "eval_BLEU_4" in metrics and "eval_CIDEr" in metrics and "eval_METEOR" not in metrics
+    # Next to the captions, the teacher-forced loss and token accuracy on each clip's caption, as released.
+    assert 0 <= metrics["eval_token_accuracy"] <= 1 and np.isfinite(metrics["eval_loss"])
     saved = (output / "captions-step30.jsonl").read_text().splitlines()
     assert [json.loads(line) for line in saved] == trainer.last_eval_predictions
 
