@@ -121,6 +121,10 @@ def test_caption_decodes_frames_for_fusions_without_video_tokens(fusion_type, me
     LavCapForConditionalGeneration(config).save_pretrained(tmp_path / "model")
     LavCapProcessor.from_model_config(config, tokenizer).save_pretrained(tmp_path / "model")
     output = tmp_path / "captions.jsonl"
-    code = main(["caption", str(media_dir / "one.mp4"), "--model", str(tmp_path / "model"), "--output", str(output)])
+    code = main(
+        ["caption", str(media_dir / "one.mp4"), "--model", str(tmp_path / "model"), "--output", str(output)]
+    )
     assert code == 0
-    assert [json.loads(line)["path"] for line in output.read_text().splitlines()] == [str(media_dir / "one.mp4")]
+    assert [json.loads(line)["path"] for line in output.read_text().splitlines()] == [
+        str(media_dir / "one.mp4")
+    ]

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import save_scene_model
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
@@ -27,7 +28,7 @@ from transformers.trainer_utils import set_seed
 from lavcap_hf import CedConfig, CedModel, LavCapForConditionalGeneration, LavCapProcessor
 from lavcap_hf.data import LavCapDataset, group_clips, load_manifest
 from lavcap_hf.synthetic import PLACES, SOUNDS, generate_dataset, make_caption
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.testing_utils import word_level_tokenizer
 from lavcap_hf.training import (
     LavCapDataCollator,
     LavCapTrainer,
@@ -59,15 +60,7 @@ def workspace(tmp_path_factory) -> Path:
     """12 training clips (with precomputed visual embeddings), 4 test clips, a tiny saved model and processor."""
     root = tmp_path_factory.mktemp("recipe")
     generate_dataset(root / "data", num_train=12, num_test=4, seed=0, duration_range=(1.0, 1.25), size=32)
-    tokenizer = word_level_tokenizer([make_caption(s, p) for s in SOUNDS for p in PLACES])
-    config = tiny_lavcap_config(
-        vocab_size=len(tokenizer),
-        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio|>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
-    )
-    torch.manual_seed(0)
-    LavCapForConditionalGeneration(config).save_pretrained(root / "model")
-    LavCapProcessor.from_model_config(config, tokenizer).save_pretrained(root / "model")
+    save_scene_model(root / "model")
     rng = np.random.default_rng(0)
     rows = []
     for line in (root / "data" / "train.jsonl").read_text().splitlines():

@@ -14,14 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import save_scene_model
 from safetensors import safe_open
 from torch import nn
 
-from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf import LavCapForConditionalGeneration
 from lavcap_hf.convert import dtype_kwarg
 from lavcap_hf.modeling_ced import Float32BatchNorm2d
-from lavcap_hf.synthetic import PLACES, SOUNDS, generate_dataset, make_caption
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.synthetic import generate_dataset
+from lavcap_hf.testing_utils import tiny_lavcap_config
 from lavcap_hf.training import apply_lora, load_trained, merge_and_save, run_training
 
 STEPS = 200
@@ -149,15 +150,7 @@ def test_bf16_trainer_run_trains_and_saves_float32_statistics(model_folder, tmp_
     """`--dtype bfloat16 --bf16 true` as the example config, for 3 steps of the real Trainer on synthetic clips."""
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # bf16=True exports it with transformers 4.x
     generate_dataset(tmp_path / "data", num_train=12, num_test=0, seed=0, duration_range=(1.0, 1.25), size=32)
-    tokenizer = word_level_tokenizer([make_caption(s, p) for s in SOUNDS for p in PLACES])
-    config = tiny_lavcap_config(
-        vocab_size=len(tokenizer),
-        audio_token_id=tokenizer.convert_tokens_to_ids("<|audio|>"),
-        video_token_id=tokenizer.convert_tokens_to_ids("<|video|>"),
-    )
-    torch.manual_seed(0)
-    LavCapForConditionalGeneration(config).save_pretrained(tmp_path / "model")
-    LavCapProcessor.from_model_config(config, tokenizer).save_pretrained(tmp_path / "model")
+    save_scene_model(tmp_path / "model")
     initial = LavCapForConditionalGeneration.from_pretrained(tmp_path / "model").get_submodule(BN)
     output = tmp_path / "run"
     trainer = run_training([
