@@ -10,11 +10,15 @@ for stack in current gaudi; do
   echo "== setting up the $stack stack in $venvs/$stack"
   bash scripts/setup_env.sh "$venvs/$stack" "$stack"
 done
+# The tests run in a shuffled order (pytest-randomly); pytest's -q hides the seed, so it is chosen and shown here.
+# A --randomly-seed in the arguments wins (the last one given counts).
+seed=${LAVCAP_TEST_SEED:-$(( (RANDOM << 15) | RANDOM ))}
+echo "== test order: --randomly-seed=$seed"
 status=0
 for stack in current gaudi; do
   other=gaudi; [ "$stack" = gaudi ] && other=current
   echo "== tests on the $stack stack"
   LAVCAP_OTHER_STACK_PYTHON="$venvs/$other/bin/python" \
-    "$venvs/$stack/bin/python" -m pytest -q -p no:cacheprovider "$@" || status=1
+    "$venvs/$stack/bin/python" -m pytest -q -p no:cacheprovider --randomly-seed="$seed" "$@" || status=1
 done
 exit $status
