@@ -12,7 +12,7 @@ that core too), milliseconds per clip for each stage, median over the clips and 
 then clips per second for the sum, and the peak resident-set growth of one clip (`measure.peak_memory_mib`).
 
 Table 2, the training data pipeline: `torch.utils.data.DataLoader` over `lavcap_hf.data.LavCapDataset` (decoding in
-`__getitem__`) with `lavcap_hf.training.LavCapDataCollator` as `collate_fn` (fbank, frames, prompts, in the workers),
+`__getitem__`) with `lavcap_hf.collator.LavCapDataCollator` as `collate_fn` (fbank, frames, prompts, in the workers),
 for each `--workers` count and both collators (`train`: captions, labels, SpecAugment; `eval`: prompts only).
 Per row, medians of `--repeats` passes after a warm-up pass (persistent workers, so worker start-up is not counted):
 clips per second (wall time: what a training step waits for, and what parallel workers improve on free cores), CPU
@@ -42,11 +42,11 @@ from measure import CLOCKS, add_clock_argument, cpu_name, peak_memory_mib, peak_
 from torch.utils.data import DataLoader
 
 from lavcap_hf import LavCapConfig, LavCapProcessor
+from lavcap_hf.collator import LavCapDataCollator
 from lavcap_hf.data import LavCapDataset, load_manifest
 from lavcap_hf.media import load_media
 from lavcap_hf.synthetic import generate_dataset
 from lavcap_hf.testing_utils import word_level_tokenizer
-from lavcap_hf.training import LavCapDataCollator
 
 STAGES = ("decode audio", "decode frames", "fbank", "frames")
 PROFILES: dict[str, dict[str, Any]] = {

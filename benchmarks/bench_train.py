@@ -40,10 +40,11 @@ from transformers import TrainerCallback, TrainingArguments
 from lavcap_hf import LavCapConfig, LavCapProcessor
 from lavcap_hf._compat import activation_checkpointing_argument
 from lavcap_hf.data import Clip, LavCapDataset
+from lavcap_hf.lora import apply_lora
 from lavcap_hf.optimal_transport import OptimalTransportFusion
 from lavcap_hf.synthetic import PLACES, SOUNDS, make_caption
 from lavcap_hf.testing_utils import paper_sized_config, small_lavcap_config, word_level_tokenizer
-from lavcap_hf.training import LavCapTrainer, apply_lora
+from lavcap_hf.training import LavCapTrainer
 
 SAMPLING_RATE = 16000
 FRAME_SIZE = 256

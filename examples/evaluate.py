@@ -9,7 +9,8 @@ command resumes an interrupted run. Every option is described by `--help`. The l
 
 import argparse
 
-from lavcap_hf.evaluation import add_evaluate_arguments, run_evaluate
+from lavcap_cli import add_evaluate_arguments
+from lavcap_hf.evaluation import run_evaluate
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(

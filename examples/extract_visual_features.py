@@ -28,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import CLIPVisionModelWithProjection
 
-from lavcap_hf.convert import dtype_kwarg
+from lavcap_hf._compat import dtype_kwarg
 from lavcap_hf.data import Clip, LavCapDataset, load_audiocaps, load_clips
 from lavcap_hf.feature_extraction_lavcap import LavCapFeatureExtractor
 

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
+import csv
 import glob
+import json
 import os
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,3 +114,74 @@ def caption_files(
     bar.update(len(report.failures))
     bar.close()
     return report
+
+
+def load_captioning_pipeline(
+    model: str, device: str | None = None, dtype: str = "float32", trust_remote_code: bool = False
+) -> AudioVisualCaptioningPipeline:
+    """An `AudioVisualCaptioningPipeline` for a saved model folder or Hub id (model and processor)."""
+    import torch
+
+    from .modeling_lavcap import LavCapForConditionalGeneration
+    from .processing_lavcap import LavCapProcessor
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    network = LavCapForConditionalGeneration.from_pretrained(model, trust_remote_code=trust_remote_code)
+    network = network.to(device=device, dtype=getattr(torch, dtype)).eval()
+    processor = LavCapProcessor.from_pretrained(model)
+    return AudioVisualCaptioningPipeline(model=network, processor=processor, device=torch.device(device))
+
+
+# `lavcap caption`
+
+
+def _write_rows(rows: list[dict[str, Any]], output: str | None, fmt: str | None) -> None:
+    fmt = fmt or ("csv" if output and output.endswith(".csv") else "jsonl")
+    stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
+    try:
+        if fmt == "csv":
+            writer = csv.DictWriter(stream, fieldnames=["path", "caption"])
+            writer.writeheader()
+            writer.writerows({"path": r["path"], "caption": r["caption"]} for r in rows)
+        else:
+            for row in rows:
+                stream.write(json.dumps({"path": row["path"], "caption": row["caption"]}) + "\n")
+    finally:
+        if output:
+            stream.close()
+
+
+def run_caption(args: argparse.Namespace) -> int:
+    paths, failures = expand_media_paths(args.paths)
+    report = None
+    if paths:
+        pipe = load_captioning_pipeline(args.model, args.device, args.dtype, args.trust_remote_code)
+        report = caption_files(
+            pipe,
+            paths,
+            batch_size=args.batch_size,
+            return_ot_plan=bool(args.plot_ot),
+            progress=not args.quiet,
+            num_beams=args.num_beams,
+            max_new_tokens=args.max_new_tokens,
+        )
+        failures += report.failures
+        _write_rows(report.captions, args.output, args.format)
+        if args.plot_ot:
+            _plot_plans(report.captions, args.plot_ot)
+    captioned = len(report.captions) if report else 0
+    if failures:
+        print(f"\n{len(failures)} file(s) could not be captioned:", file=sys.stderr)
+        for path, reason in failures:
+            print(f"  {path}: {reason.removeprefix(path + ': ')}", file=sys.stderr)
+    print(f"captioned {captioned} of {captioned + len(failures)} file(s)", file=sys.stderr)
+    return 0 if captioned else 1
+
+
+def _plot_plans(rows: list[dict[str, Any]], folder: str) -> None:
+    from .plotting import plot_ot_plan
+
+    os.makedirs(folder, exist_ok=True)
+    for row in rows:
+        name = os.path.splitext(os.path.basename(row["path"]))[0]
+        plot_ot_plan(row["ot_plan"], os.path.join(folder, f"{name}.png"), title=row["caption"])

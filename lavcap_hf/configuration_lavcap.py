@@ -93,10 +93,7 @@ def _sub_config(value: Any, default_type: str | None) -> PretrainedConfig | None
     if value is None:
         return None if default_type is None else CONFIG_MAPPING[default_type]()
     value = dict(value)
-    model_type = value.pop("model_type", default_type)
-    if model_type == CedConfig.model_type:
-        return CedConfig(**value)
-    return CONFIG_MAPPING[model_type](**value)
+    return CONFIG_MAPPING[value.pop("model_type", default_type)](**value)
 
 
 class LavCapConfig(PretrainedConfig):

@@ -44,17 +44,17 @@ from transformers import (
     CLIPConfig,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
-    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from .configuration_lavcap import FUSION_TYPES, CedConfig, LavCapConfig
+from ._compat import dtype_kwarg
+from .configuration_lavcap import CedConfig, LavCapConfig
+from .lora import apply_lora, lavcap_lora_config
 from .modeling_ced import CedModel, interpolate_time_pos_embed
 from .modeling_lavcap import LavCapForConditionalGeneration, LavCapModel
 from .optimal_transport import FUSIONS
 from .processing_lavcap import add_lavcap_special_tokens
-from .training import apply_lora, lavcap_lora_config
 
 StateDictSource = str | os.PathLike | Mapping[str, torch.Tensor]
 """A state dict, a weights file (.safetensors, or .pt/.pth/.bin/.ckpt read with `weights_only=True`), a folder holding
@@ -375,12 +375,6 @@ def _load_complete(
     model.load_state_dict(weights)
 
 
-def dtype_kwarg() -> str:
-    """Name of `from_pretrained`'s dtype argument: `dtype` where Transformers renamed `torch_dtype` (which then
-    survives as a config property), else `torch_dtype`."""
-    return "dtype" if isinstance(getattr(PretrainedConfig, "torch_dtype", None), property) else "torch_dtype"
-
-
 def load_language_model(
     source: str | os.PathLike, dtype: torch.dtype | str | None = None, device_map: Any = None, **kwargs: Any
 ) -> PreTrainedModel:
@@ -472,6 +466,20 @@ def build_from_components(
         setattr(model.generation_config, name, getattr(language_model.generation_config, name, None))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def from_pretrained_components(
+    *, text: Any, audio: Any = None, vision: Any = None, tokenizer: Any = None, **kwargs: Any
+) -> LavCapForConditionalGeneration:
+    """The paper's model built from CED, CLIP and causal-LM checkpoints (`build_from_components`), with the
+    tokenizer (`[PAD]` and the placeholder tokens added) attached as `model.tokenizer`.
+
+    Example: `from_pretrained_components(audio="audiotransformer_base_mAP_4999.pt",
+    vision="openai/clip-vit-large-patch14", text="meta-llama/Llama-2-7b-chat-hf", dtype=torch.float16)`.
+    """
+    model, tokenizer = build_from_components(audio, vision, text, tokenizer, **kwargs)
+    model.tokenizer = tokenizer
+    return model
 
 
 def _resolve_tokenizer(
@@ -582,7 +590,7 @@ def convert_official_checkpoint(
     """Write a released LAVCap training checkpoint into `model`, built beforehand from the same components.
 
     With a plain model, the LoRA factors are merged into the base weights (`W + alpha / r * B @ A`); with a
-    `PeftModel` from `lavcap_hf.training.apply_lora` (same rank and alpha, see `official_lora_settings`) they are
+    `PeftModel` from `lavcap_hf.lora.apply_lora` (same rank and alpha, see `official_lora_settings`) they are
     loaded into its adapters, and the projector and OT logit scale into its `modules_to_save` copies.
 
     Args:
@@ -759,45 +767,6 @@ def _plain_keys(root: nn.Module, adapter: str | None) -> list[str]:
 
 # ---------------------------------------------------------------------------------------------------------------
 # `lavcap convert`
-
-
-def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `lavcap convert`."""
-    parser.add_argument(
-        "--audio",
-        help="CED weights: the original release .pt, mispeech/ced-base (Hub id or folder) or this package's format",
-    )
-    parser.add_argument(
-        "--vision",
-        help="CLIP checkpoint (Hub id or folder), e.g. openai/clip-vit-large-patch14; omit for a model that takes "
-        "precomputed video_embeds",
-    )
-    parser.add_argument(
-        "--text", required=True, help="causal LM (Hub id or folder), e.g. meta-llama/Llama-2-7b-chat-hf"
-    )
-    parser.add_argument("--tokenizer", help="tokenizer to extend (default: the --text checkpoint's)")
-    parser.add_argument(
-        "--checkpoint", help="released LAVCap training checkpoint (e.g. checkpoint_best.pth) to apply on top"
-    )
-    parser.add_argument(
-        "--adapters",
-        action="store_true",
-        help="keep the checkpoint's LoRA as peft adapters in OUTPUT_DIR/adapter instead of merging it",
-    )
-    parser.add_argument(
-        "--lora-alpha", type=float, help="LoRA alpha of the checkpoint (default: its config, else 32)"
-    )
-    parser.add_argument("--fusion-type", choices=FUSION_TYPES, help="default: the checkpoint's, else ot_att")
-    parser.add_argument("--num-frames", type=int, default=20, help="frames per clip (default 20)")
-    parser.add_argument(
-        "--visual-embed-dim",
-        type=int,
-        help="width of the precomputed video_embeds when there is no --vision (default 768, CLIP ViT-L/14)",
-    )
-    parser.add_argument(
-        "--dtype", choices=("float32", "float16", "bfloat16"), help="dtype of the saved model"
-    )
-    parser.add_argument("--output-dir", required=True, help="folder to save the model and tokenizer to")
 
 
 def run_convert(args: argparse.Namespace) -> ConversionReport:

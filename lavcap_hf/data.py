@@ -360,7 +360,7 @@ def load_clips(
 class LavCapDataset(torch.utils.data.Dataset):
     """Clips decoded on access: waveform, frames or precomputed embeddings, caption, and a per-example seed.
 
-    `__getitem__` runs in the DataLoader workers; the collator ([`lavcap_hf.training.LavCapDataCollator`]) turns
+    `__getitem__` runs in the DataLoader workers; the collator ([`lavcap_hf.collator.LavCapDataCollator`]) turns
     a list of items into model inputs. Random choices (instruction, SpecAugment masks) are drawn from the item's
     `seed`, a function of (`seed`, epoch, index): a resumed or multi-process run sees exactly the examples an
     uninterrupted single-process run sees. The trainer calls `start_epoch` at the start of every epoch (before the
@@ -402,10 +402,6 @@ class LavCapDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return len(self.clips)
-
-    def references(self) -> list[list[str]]:
-        """Reference captions of every clip, in dataset order."""
-        return [list(clip.references) for clip in self.clips]
 
     def example_seed(self, index: int) -> int:
         return int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1, np.uint64)[0])

@@ -21,6 +21,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import TrainingArguments, pipeline
 
+from ._compat import processor_kwarg
+from .collator import LavCapDataCollator
 from .configuration_lavcap import LavCapConfig
 from .data import Clip, LavCapDataset
 from .media import load_media
@@ -30,8 +32,8 @@ from .pipeline_lavcap import TASK
 from .plotting import plot_ot_plan
 from .processing_lavcap import AUDIO_TOKEN, VIDEO_TOKEN, LavCapProcessor
 from .synthetic import generate_dataset, score_caption
-from .testing_utils import tiny_lavcap_config, word_level_tokenizer
-from .training import LavCapDataCollator, LavCapTrainer, processor_kwarg
+from .tiny import tiny_lavcap_config, word_level_tokenizer
+from .training import LavCapTrainer
 
 FUSIONS = ("ot_att", "audio_only")
 NUM_FRAMES = 8
@@ -226,15 +228,6 @@ def run_demo(
         f"\nOT plan of one clip: {picture}; models: {output_dir}/model-*; total {time.perf_counter() - start:.0f} s"
     )
     return rows
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default="lavcap_demo", help="folder for data, models and the report")
-    parser.add_argument("--num-train", type=int, default=150)
-    parser.add_argument("--num-test", type=int, default=60)
-    parser.add_argument("--steps", type=int, default=300, help="training steps per model")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
 
 
 def run_demo_command(args: argparse.Namespace) -> int:

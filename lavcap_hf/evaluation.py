@@ -48,13 +48,14 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from .batch_captioning import load_captioning_pipeline
+from .collator import LavCapDataCollator
 from .configuration_lavcap import LavCapConfig
 from .data import DEFAULT_COLUMNS, Clip, LavCapDataset, group_clips, load_clips
 from .feature_extraction_lavcap import LavCapFeatureExtractor
-from .metrics import CAPTION_METRICS, METRIC_DISPLAY_NAMES, compute_caption_metrics
+from .metrics import CAPTION_METRICS, METRIC_DISPLAY_NAMES, score_captions
 from .modeling_lavcap import LavCapForConditionalGeneration
 from .processing_lavcap import LavCapProcessor
-from .training import LavCapDataCollator
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SCORES_FILE = "scores.json"
@@ -438,7 +439,8 @@ class _ConditionRunner:
 
 
 def _score(records: Mapping[str, dict[str, Any]], clips: Sequence[Clip]) -> dict[str, Any]:
-    return compute_caption_metrics(
+    # Through the `evaluate` metric module (`lavcap_hf.metrics.AudioCaptioning`), as the Trainer scores.
+    return score_captions(
         {clip.id: records[clip.id]["prediction"] for clip in clips},
         {clip.id: list(clip.references) for clip in clips},
     )
@@ -607,52 +609,8 @@ def format_evaluation_table(scores: Mapping[str, Any]) -> str:
 # -- command line --------------------------------------------------------------------------------------------------
 
 
-def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `lavcap evaluate` and `examples/evaluate.py`."""
-    parser.add_argument("--model", required=True, help="model folder or Hub id (model + processor)")
-    parser.add_argument(
-        "--data",
-        required=True,
-        help="AudioCaps root (with <split>.json), folder saved by datasets' save_to_disk, or CSV/JSONL/JSON manifest",
-    )
-    parser.add_argument(
-        "--split", default="test", help="split of an AudioCaps root or DatasetDict (default: test)"
-    )
-    parser.add_argument("--output-dir", required=True, help="folder for predictions, scores and run settings")
-    parser.add_argument(
-        "--visual-features-dir", help="AudioCaps .npy CLIP features (default <root>/visual_feature/<split>)"
-    )
-    parser.add_argument(
-        "--use-frames", action="store_true", help="AudioCaps: decode the frames instead of the .npy features"
-    )
-    for role, name in DEFAULT_COLUMNS.items():
-        parser.add_argument(
-            f"--{role.replace('_', '-')}-column", default=name, help=f"manifest/dataset column of the {role}"
-        )
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-beams", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=200)
-    parser.add_argument("--instruction", help="prompt instruction (default: 'Please describe the audio.')")
-    parser.add_argument(
-        "--modality-test",
-        action="store_true",
-        help="also evaluate with the visual input zeroed, shuffled across clips, and with the audio silenced",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled-visual derangement")
-    parser.add_argument(
-        "--no-resume", action="store_true", help="start afresh: delete this run's predictions in --output-dir"
-    )
-    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding media")
-    parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if present)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-
-
 def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
     """`lavcap evaluate`: load the model and the split, evaluate, print the table; returns the scores."""
-    from .cli import load_captioning_pipeline
-
     clips = load_clips(
         args.data,
         args.split,

@@ -42,10 +42,3 @@ def gaudi_config_for(training_arguments: Any) -> Any:
         return habana.GaudiConfig.from_pretrained(name)
     return habana.GaudiConfig(**GAUDI_CONFIG)
 
-
-def gaudi_trainer_class() -> type:
-    """`LavCapTrainerMixin` on top of `GaudiTrainer`."""
-    from .training import LavCapTrainerMixin
-
-    gaudi_trainer = import_optimum_habana().GaudiTrainer
-    return type("LavCapGaudiTrainer", (LavCapTrainerMixin, gaudi_trainer), {"__module__": __name__})

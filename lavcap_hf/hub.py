@@ -18,8 +18,8 @@ from typing import Any
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
+from ._compat import dtype_kwarg
 from .configuration_lavcap import LavCapConfig
-from .convert import dtype_kwarg
 from .metrics import CAPTION_METRICS, format_metrics_table
 from .modeling_lavcap import LavCapForConditionalGeneration
 from .optimal_transport import FUSIONS
@@ -28,11 +28,10 @@ from .pipeline_lavcap import TASK as PIPELINE_TASK
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.jinja")
 TASK_NAME = "Audio-visual captioning"
 TAGS = ["lavcap", "audio-visual-captioning", "audio-captioning", "optimal-transport", "custom_code"]
-DEFAULT_TRAINING_DATA = (
-    "AudioCaps (Kim et al., NAACL 2019): 10-second YouTube clips from AudioSet with human-written captions of their "
-    "sound, as in the LAVCap paper (about 49k training clips with one caption each; test clips have five). The "
-    "frames are those of the same clips."
-)
+NOT_STATED_DATASET = "unstated"
+"""`model-index` dataset type/name of scores whose evaluation set nobody stated (the card never guesses one)."""
+RECORDED_CARD_FIELDS = ("training_data", "eval_dataset", "eval_split")
+"""Config attributes a model may carry ("recorded with the model"); an argument given explicitly wins."""
 FUSION_DESCRIPTIONS = {name: spec.description for name, spec in FUSIONS.items()}
 """One line per fusion type for the model card, from `lavcap_hf.optimal_transport.FUSIONS`."""
 
@@ -66,16 +65,18 @@ def load_eval_results(source: Mapping[str, Any] | str | os.PathLike) -> dict[str
 
 
 def eval_results_to_model_index(
-    scores: Mapping[str, Any], dataset_name: str = "AudioCaps", dataset_split: str = "test"
+    scores: Mapping[str, Any], dataset_name: str | None = None, dataset_split: str | None = None
 ) -> list[EvalResult]:
-    """One `EvalResult` per available metric (metric type = the lower-cased key, e.g. `cider`)."""
+    """One `EvalResult` per available metric of the `audio_captioning` evaluate metric's output (metric type = the
+    lower-cased key, e.g. `cider`). Without a stated `dataset_name` the dataset is `unstated`, and no split."""
+    name_or_unstated = dataset_name or NOT_STATED_DATASET
     return [
         EvalResult(
             task_type=PIPELINE_TASK,
             task_name=TASK_NAME,
-            dataset_type=dataset_name.lower(),
-            dataset_name=dataset_name,
-            dataset_split=dataset_split,
+            dataset_type=name_or_unstated.lower(),
+            dataset_name=name_or_unstated,
+            dataset_split=dataset_split if dataset_name else None,
             metric_type=name.lower(),
             metric_name=name,
             metric_value=float(scores[name]),
@@ -92,9 +93,11 @@ def render_model_card(
     *,
     base_models: Sequence[str] | None = None,
     license: str | None = None,
-    dataset_name: str = "AudioCaps",
-    dataset_split: str = "test",
-    training_data: str = DEFAULT_TRAINING_DATA,
+    training_data: str | None = None,
+    eval_dataset: str | None = None,
+    eval_split: str | None = None,
+    dataset_name: str | None = None,
+    dataset_split: str | None = None,
     template_path: str | os.PathLike = MODEL_CARD_TEMPLATE,
 ) -> ModelCard:
     """The model card of a LAVCap model: description, usage, training data, metrics table, limitations, citation.
@@ -105,12 +108,18 @@ def render_model_card(
         eval_results: caption metrics (see `load_eval_results`); they fill the table and the `model-index`.
         base_models: Hub ids of the pretrained parts, for the `base_model` metadata.
         license: Hub license id (e.g. `llama2` for a LLaMA-2 language model).
-        dataset_name, dataset_split: what the metrics were computed on.
-        training_data: the training data section.
+        training_data: what the model was trained on, as the uploader states it (the "Training data" section).
+        eval_dataset, eval_split: the set the metrics were computed on, as the uploader states it.
+            Each of these three defaults to the model config's attribute of the same name when the model recorded
+            one (`RECORDED_CARD_FIELDS`), else the card says it is not stated: it never assumes a dataset.
+        dataset_name, dataset_split: older names of `eval_dataset`, `eval_split`.
         template_path: the Jinja template (default: the one shipped in this package).
     """
     config = model_or_config.config if isinstance(model_or_config, PreTrainedModel) else model_or_config
     _check_lavcap_config(config)
+    training_data = _stated(training_data, config, "training_data")
+    eval_dataset = _stated(eval_dataset or dataset_name, config, "eval_dataset")
+    eval_split = _stated(eval_split or dataset_split, config, "eval_split")
     scores = load_eval_results(eval_results) if eval_results is not None else None
     model_name = repo_id.split("/")[-1] if repo_id else "LAVCap"
     card_data = ModelCardData(
@@ -120,7 +129,7 @@ def render_model_card(
         tags=TAGS,
         base_model=list(base_models) if base_models else None,
         model_name=model_name,
-        eval_results=eval_results_to_model_index(scores, dataset_name, dataset_split) if scores else None,
+        eval_results=eval_results_to_model_index(scores, eval_dataset, eval_split) if scores else None,
     )
     audio = config.audio_config
     return ModelCard.from_template(
@@ -135,11 +144,20 @@ def render_model_card(
         fusion_description=_fusion_summary(config),
         training_data=training_data,
         metrics_table=format_metrics_table(scores) if scores else None,
-        dataset_name=dataset_name,
-        dataset_split=dataset_split,
+        eval_dataset=eval_dataset,
+        eval_split=eval_split,
         audio_seconds=f"{audio.target_length / 100:g}",
         num_frames=config.num_frames,
     )
+
+
+def _stated(value: str | None, config: Any, field: str) -> str | None:
+    """`value` when given, else the non-blank string the config recorded under `field`, else None."""
+    if value is None:
+        value = getattr(config, field, None)
+    if value is not None and not isinstance(value, str):
+        raise ValueError(f"{field} must be a string, got {type(value).__name__}")
+    return value.strip() or None if value is not None else None
 
 
 def _check_lavcap_config(config: Any) -> None:
@@ -250,24 +268,6 @@ def load_processor(folder: str | os.PathLike) -> Any:
     return None
 
 
-def add_push_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of `lavcap push-to-hub`."""
-    parser.add_argument("model", help="folder of a saved LAVCap model (e.g. the output of `lavcap convert`)")
-    parser.add_argument("repo_id", help="Hub repository, e.g. your-name/lavcap-audiocaps")
-    parser.add_argument(
-        "--eval-results", help="JSON file of caption metrics (the output of `lavcap evaluate`)"
-    )
-    parser.add_argument("--dataset-name", default="AudioCaps", help="dataset the metrics were computed on")
-    parser.add_argument("--dataset-split", default="test", help="split the metrics were computed on")
-    parser.add_argument(
-        "--base-model", action="append", dest="base_models", help="Hub id of a pretrained part (repeatable)"
-    )
-    parser.add_argument("--license", help="Hub license id, e.g. llama2")
-    parser.add_argument("--private", action="store_true", help="create the repository private")
-    parser.add_argument("--token", help="Hub token (default: the logged-in one)")
-    parser.add_argument("--commit-message", default="Upload LAVCap model")
-
-
 def run_push(args: argparse.Namespace) -> Any:
     """`lavcap push-to-hub`: load the saved model and its processor, upload them with a model card."""
     model = LavCapForConditionalGeneration.from_pretrained(args.model, **{dtype_kwarg(): "auto"})
@@ -281,8 +281,17 @@ def run_push(args: argparse.Namespace) -> Any:
         commit_message=args.commit_message,
         base_models=args.base_models,
         license=args.license,
-        dataset_name=args.dataset_name,
-        dataset_split=args.dataset_split,
+        **_card_arguments(args),
     )
     print(f"pushed {args.model} to {args.repo_id}: {getattr(commit, 'commit_url', commit)}")
     return commit
+
+
+def _card_arguments(args: argparse.Namespace) -> dict[str, str | None]:
+    """training_data / eval_dataset / eval_split from the parsed arguments (see `add_model_card_arguments`); a
+    parser without them (the older `--dataset-name`, `--dataset-split` only) still passes those on."""
+    return {
+        "training_data": getattr(args, "training_data", None),
+        "eval_dataset": getattr(args, "eval_dataset", getattr(args, "dataset_name", None)),
+        "eval_split": getattr(args, "eval_split", getattr(args, "dataset_split", None)),
+    }

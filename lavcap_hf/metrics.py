@@ -14,6 +14,11 @@ Availability is reported, never approximated:
 The reason for each missing metric is in the result's `unavailable` dict.
 
 The METEOR JVM is started on the first call and reused by later ones (its start-up takes 10-30 s).
+
+This file is also the `evaluate` metric module `metrics/audio_captioning/audio_captioning.py` of the repository
+(a symbolic link to it): `evaluate.load("metrics/audio_captioning")` copies this file alone into its module cache,
+so it imports nothing from `lavcap_hf` and its first `evaluate.Metric` subclass, `AudioCaptioning`, is the metric.
+Inside the package, `score_captions` computes through that same class.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
+import evaluate
 import numpy as np
 
 CAPTION_METRICS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "SPIDEr")
@@ -38,8 +45,94 @@ METRIC_DISPLAY_NAMES.update({"ROUGE_L": "ROUGE-L", "CIDEr": "CIDEr-D"})
 PTB_TOKENIZER = "ptb"
 FALLBACK_TOKENIZER = "python-fallback"
 
-_INSTALL_HINT = 'caption metrics need pycocoevalcap: install the `eval` extra, pip install "lavcap-hf[eval]"'
+_INSTALL_HINT = (
+    'caption metrics need pycocoevalcap: install the `eval` extra, pip install "lavcap-hf[eval]" '
+    "(or, for the `evaluate` module alone, pip install pycocoevalcap)"
+)
 _SPICE_JAR = "spice-1.0.jar"
+
+
+_CITATION = """\
+@inproceedings{rho2025lavcap,
+  title     = {LAVCap: LLM-based Audio-Visual Captioning using Optimal Transport},
+  author    = {Rho, Kyeongha and Lee, Hyeongkeun and Iverson, Valentio and Chung, Joon Son},
+  booktitle = {IEEE International Conference on Acoustics, Speech and Signal Processing (ICASSP)},
+  year      = {2025}
+}
+@inproceedings{chen2015microsoft,
+  title     = {Microsoft COCO Captions: Data Collection and Evaluation Server},
+  author    = {Chen, Xinlei and Fang, Hao and Lin, Tsung-Yi and Vedantam, Ramakrishna and Gupta, Saurabh and
+               Doll{\\'a}r, Piotr and Zitnick, C. Lawrence},
+  journal   = {arXiv preprint arXiv:1504.00325},
+  year      = {2015}
+}
+"""
+
+_DESCRIPTION = """\
+Audio captioning metrics as the COCO caption evaluation toolkit (pycocoevalcap) computes them: BLEU-1..4, METEOR,
+ROUGE-L, CIDEr-D, SPICE and SPIDEr, on PTB-tokenised text. Corpus-level: CIDEr-D's document frequencies and
+BLEU's brevity penalty depend on all clips scored together. A metric that cannot run here (METEOR and SPICE need
+Java; SPICE needs the Stanford CoreNLP 3.6.0 jars, which are never downloaded) is None, with its reason in
+`unavailable`; nothing is approximated.
+"""
+
+_KWARGS_DESCRIPTION = """\
+Args:
+    predictions: list of str, one generated caption per clip.
+    references: list of list of str, the reference captions of each clip (one or more, e.g. five for AudioCaps).
+Returns:
+    BLEU_1, BLEU_2, BLEU_3, BLEU_4, METEOR, ROUGE_L, CIDEr (CIDEr-D), SPICE, SPIDEr: float, or None when unavailable;
+    unavailable: dict {metric: reason}; num_clips: int; tokenizer: "ptb" (Java) or "python-fallback".
+Examples:
+    >>> metric = evaluate.load("metrics/audio_captioning")
+    >>> scores = metric.compute(predictions=["a dog barks"], references=[["a dog is barking", "a dog barks loudly"]])
+    >>> scores["CIDEr"], scores["unavailable"].get("SPICE")
+"""
+
+
+class AudioCaptioning(evaluate.Metric):
+    """The caption metrics of `compute_caption_metrics` as an `evaluate` metric (one prediction per clip, a list of
+    references per clip). The first `evaluate.Metric` subclass of this file, so the one `evaluate.load` picks."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation=_CITATION,
+            inputs_description=_KWARGS_DESCRIPTION,
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("string"),
+                    "references": datasets.Sequence(datasets.Value("string")),
+                }
+            ),
+            codebase_urls=["https://github.com/salaniz/pycocoevalcap"],
+            reference_urls=["https://arxiv.org/abs/1504.00325", "https://arxiv.org/abs/2501.09291"],
+        )
+
+    def _compute(self, predictions: list[str], references: list[list[str]]) -> dict[str, Any]:
+        return compute_caption_metrics(list(predictions), [list(refs) for refs in references])
+
+
+@functools.cache
+def _caption_metric() -> AudioCaptioning:
+    # In memory: nothing is written to the evaluate cache; one instance, so one METEOR JVM per process.
+    return AudioCaptioning(keep_in_memory=True)
+
+
+def score_captions(
+    predictions: Sequence[str] | Mapping[Hashable, str],
+    references: Sequence[Sequence[str]] | Mapping[Hashable, Sequence[str]],
+) -> dict[str, Any]:
+    """`compute_caption_metrics` through the `AudioCaptioning` evaluate metric: what `lavcap evaluate`, the
+    Trainer's evaluation and `make_compute_metrics` report, equal to `evaluate.load("metrics/audio_captioning")`.
+
+    Takes the inputs of `compute_caption_metrics` (lists, or dicts keyed by clip id); they are validated first,
+    so a bad clip is named in a ValueError, and a dict is scored in its key order (clip ids only label clips).
+    """
+    _import_scorers()
+    ids, hypotheses, reference_lists = _pair_inputs(predictions, references)
+    del ids
+    return _caption_metric().compute(predictions=hypotheses, references=reference_lists)
 
 
 def compute_caption_metrics(
@@ -331,7 +424,7 @@ def make_compute_metrics(
                 f"{token_ids.shape}; logits mean the evaluation did not generate (use predict_with_generate)"
             )
         captions = decode(np.where(token_ids == -100, pad_token_id, token_ids))
-        scores = compute_caption_metrics(list(captions), references)
+        scores = score_captions(list(captions), references)
         return {name: scores[name] for name in CAPTION_METRICS if scores[name] is not None}
 
     return compute_metrics

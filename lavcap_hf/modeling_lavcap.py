@@ -268,35 +268,6 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
         self.post_init()
 
-    @classmethod
-    def from_pretrained_components(
-        cls, *, text: Any, audio: Any = None, vision: Any = None, tokenizer: Any = None, **kwargs: Any
-    ) -> LavCapForConditionalGeneration:
-        """Build the paper's model from CED, CLIP and causal-LM checkpoints (`lavcap_hf.convert.build_from_components`).
-
-        Example: `from_pretrained_components(audio="audiotransformer_base_mAP_4999.pt",
-        vision="openai/clip-vit-large-patch14", text="meta-llama/Llama-2-7b-chat-hf", dtype=torch.float16)`.
-        The tokenizer, with `[PAD]` and the placeholder tokens added, is returned as `model.tokenizer`.
-        """
-        # Imported by name so that the code saved next to a checkpoint for trust_remote_code does not need convert.py.
-        from importlib import import_module
-
-        build_from_components = import_module(".convert", __package__).build_from_components
-        model, tokenizer = build_from_components(audio, vision, text, tokenizer, **kwargs)
-        model.tokenizer = tokenizer
-        return model
-
-    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
-        """Upload the model, its custom code and a model card (`lavcap_hf.hub.push_model_to_hub`: `processor=`,
-        `eval_results=`, `private=`, `token=`). Where this package is not installed, the plain library upload."""
-        from importlib import import_module
-
-        try:
-            hub = import_module(".hub", __package__)
-        except ImportError:
-            return super().push_to_hub(repo_id, **kwargs)
-        return hub.push_model_to_hub(self, repo_id, **kwargs)
-
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save as usual, with the remote-code entries a folder needs where this package is not installed.
 

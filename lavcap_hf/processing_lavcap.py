@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 from collections.abc import Sequence
 from functools import lru_cache
@@ -16,6 +15,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
 from transformers.processing_utils import ProcessorMixin
 
+from ._compat import name_portable_tokenizer_class
 from .feature_extraction_lavcap import LavCapFeatureExtractor
 
 AUDIO_TOKEN = "<|audio|>"
@@ -153,10 +153,14 @@ class LavCapProcessor(ProcessorMixin):
         return _compiled_template(self.chat_template).render(messages=messages)
 
     def _instructions(
-        self, instruction: str | Sequence[str] | None, batch: int, random_instruction: bool
+        self,
+        instruction: str | Sequence[str] | None,
+        batch: int,
+        random_instruction: bool,
+        generator: np.random.Generator,
     ) -> list[str]:
         if random_instruction:
-            return [random.choice(TRAINING_INSTRUCTIONS) for _ in range(batch)]
+            return [TRAINING_INSTRUCTIONS[i] for i in generator.integers(len(TRAINING_INSTRUCTIONS), size=batch)]
         if instruction is None or isinstance(instruction, str):
             return [instruction or DEFAULT_INSTRUCTION] * batch
         if len(instruction) != batch:
@@ -192,7 +196,8 @@ class LavCapProcessor(ProcessorMixin):
             video_embeds: precomputed CLIP embeddings (num_frames, 768) per clip, instead of `videos`.
             instruction: instruction(s) in the prompt; `random_instruction` draws one of the paper's 8 per clip.
             spec_augment: SpecAugment the fbank (training only).
-            generator: numpy Generator or seed for the SpecAugment masks (default: fresh entropy).
+            generator: numpy Generator or seed for the SpecAugment masks and the random instructions (default:
+                fresh entropy); the masks are drawn first.
             padding_side: "left" for generation (the default), "right" is fine for training.
             max_caption_length: caption tokens kept (before EOS); None keeps the released `max_txt_len`, 300.
         Returns:
@@ -203,6 +208,7 @@ class LavCapProcessor(ProcessorMixin):
             raise TypeError(f"unexpected arguments {sorted(kwargs)}")
         data: dict[str, Any] = {}
         batch = None
+        generator = np.random.default_rng(generator)
         if self.num_audio_tokens:
             if audio is None:
                 raise ValueError("this model captions audio: pass `audio` (and `sampling_rate`)")
@@ -228,7 +234,7 @@ class LavCapProcessor(ProcessorMixin):
         if batch is None:
             raise ValueError("no media given: pass `audio`, `videos` or `video_embeds`")
         captions = self._captions(text, batch)
-        prompts = [self.build_prompt(i) for i in self._instructions(instruction, batch, random_instruction)]
+        prompts = [self.build_prompt(i) for i in self._instructions(instruction, batch, random_instruction, generator)]
         data.update(self._tokenize(prompts, captions, padding_side, max_caption_length))
         return BatchFeature(data, tensor_type=return_tensors)
 
@@ -357,7 +363,7 @@ class LavCapProcessor(ProcessorMixin):
 
             custom_object_save(self, save_directory, config=None)
         files = list(self.tokenizer.save_pretrained(save_directory))
-        _name_portable_tokenizer_class(save_directory)
+        name_portable_tokenizer_class(save_directory)
         files += self.feature_extractor.save_pretrained(save_directory)
         config = {
             "processor_class": type(self).__name__,
@@ -433,20 +439,6 @@ def _pad(rows: list[list[int]], value: int, side: str) -> np.ndarray:
         else:
             out[i, : len(row)] = row
     return out
-
-
-def _name_portable_tokenizer_class(save_directory: str | os.PathLike) -> None:
-    """transformers 5.x records a plain `tokenizer.json` tokenizer as "TokenizersBackend", a class 4.55 lacks;
-    "PreTrainedTokenizerFast" loads the same file on both stacks."""
-    path = os.path.join(save_directory, "tokenizer_config.json")
-    if not os.path.exists(path):
-        return
-    with open(path, encoding="utf-8") as f:
-        config = json.load(f)
-    if config.get("tokenizer_class") == "TokenizersBackend":
-        config["tokenizer_class"] = "PreTrainedTokenizerFast"
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(config, f, indent=2, ensure_ascii=False)
 
 
 def _resolve_file(path_or_id: str | os.PathLike, filename: str, hub_kwargs: dict[str, Any]) -> str | None:

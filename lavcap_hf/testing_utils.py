@@ -2,75 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
-
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import CLIPVisionConfig, LlamaConfig
 
 from .configuration_lavcap import CedConfig, LavCapConfig
+from .tiny import tiny_lavcap_config, word_level_tokenizer
 
-
-def tiny_lavcap_config(
-    fusion_type: str = "ot_att",
-    vocab_size: int = 96,
-    width: int = 32,
-    target_length: int = 128,
-    num_frames: int = 4,
-    image_size: int = 32,
-    with_vision: bool = True,
-    **overrides: Any,
-) -> LavCapConfig:
-    """A LAVCap config with a 2-layer CED, a 2-layer CLIP vision tower and a 2-layer LLaMA.
-
-    The two last ids of the vocabulary are the audio and video placeholders unless `overrides` set them.
-    `target_length / 16` audio tokens and `num_frames` visual tokens of width `width` meet in the fusion.
-    """
-    audio = CedConfig(
-        num_mel_bins=64,
-        target_length=target_length,
-        hidden_size=width,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-    )
-    vision = None
-    if with_vision:
-        vision = CLIPVisionConfig(
-            hidden_size=width,
-            intermediate_size=2 * width,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            image_size=image_size,
-            patch_size=image_size // 4,
-            projection_dim=width,
-        )
-    text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=2 * width,
-        intermediate_size=4 * width,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    settings: dict[str, Any] = {
-        "audio_token_id": vocab_size - 2,
-        "video_token_id": vocab_size - 1,
-        "visual_embed_dim": width,
-    }
-    settings.update(overrides)
-    return LavCapConfig(
-        audio_config=audio,
-        vision_config=vision,
-        text_config=text,
-        fusion_type=fusion_type,
-        num_frames=num_frames,
-        **settings,
-    )
+__all__ = ["paper_sized_config", "small_lavcap_config", "tiny_lavcap_config", "word_level_tokenizer"]
 
 
 def small_lavcap_config(
@@ -119,29 +56,6 @@ def small_lavcap_config(
         audio_token_id=audio_token_id,
         video_token_id=video_token_id,
     )
-
-
-def word_level_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer over the words of `texts` and of the LAVCap prompts, with the placeholder tokens.
-
-    Ids: 0 `[PAD]`, 1 `<s>`, 2 `</s>`, 3 `[UNK]`, then the words, then `<|audio|>` and `<|video|>`.
-    Built offline in milliseconds: the demo and tests use it in place of LLaMA's tokenizer.
-    """
-    from .processing_lavcap import TRAINING_INSTRUCTIONS, add_lavcap_special_tokens
-
-    pre_tokenizer = pre_tokenizers.Whitespace()
-    corpus = [*texts, *TRAINING_INSTRUCTIONS, "USER: <Speech> </Speech> ASSISTANT:"]
-    words = sorted({w for text in corpus for w, _ in pre_tokenizer.pre_tokenize_str(text)})
-    specials = ["[PAD]", "<s>", "</s>", "[UNK]"]
-    vocab = {token: i for i, token in enumerate(specials + [w for w in words if w not in specials])}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizer
-    backend.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="[PAD]", bos_token="<s>", eos_token="</s>", unk_token="[UNK]"
-    )
-    add_lavcap_special_tokens(tokenizer)
-    return tokenizer
 
 
 def paper_sized_config(

@@ -16,7 +16,6 @@ import argparse
 import contextlib
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
@@ -27,135 +26,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from peft import LoraConfig
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import SchedulerType, set_seed
 from transformers.utils import logging
 
+from ._compat import dtype_kwarg, processor_kwarg
+from .collator import CAPTION_PREFIX, LavCapDataCollator
 from .configuration_lavcap import LavCapConfig
+from .convert import build_from_components, load_language_model
 from .data import Clip, EpochShuffleSampler, LavCapDataset, group_clips, load_clips
-from .metrics import CAPTION_METRICS, compute_caption_metrics
+from .lora import apply_lora, lavcap_lora_config, merge_and_save
+from .metrics import CAPTION_METRICS, score_captions
 from .modeling_lavcap import IGNORE_INDEX, LavCapForConditionalGeneration
-from .processing_lavcap import TRAINING_INSTRUCTIONS, LavCapProcessor
+from .processing_lavcap import LavCapProcessor
 
 logger = logging.get_logger(__name__)
 
-TRAINED_MODULES = ("multi_modal_projector", "fusion")
-"""Modules trained in full next to the adapters: the projector, and the fusion (OT logit scale, cross-attention)."""
-
-RUNNING_STAT_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 DEFAULT_GENERATION = {"num_beams": 4, "max_new_tokens": 200, "do_sample": False}
 """The paper's evaluation decoding."""
-CAPTION_PREFIX = "caption_"
-"""Evaluation batches carry the teacher-forced rows (prompt + caption) under `caption_input_ids`,
-`caption_attention_mask` and `caption_labels`, next to the prompts `input_ids` / `attention_mask` that generate."""
-
-# ----------------------------------------------------------------------------------------------------------------
-# LoRA
-
-
-def lavcap_lora_config(
-    r: int = 8,
-    lora_alpha: int = 32,
-    lora_dropout: float = 0.1,
-    audio_target_modules: Sequence[str] = ("q_proj", "v_proj"),
-    text_target_modules: Sequence[str] = ("q_proj", "v_proj"),
-) -> LoraConfig:
-    """The paper's adapters: LoRA on CED's and the LLM's q/v projections (r 8, alpha 32, dropout 0.1).
-
-    CLIP's attention also has `q_proj`/`v_proj`; the pattern names the audio tower and the language model only,
-    so the frozen vision tower gets no adapters.
-    """
-    audio = "|".join(audio_target_modules)
-    text = "|".join(text_target_modules)
-    pattern = rf"(.*\.)?(model\.audio_tower\..*\.({audio})|language_model\..*\.({text}))"
-    return LoraConfig(
-        r=r,
-        lora_alpha=lora_alpha,
-        lora_dropout=lora_dropout,
-        target_modules=pattern,
-        modules_to_save=list(TRAINED_MODULES),
-    )
-
-
-def running_stat_modules(model: nn.Module) -> list[str]:
-    """Names of the BatchNorm layers whose running statistics change in training mode (CED's input `init_bn`)."""
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, RUNNING_STAT_NORMS) and module.track_running_stats
-    ]
-
-
-def apply_lora(model: LavCapForConditionalGeneration, lora_config: LoraConfig | None = None) -> PeftModel:
-    """Freeze every base weight (CED, CLIP, LLM) and add the adapters; the projector and fusion stay trainable.
-
-    BatchNorm layers with running statistics (CED's input normalisation) keep updating them in training mode, as in
-    the released code; they are added to `modules_to_save` with frozen affine weights, so that checkpoints and
-    merged models carry the statistics. Trainable tensors are kept in float32 when the base model is half precision.
-    """
-    model.requires_grad_(False)
-    lora_config = lora_config or lavcap_lora_config()
-    norms = [name for name in running_stat_modules(model) if name not in (lora_config.modules_to_save or [])]
-    lora_config = dataclasses.replace(
-        lora_config, modules_to_save=[*(lora_config.modules_to_save or []), *norms]
-    )
-    peft_model = get_peft_model(model, lora_config)
-    for name, parameter in peft_model.named_parameters():
-        if any(f"{norm}.modules_to_save." in name for norm in norms):
-            parameter.requires_grad_(False)
-        elif parameter.requires_grad and parameter.dtype != torch.float32:
-            parameter.data = parameter.data.float()
-    return peft_model
-
-
-def merge_and_save(
-    model: PeftModel, output_dir: str | os.PathLike, processor: LavCapProcessor | None = None
-) -> LavCapForConditionalGeneration:
-    """Fold the adapters into the base weights (in place: `model` is unwrapped) and save a plain model folder, with
-    the processor, that `LavCapForConditionalGeneration.from_pretrained` and `pipeline(...)` load."""
-    merged = model.merge_and_unload()
-    merged.save_pretrained(output_dir)
-    if processor is not None:
-        processor.save_pretrained(output_dir)
-    return merged
-
-
-def load_trained(
-    checkpoint: str | os.PathLike,
-    base_model: str | os.PathLike | PreTrainedModel | None = None,
-    merge: bool = False,
-    **from_pretrained_kwargs: Any,
-) -> PeftModel | LavCapForConditionalGeneration:
-    """A fine-tuned model from a training checkpoint (or a finished run's output folder).
-
-    Args:
-        checkpoint: folder with `adapter_config.json` and the adapter weights (what the Trainer saves).
-        base_model: the model training started from, loaded or a folder; default: the base path recorded in
-            `adapter_config.json`.
-        merge: fold the adapters into the weights and return a plain `LavCapForConditionalGeneration`.
-        from_pretrained_kwargs: for the base model's `from_pretrained` (dtype, device_map, ...).
-    """
-    if not isinstance(base_model, PreTrainedModel):
-        path = base_model or PeftConfig.from_pretrained(checkpoint).base_model_name_or_path
-        if not path:
-            raise ValueError(f"{checkpoint}: adapter_config.json names no base model; pass base_model=")
-        base_model = LavCapForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
-    model = PeftModel.from_pretrained(base_model, checkpoint)
-    return model.merge_and_unload() if merge else model
-
-
-def merge_checkpoint(
-    checkpoint: str | os.PathLike, output_dir: str | os.PathLike, base_model: str | os.PathLike | None = None
-) -> LavCapForConditionalGeneration:
-    """Merge a training checkpoint into a plain model folder, with the processor saved in the checkpoint."""
-    merged = load_trained(checkpoint, base_model, merge=True)
-    merged.save_pretrained(output_dir)
-    LavCapProcessor.from_pretrained(checkpoint).save_pretrained(output_dir)
-    return merged
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Learning-rate schedule and token accuracy
@@ -219,107 +110,6 @@ def token_accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Collator
-
-
-@dataclass
-class LavCapDataCollator:
-    """Turns [`LavCapDataset`] items into model inputs with the processor (in the DataLoader workers).
-
-    Training batches: right-padded `prompt + caption + EOS`, `labels` on caption + EOS, one of the paper's 8
-    instructions per example and SpecAugment on the fbank. Evaluation batches (`training=False`): left-padded
-    prompts with `instruction` (the processor's default when None), no augmentation, and `clip_index` (B,), the
-    dataset indices the trainer uses to find each clip's references. With `teacher_forcing`, when every clip of the
-    batch has a caption, they also hold the right-padded `prompt + caption + EOS` rows and their labels under
-    `caption_input_ids`, `caption_attention_mask`, `caption_labels` (B, L), for the teacher-forced loss and token
-    accuracy; the prompts are cut from these rows, so featurisation runs once.
-
-    Random choices come from a generator seeded with the items' `seed`s, so batches are reproducible.
-
-    Returns:
-        `input_ids`, `attention_mask` (B, L), `input_features` (B, frames, mel) unless `visual_only`,
-        `pixel_values_videos` (B, V, 3, H, W) or `video_embeds` (B, V, D) unless `audio_only`, and `labels` (B, L) or
-        `clip_index` (B,) (and the `caption_*` rows).
-    """
-
-    processor: LavCapProcessor
-    training: bool = True
-    spec_augment: bool = True
-    random_instruction: bool = True
-    instruction: str | None = None
-    max_caption_length: int | None = None
-    teacher_forcing: bool = False
-
-    def __call__(self, items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([item["seed"] for item in items])
-        audio = [item["audio"] for item in items] if "audio" in items[0] else None
-        sampling_rate = items[0]["sampling_rate"]
-        frames = self._stack(items, "frames")
-        embeds = self._stack(items, "video_embeds")
-        captions = None
-        instruction: str | list[str] | None = self.instruction
-        if self.training:
-            captions = [item["caption"] for item in items]
-            missing = [item["id"] for item in items if not item["caption"]]
-            if missing:
-                raise ValueError(f"training clips need a caption; clips {missing} have none")
-            if self.random_instruction:
-                instruction = [
-                    TRAINING_INSTRUCTIONS[i]
-                    for i in rng.integers(len(TRAINING_INSTRUCTIONS), size=len(items))
-                ]
-        elif self.teacher_forcing and all(item["caption"] for item in items):
-            captions = [item["caption"] for item in items]
-        batch = self.processor(
-            audio=audio,
-            videos=frames,
-            video_embeds=embeds,
-            text=captions,
-            sampling_rate=sampling_rate,
-            instruction=instruction,
-            spec_augment=self.training and self.spec_augment,
-            generator=rng,
-            padding_side="right" if captions is not None else "left",
-            max_caption_length=self.max_caption_length,
-            return_tensors="pt",
-        )
-        batch = dict(batch)
-        if not self.training:
-            if captions is not None:
-                batch = self._split_prompts(batch, self.processor.tokenizer.pad_token_id)
-            batch["clip_index"] = torch.tensor([item["index"] for item in items])
-        return batch
-
-    @staticmethod
-    def _split_prompts(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
-        """Move the right-padded teacher-forced rows (B, L) to `caption_*` and put their prompts, left-padded
-        (B, P), in `input_ids` / `attention_mask`: the prompt of a row is what precedes its first label."""
-        ids, mask, labels = batch.pop("input_ids"), batch.pop("attention_mask"), batch.pop("labels")
-        batch.update({f"{CAPTION_PREFIX}input_ids": ids, f"{CAPTION_PREFIX}attention_mask": mask})
-        batch[f"{CAPTION_PREFIX}labels"] = labels
-        # The first labelled position; every row has one, its caption's EOS.
-        prompt_lengths = (labels != IGNORE_INDEX).int().argmax(dim=1)
-        width = int(prompt_lengths.max())
-        # (B, P): the position in `ids` that each left-padded prompt position copies, negative on the padding.
-        source = torch.arange(width)[None, :] - (width - prompt_lengths)[:, None]
-        present = source >= 0
-        batch["input_ids"] = torch.where(present, ids.gather(1, source.clamp(min=0)), pad_token_id)
-        batch["attention_mask"] = present.to(mask.dtype)
-        return batch
-
-    @staticmethod
-    def _stack(items: list[dict[str, Any]], key: str) -> list[np.ndarray] | None:
-        present = [key in item for item in items]
-        if not any(present):
-            return None
-        if not all(present):
-            raise ValueError(
-                f"a batch mixes clips with and without {key}; give every clip the same visual input"
-            )
-        return [item[key] for item in items]
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # Trainer
 
 
@@ -344,7 +134,7 @@ class LavCapTrainerMixin:
       correct argmax next tokens over all caption tokens of the split) on each clip's caption (that of its first
       entry, with the evaluation instruction), one forward pass per batch. With `caption_metrics` (and always in
       `predict`) it also generates captions (`generation_kwargs`, beam 4 / 200 tokens by default) and, when the
-      clips have references, scores them with `compute_caption_metrics` (on the main process; the scores are
+      clips have references, scores them with `score_captions` (on the main process; the scores are
       broadcast). The captions of the last generation are in
       `last_eval_predictions` and are written to `<output_dir>/captions-step<N>.jsonl`. The kept checkpoint is
       chosen by the Trainer's `metric_for_best_model` (`token_accuracy` as released, or e.g. `CIDEr`);
@@ -603,7 +393,7 @@ class LavCapTrainerMixin:
 
         scores = [None]
         if self.is_world_process_zero():
-            result = compute_caption_metrics(captions, references)
+            result = score_captions(captions, references)  # the `evaluate` metric module, as `lavcap evaluate`
             scores = [{name: result[name] for name in CAPTION_METRICS if result[name] is not None}]
         if self.args.world_size > 1:
             broadcast_object_list(scores, from_process=0)
@@ -614,11 +404,12 @@ class LavCapTrainer(LavCapTrainerMixin, Trainer):
     """Transformers `Trainer` for LAVCap; see [`LavCapTrainerMixin`]."""
 
 
-def processor_kwarg(trainer_class: type) -> str:
-    """Name under which this Trainer takes the processor: `processing_class`, or `tokenizer` where older."""
-    initialisers = [vars(cls)["__init__"] for cls in trainer_class.__mro__ if "__init__" in vars(cls)]
-    takes = any("processing_class" in inspect.signature(init).parameters for init in initialisers)
-    return "processing_class" if takes else "tokenizer"
+def gaudi_trainer_class() -> type:
+    """`LavCapTrainerMixin` on top of optimum-habana's `GaudiTrainer` (imported only here)."""
+    from .gaudi import import_optimum_habana
+
+    gaudi_trainer = import_optimum_habana().GaudiTrainer
+    return type("LavCapGaudiTrainer", (LavCapTrainerMixin, gaudi_trainer), {"__module__": __name__})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -828,8 +619,6 @@ def load_model_and_processor(
     dtype = getattr(torch, arguments.dtype) if arguments.dtype else None
     keep_audio = arguments.audio_tower_float32 and dtype not in (None, torch.float32)
     if arguments.model_name_or_path:
-        from .convert import dtype_kwarg
-
         kwargs = {dtype_kwarg(): dtype} if dtype is not None else {}
         source = arguments.model_name_or_path
         kept = ["audio_tower"] if keep_audio and LavCapConfig.from_pretrained(source).uses_audio else []
@@ -840,8 +629,6 @@ def load_model_and_processor(
         raise ValueError(
             "give --model_name_or_path (a LAVCap folder) or the components, at least --language_model"
         )
-    from .convert import build_from_components, load_language_model
-
     language_model, tokenizer = arguments.language_model, arguments.tokenizer_name
     if keep_audio:
         # A loaded LM and no dtype: build_from_components then leaves the front end in float32.
@@ -969,7 +756,7 @@ def build_trainer(
         "warmup_start_lr": arguments.schedule.warmup_start_lr,
     }
     if arguments.gaudi:
-        from .gaudi import gaudi_config_for, gaudi_trainer_class
+        from .gaudi import gaudi_config_for
 
         trainer_class = gaudi_trainer_class()
         kwargs["gaudi_config"] = gaudi_config_for(arguments.training)

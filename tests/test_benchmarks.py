@@ -16,9 +16,9 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from lavcap_hf import LavCapForConditionalGeneration
 from lavcap_hf._compat import enable_activation_checkpointing
+from lavcap_hf.lora import apply_lora, lavcap_lora_config
 from lavcap_hf.modeling_ced import CedBlock
 from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
-from lavcap_hf.training import apply_lora, lavcap_lora_config
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_features  # noqa: E402

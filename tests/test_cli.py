@@ -128,3 +128,50 @@ def test_caption_decodes_frames_for_fusions_without_video_tokens(fusion_type, me
     assert [json.loads(line)["path"] for line in output.read_text().splitlines()] == [
         str(media_dir / "one.mp4")
     ]
+
+
+BLOCK_TORCH_AND_TRANSFORMERS = """
+import sys
+class _Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "transformers"):
+            raise ImportError(f"{name} is blocked in this process")
+sys.meta_path.insert(0, _Block())
+"""
+
+
+@pytest.mark.parametrize(
+    "argv", [["--help"], ["caption", "--help"], ["evaluate", "--help"], ["convert", "--help"]]
+)
+def test_help_imports_neither_torch_nor_transformers(argv) -> None:
+    import subprocess
+    import sys
+
+    code = (
+        BLOCK_TORCH_AND_TRANSFORMERS
+        + f"import sys; from lavcap_cli import main; sys.argv = ['lavcap', *{argv!r}]; main()"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "torch" not in result.stderr
+    if argv == ["--help"]:
+        for command in ("caption", "demo", "train", "evaluate", "convert", "push-to-hub"):
+            assert command in result.stdout
+
+
+def test_import_lavcap_hf_still_registers_the_auto_classes() -> None:
+    import subprocess
+    import sys
+
+    code = "import lavcap_hf; from transformers import AutoConfig; print(type(AutoConfig.for_model('lavcap')).__name__)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip() == "LavCapConfig"
+
+
+def test_light_parser_choices_match_the_package() -> None:
+    import lavcap_cli
+    from lavcap_hf.configuration_lavcap import FUSION_TYPES
+    from lavcap_hf.data import DEFAULT_COLUMNS
+
+    assert lavcap_cli.FUSION_TYPES == FUSION_TYPES and lavcap_cli.DEFAULT_COLUMNS == DEFAULT_COLUMNS

@@ -27,21 +27,22 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from lavcap_cli import add_convert_arguments
 from lavcap_hf import CedModel, LavCapForConditionalGeneration
 from lavcap_hf.convert import (
     OFFICIAL_FUSION_TYPES,
-    add_convert_arguments,
     build_from_components,
     ced_config_from_state_dict,
     convert_official_checkpoint,
+    from_pretrained_components,
     load_ced_weights,
     load_clip_vision_weights,
     load_state_dict,
     official_config_kwargs,
     run_convert,
 )
+from lavcap_hf.lora import apply_lora, lavcap_lora_config
 from lavcap_hf.modeling_ced import interpolate_time_pos_embed
-from lavcap_hf.training import apply_lora, lavcap_lora_config
 
 WIDTH, LAYERS, HEADS, PATCH, MEL, FRAMES = 128, 2, 2, 16, 64, 1024  # CED: heads = width // 64, as released
 RELEASE_TIME_PATCHES = 63  # the release's 1012 frames
@@ -378,7 +379,7 @@ def test_clip_component_loads_the_vision_tower_and_drops_the_text_tower(
 def test_language_model_gets_pad_and_placeholder_tokens_and_keeps_its_weights(llm_folder, release) -> None:
     saved = LlamaForCausalLM.from_pretrained(llm_folder)
     vocab = saved.config.vocab_size
-    model = LavCapForConditionalGeneration.from_pretrained_components(
+    model = from_pretrained_components(
         audio=release, text=llm_folder, num_frames=4, visual_embed_dim=WIDTH, dtype=torch.bfloat16
     )
     tokenizer = model.tokenizer

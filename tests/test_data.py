@@ -15,6 +15,7 @@ from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from lavcap_hf import LavCapProcessor
+from lavcap_hf.collator import LavCapDataCollator
 from lavcap_hf.data import (
     Clip,
     EpochShuffleSampler,
@@ -29,7 +30,6 @@ from lavcap_hf.feature_extraction_lavcap import LavCapFeatureExtractor
 from lavcap_hf.media import MediaError, load_media, write_media
 from lavcap_hf.processing_lavcap import DEFAULT_INSTRUCTION, TRAINING_INSTRUCTIONS
 from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
-from lavcap_hf.training import LavCapDataCollator
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RATE = 16000

@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
+from lavcap_cli import add_evaluate_arguments
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
 from lavcap_hf.data import Clip, load_audiocaps
-from lavcap_hf.evaluation import add_evaluate_arguments, evaluate_model, read_predictions, run_evaluate
+from lavcap_hf.evaluation import evaluate_model, read_predictions, run_evaluate
 from lavcap_hf.hub import load_eval_results
 from lavcap_hf.media import write_media
 from lavcap_hf.metrics import CAPTION_METRICS, compute_caption_metrics

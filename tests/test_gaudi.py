@@ -55,8 +55,9 @@ with mock.patch("subprocess.run", answer_synapse_probe):
     import optimum.habana
 
 from optimum.habana import GaudiTrainer
-from lavcap_hf.gaudi import gaudi_config_for, gaudi_trainer_class
-from lavcap_hf.training import LavCapTrainerMixin, parse_arguments, processor_kwarg
+from lavcap_hf._compat import processor_kwarg
+from lavcap_hf.gaudi import gaudi_config_for
+from lavcap_hf.training import LavCapTrainerMixin, gaudi_trainer_class, parse_arguments
 
 def describe(argv):
     arguments = parse_arguments(argv)

@@ -18,11 +18,12 @@ from huggingface_hub import ModelCard
 from huggingface_hub.repocard_data import model_index_to_eval_results
 from transformers.pipelines import PIPELINE_REGISTRY
 
+from lavcap_cli import add_push_arguments
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
 from lavcap_hf.hub import (
     FUSION_DESCRIPTIONS,
+    NOT_STATED_DATASET,
     PIPELINE_TASK,
-    add_push_arguments,
     load_eval_results,
     push_model_to_hub,
     render_model_card,
@@ -98,8 +99,18 @@ def metrics_rows(card_text: str) -> dict[str, str]:
 
 
 def test_card_has_the_metrics_table_and_a_model_index_that_parses_back(model) -> None:
-    card = render_model_card(model, REPO, SCORES, base_models=["mispeech/ced-base"], license="llama2")
+    card = render_model_card(
+        model,
+        REPO,
+        SCORES,
+        base_models=["mispeech/ced-base"],
+        license="llama2",
+        training_data="AudioCaps train (49k clips, one caption each).",
+        eval_dataset="AudioCaps",
+        eval_split="test",
+    )
     text = str(card)
+    assert "AudioCaps train (49k clips, one caption each)." in text and "on AudioCaps (test split)" in text
     rows = metrics_rows(text)
     assert rows["BLEU-1"] == "0.7123" and rows["CIDEr-D"] == "0.7891" and rows["ROUGE-L"] == "0.5012"
     assert rows["SPICE"] == "n/a" and rows["SPIDEr"] == "n/a"
@@ -118,6 +129,61 @@ def test_card_has_the_metrics_table_and_a_model_index_that_parses_back(model) ->
     assert {(r.task_type, r.dataset_name, r.dataset_split) for r in results} == {
         (PIPELINE_TASK, "AudioCaps", "test")
     }
+
+
+def push_parser() -> argparse.ArgumentParser:
+    """The `lavcap push-to-hub` parser, model card arguments included."""
+    parser = argparse.ArgumentParser()
+    add_push_arguments(parser)
+    return parser
+
+
+def test_card_states_no_dataset_that_nobody_stated(model) -> None:
+    """A model trained on synthesised scenes (the demo) and pushed without saying so is not called AudioCaps."""
+    text = str(render_model_card(model, REPO, SCORES))
+    assert "AudioCaps" not in text
+    assert "Not stated: the uploader did not say what data this model was trained on." in text
+    assert "Caption metrics on an evaluation set that the uploader did not state" in text
+    name, results = model_index_to_eval_results(ModelCard(text).data.to_dict()["model-index"])
+    assert {(r.dataset_name, r.dataset_type, r.dataset_split) for r in results} == {
+        (NOT_STATED_DATASET, NOT_STATED_DATASET, None)
+    }
+    assert {r.metric_name: r.metric_value for r in results}["CIDEr"] == SCORES["CIDEr"]
+
+
+def test_card_uses_what_the_model_recorded_unless_stated_otherwise(model) -> None:
+    config = tiny_lavcap_config()
+    config.training_data = "Synthesised sound scenes from `lavcap demo`."
+    config.eval_dataset = "lavcap demo held-out scenes"
+    text = str(render_model_card(config, REPO, SCORES))
+    assert "Synthesised sound scenes from `lavcap demo`." in text and "AudioCaps" not in text
+    assert "Caption metrics on lavcap demo held-out scenes," in text
+    stated = str(render_model_card(config, REPO, SCORES, eval_dataset="Clotho", eval_split="evaluation"))
+    assert "Caption metrics on Clotho (evaluation split)" in stated
+
+
+@pytest.mark.parametrize("stated", [False, True])
+def test_push_command_card_names_only_the_stated_datasets(model, tmp_path, monkeypatch, stated) -> None:
+    folder = tmp_path / "demo-model"
+    model.save_pretrained(folder)
+    results = tmp_path / "results.json"
+    results.write_text(json.dumps(SCORES))
+    api = FakeHfApi()
+    monkeypatch.setattr("lavcap_hf.hub.HfApi", lambda token=None: api)
+    argv = [str(folder), REPO, "--eval-results", str(results)]
+    if stated:
+        argv += ["--training-data", "Synthesised scenes (lavcap demo)", "--eval-dataset", "demo scenes"]
+        argv += ["--eval-split", "held-out"]
+    run_push(push_parser().parse_args(argv))
+    readme = api.uploaded["readme"]
+    _, results = model_index_to_eval_results(ModelCard(readme).data.to_dict()["model-index"])
+    assert "AudioCaps" not in readme
+    if stated:
+        assert "Synthesised scenes (lavcap demo)" in readme and "on demo scenes (held-out split)" in readme
+        assert {(r.dataset_name, r.dataset_split) for r in results} == {("demo scenes", "held-out")}
+    else:
+        assert "Not stated" in readme and "did not state" in readme
+        assert {r.dataset_name for r in results} == {NOT_STATED_DATASET}
 
 
 def test_card_without_results_says_so(model) -> None:
@@ -197,9 +263,9 @@ def test_push_command_loads_the_folder_and_uploads_it(model, tmp_path, monkeypat
     results.write_text(json.dumps(SCORES))
     api = FakeHfApi()
     monkeypatch.setattr("lavcap_hf.hub.HfApi", lambda token=None: api)
-    parser = argparse.ArgumentParser()
-    add_push_arguments(parser)
-    args = parser.parse_args([str(folder), REPO, "--eval-results", str(results), "--base-model", "a/b"])
+    args = push_parser().parse_args(
+        [str(folder), REPO, "--eval-results", str(results), "--base-model", "a/b"]
+    )
     run_push(args)
 
     expected = saved_files(model, tmp_path, "model") | saved_files(processor, tmp_path, "processor")

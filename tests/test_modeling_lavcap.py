@@ -10,8 +10,8 @@ from helpers import run_without_package
 from transformers import AutoModel, GenerationMixin
 
 from lavcap_hf import FUSION_TYPES, LavCapConfig, LavCapForConditionalGeneration
+from lavcap_hf.lora import apply_lora
 from lavcap_hf.testing_utils import paper_sized_config, tiny_lavcap_config
-from lavcap_hf.training import apply_lora
 
 BOS, PAD = 1, 0
 

@@ -162,14 +162,20 @@ def test_random_instruction_draws_from_the_training_instructions(tokenizer) -> N
     assert len(candidates) == len(TRAINING_INSTRUCTIONS)
     rng = np.random.default_rng(0)
     audio = [rng.standard_normal(800).astype(np.float32) for _ in range(64)]
-    random.seed(0)
-    batch = processor(audio=audio, sampling_rate=SAMPLING_RATE, random_instruction=True)
-    drawn = [
-        candidates[tuple(unpadded(r, m))]
-        for r, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)
-    ]
+
+    def draw(seed: int) -> list[str]:
+        batch = processor(audio=audio, sampling_rate=SAMPLING_RATE, random_instruction=True, generator=seed)
+        return [
+            candidates[tuple(unpadded(r, m))]
+            for r, m in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+        ]
+
+    drawn = draw(0)
     # 64 draws from 8 instructions miss one with probability < 0.002; the seed makes the test deterministic.
     assert set(drawn) == set(TRAINING_INSTRUCTIONS)
+    # The draws come from the caller's generator, not from the global RNG.
+    random.seed(1)
+    assert draw(0) == drawn and draw(1) != drawn
     default = processor(audio=audio[:2], sampling_rate=SAMPLING_RATE)
     expected = prompt_ids(tokenizer, expected_prompt(*processor_counts(processor)))
     assert all(row.tolist() == expected for row in default["input_ids"])

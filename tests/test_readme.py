@@ -10,7 +10,7 @@ from unittest import mock
 
 import pytest
 
-from lavcap_hf.cli import parse_command_line
+from lavcap_cli import parse_command_line
 from lavcap_hf.training import parse_arguments
 
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -26,14 +26,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, Trainin
 from transformers.trainer_utils import set_seed
 
 from lavcap_hf import CedConfig, CedModel, LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf.collator import LavCapDataCollator
 from lavcap_hf.data import LavCapDataset, group_clips, load_manifest
+from lavcap_hf.lora import apply_lora
 from lavcap_hf.synthetic import PLACES, SOUNDS, generate_dataset, make_caption
 from lavcap_hf.testing_utils import word_level_tokenizer
 from lavcap_hf.training import (
-    LavCapDataCollator,
     LavCapTrainer,
     ModelArguments,
-    apply_lora,
     build_dataset,
     build_trainer,
     lavcap_lr_scheduler,

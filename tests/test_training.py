@@ -21,16 +21,13 @@ from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, pipel
 from transformers.trainer_utils import set_seed
 
 from lavcap_hf import CedConfig, CedModel, LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf.collator import LavCapDataCollator
 from lavcap_hf.data import LavCapDataset, group_clips, load_manifest
+from lavcap_hf.lora import apply_lora, load_trained, merge_and_save, merge_checkpoint
 from lavcap_hf.synthetic import PLACES, SOUNDS, generate_dataset, make_caption
 from lavcap_hf.testing_utils import word_level_tokenizer
 from lavcap_hf.training import (
-    LavCapDataCollator,
     LavCapTrainer,
-    apply_lora,
-    load_trained,
-    merge_and_save,
-    merge_checkpoint,
     parse_arguments,
     resume_target,
     run_training,

@@ -1,0 +1,272 @@
+"""The `lavcap` command: caption, demo, train, evaluate, convert, push-to-hub.
+
+Parsing imports neither torch nor transformers, so `lavcap --help` (and any subcommand's `--help`) answers at
+once; a subcommand imports `lavcap_hf` only when it runs. The choices the parsers offer are copied from
+`lavcap_hf` (`tests/test_cli.py` checks that they agree).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+FUSION_TYPES = (
+    "ot_att",
+    "ot_concat",
+    "ot_channel_concat",
+    "ot_cross_attention",
+    "concat",
+    "channel_concat",
+    "audio_only",
+    "visual_only",
+    "concat_once",
+    "plain_cross_attention",
+)
+"""`lavcap_hf.configuration_lavcap.FUSION_TYPES`."""
+
+DEFAULT_COLUMNS = {
+    "video": "video_path",
+    "audio": "audio_path",
+    "caption": "caption",
+    "id": "id",
+    "video_embeds": "video_embeds_path",
+}
+"""`lavcap_hf.data.DEFAULT_COLUMNS`: manifest columns of each role."""
+
+
+def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "paths", nargs="+", help="media files, folders (searched recursively) or glob patterns"
+    )
+    parser.add_argument("--model", required=True, help="model folder or Hub id (model + processor)")
+    parser.add_argument("--output", help="write JSONL (.jsonl) or CSV (.csv) here instead of JSONL to stdout")
+    parser.add_argument(
+        "--format", choices=("jsonl", "csv"), help="output format (default: from --output, else jsonl)"
+    )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument(
+        "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if present)"
+    )
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--plot-ot", metavar="DIR", help="save a picture of each clip's OT plan in DIR")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--output", default="lavcap_demo", help="folder for data, models and the report")
+    parser.add_argument("--num-train", type=int, default=150)
+    parser.add_argument("--num-test", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=300, help="training steps per model")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `lavcap evaluate` and `examples/evaluate.py`."""
+    parser.add_argument("--model", required=True, help="model folder or Hub id (model + processor)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="AudioCaps root (with <split>.json), folder saved by datasets' save_to_disk, or CSV/JSONL/JSON manifest",
+    )
+    parser.add_argument(
+        "--split", default="test", help="split of an AudioCaps root or DatasetDict (default: test)"
+    )
+    parser.add_argument("--output-dir", required=True, help="folder for predictions, scores and run settings")
+    parser.add_argument(
+        "--visual-features-dir", help="AudioCaps .npy CLIP features (default <root>/visual_feature/<split>)"
+    )
+    parser.add_argument(
+        "--use-frames", action="store_true", help="AudioCaps: decode the frames instead of the .npy features"
+    )
+    for role, name in DEFAULT_COLUMNS.items():
+        parser.add_argument(
+            f"--{role.replace('_', '-')}-column", default=name, help=f"manifest/dataset column of the {role}"
+        )
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--num-beams", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=200)
+    parser.add_argument("--instruction", help="prompt instruction (default: 'Please describe the audio.')")
+    parser.add_argument(
+        "--modality-test",
+        action="store_true",
+        help="also evaluate with the visual input zeroed, shuffled across clips, and with the audio silenced",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the shuffled-visual derangement")
+    parser.add_argument(
+        "--no-resume", action="store_true", help="start afresh: delete this run's predictions in --output-dir"
+    )
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding media")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if present)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `lavcap convert`."""
+    parser.add_argument(
+        "--audio",
+        help="CED weights: the original release .pt, mispeech/ced-base (Hub id or folder) or this package's format",
+    )
+    parser.add_argument(
+        "--vision",
+        help="CLIP checkpoint (Hub id or folder), e.g. openai/clip-vit-large-patch14; omit for a model that takes "
+        "precomputed video_embeds",
+    )
+    parser.add_argument(
+        "--text", required=True, help="causal LM (Hub id or folder), e.g. meta-llama/Llama-2-7b-chat-hf"
+    )
+    parser.add_argument("--tokenizer", help="tokenizer to extend (default: the --text checkpoint's)")
+    parser.add_argument(
+        "--checkpoint", help="released LAVCap training checkpoint (e.g. checkpoint_best.pth) to apply on top"
+    )
+    parser.add_argument(
+        "--adapters",
+        action="store_true",
+        help="keep the checkpoint's LoRA as peft adapters in OUTPUT_DIR/adapter instead of merging it",
+    )
+    parser.add_argument(
+        "--lora-alpha", type=float, help="LoRA alpha of the checkpoint (default: its config, else 32)"
+    )
+    parser.add_argument("--fusion-type", choices=FUSION_TYPES, help="default: the checkpoint's, else ot_att")
+    parser.add_argument("--num-frames", type=int, default=20, help="frames per clip (default 20)")
+    parser.add_argument(
+        "--visual-embed-dim",
+        type=int,
+        help="width of the precomputed video_embeds when there is no --vision (default 768, CLIP ViT-L/14)",
+    )
+    parser.add_argument(
+        "--dtype", choices=("float32", "float16", "bfloat16"), help="dtype of the saved model"
+    )
+    parser.add_argument("--output-dir", required=True, help="folder to save the model and tokenizer to")
+
+
+def add_push_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `lavcap push-to-hub`."""
+    parser.add_argument("model", help="folder of a saved LAVCap model (e.g. the output of `lavcap convert`)")
+    parser.add_argument("repo_id", help="Hub repository, e.g. your-name/lavcap-audiocaps")
+    parser.add_argument(
+        "--eval-results", help="JSON file of caption metrics (the output of `lavcap evaluate`)"
+    )
+    parser.add_argument(
+        "--training-data",
+        help="what the model was trained on, in words, for the card's Training data section (default: the model's "
+        "recorded `training_data`, else the card says it is not stated)",
+    )
+    parser.add_argument(
+        "--eval-dataset",
+        "--dataset-name",
+        dest="eval_dataset",
+        help="dataset the --eval-results were computed on (default: the model's recorded `eval_dataset`, else "
+        "the card says it is not stated)",
+    )
+    parser.add_argument(
+        "--eval-split", "--dataset-split", dest="eval_split", help="split of --eval-dataset, e.g. test"
+    )
+    parser.add_argument(
+        "--base-model", action="append", dest="base_models", help="Hub id of a pretrained part (repeatable)"
+    )
+    parser.add_argument("--license", help="Hub license id, e.g. llama2")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+    parser.add_argument("--token", help="Hub token (default: the logged-in one)")
+    parser.add_argument("--commit-message", default="Upload LAVCap model")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lavcap", description="LAVCap audio-visual captioning")
+    commands = parser.add_subparsers(dest="command", required=True)
+    caption = commands.add_parser("caption", help="caption media files with a trained model")
+    add_caption_arguments(caption)
+    caption.set_defaults(run=_run_caption)
+    demo = commands.add_parser(
+        "demo", help="train a small LAVCap on synthesised scenes and caption held-out clips"
+    )
+    add_demo_arguments(demo)
+    demo.set_defaults(run=_run_demo)
+    train = commands.add_parser(
+        "train",
+        add_help=False,
+        help="fine-tune with the Trainer (examples/train.py's options: --config YAML, --gaudi, any override)",
+    )
+    train.set_defaults(run=_run_train)
+    evaluate = commands.add_parser(
+        "evaluate", help="caption a split and score it (BLEU, METEOR, ROUGE-L, CIDEr-D, ...)"
+    )
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(run=_run_evaluate)
+    convert = commands.add_parser(
+        "convert", help="official CED / CLIP / LLaMA / LAVCap checkpoints -> model folder"
+    )
+    add_convert_arguments(convert)
+    convert.set_defaults(run=_run_convert)
+    push = commands.add_parser("push-to-hub", help="upload a model folder with its code and a model card")
+    add_push_arguments(push)
+    push.set_defaults(run=_run_push)
+    return parser
+
+
+# Each subcommand imports the package (torch, transformers) only when it runs.
+
+
+def _run_caption(args: argparse.Namespace) -> int:
+    from lavcap_hf.batch_captioning import run_caption
+
+    return run_caption(args)
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    from lavcap_hf.demo import run_demo_command
+
+    return run_demo_command(args)
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from lavcap_hf.training import run_training
+
+    run_training(args.arguments)
+    return 0
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from lavcap_hf.evaluation import run_evaluate
+
+    run_evaluate(args)
+    return 0
+
+
+def _run_convert(args: argparse.Namespace) -> int:
+    from lavcap_hf.convert import run_convert
+
+    run_convert(args)
+    return 0
+
+
+def _run_push(args: argparse.Namespace) -> int:
+    from lavcap_hf.hub import run_push
+
+    run_push(args)
+    return 0
+
+
+def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse `lavcap ...`; the options of `lavcap train` are left in `args.arguments` for the training parser."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "train":
+        args.arguments = rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_command_line(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

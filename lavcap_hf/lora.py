@@ -1,0 +1,126 @@
+"""LoRA set-up (peft) for LAVCap and the helpers that reload or merge trained adapters.
+
+The paper's adapters: LoRA r 8 / alpha 32 / dropout 0.1 on the q/v projections of CED and of the LLM; the projector
+and the fusion are trained in full (`modules_to_save`), CLIP and the base weights stay frozen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from peft import LoraConfig, PeftConfig, PeftModel, get_peft_model
+from torch import nn
+from transformers import PreTrainedModel
+
+from .modeling_lavcap import LavCapForConditionalGeneration
+from .processing_lavcap import LavCapProcessor
+
+TRAINED_MODULES = ("multi_modal_projector", "fusion")
+"""Modules trained in full next to the adapters: the projector, and the fusion (OT logit scale, cross-attention)."""
+
+RUNNING_STAT_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+def lavcap_lora_config(
+    r: int = 8,
+    lora_alpha: int = 32,
+    lora_dropout: float = 0.1,
+    audio_target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    text_target_modules: Sequence[str] = ("q_proj", "v_proj"),
+) -> LoraConfig:
+    """The paper's adapters: LoRA on CED's and the LLM's q/v projections (r 8, alpha 32, dropout 0.1).
+
+    CLIP's attention also has `q_proj`/`v_proj`; the pattern names the audio tower and the language model only,
+    so the frozen vision tower gets no adapters.
+    """
+    audio = "|".join(audio_target_modules)
+    text = "|".join(text_target_modules)
+    pattern = rf"(.*\.)?(model\.audio_tower\..*\.({audio})|language_model\..*\.({text}))"
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout,
+        target_modules=pattern,
+        modules_to_save=list(TRAINED_MODULES),
+    )
+
+
+def running_stat_modules(model: nn.Module) -> list[str]:
+    """Names of the BatchNorm layers whose running statistics change in training mode (CED's input `init_bn`)."""
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, RUNNING_STAT_NORMS) and module.track_running_stats
+    ]
+
+
+def apply_lora(model: LavCapForConditionalGeneration, lora_config: LoraConfig | None = None) -> PeftModel:
+    """Freeze every base weight (CED, CLIP, LLM) and add the adapters; the projector and fusion stay trainable.
+
+    BatchNorm layers with running statistics (CED's input normalisation) keep updating them in training mode, as in
+    the released code; they are added to `modules_to_save` with frozen affine weights, so that checkpoints and
+    merged models carry the statistics. Trainable tensors are kept in float32 when the base model is half precision.
+    """
+    model.requires_grad_(False)
+    lora_config = lora_config or lavcap_lora_config()
+    norms = [name for name in running_stat_modules(model) if name not in (lora_config.modules_to_save or [])]
+    lora_config = dataclasses.replace(
+        lora_config, modules_to_save=[*(lora_config.modules_to_save or []), *norms]
+    )
+    peft_model = get_peft_model(model, lora_config)
+    for name, parameter in peft_model.named_parameters():
+        if any(f"{norm}.modules_to_save." in name for norm in norms):
+            parameter.requires_grad_(False)
+        elif parameter.requires_grad and parameter.dtype != torch.float32:
+            parameter.data = parameter.data.float()
+    return peft_model
+
+
+def merge_and_save(
+    model: PeftModel, output_dir: str | os.PathLike, processor: LavCapProcessor | None = None
+) -> LavCapForConditionalGeneration:
+    """Fold the adapters into the base weights (in place: `model` is unwrapped) and save a plain model folder, with
+    the processor, that `LavCapForConditionalGeneration.from_pretrained` and `pipeline(...)` load."""
+    merged = model.merge_and_unload()
+    merged.save_pretrained(output_dir)
+    if processor is not None:
+        processor.save_pretrained(output_dir)
+    return merged
+
+
+def load_trained(
+    checkpoint: str | os.PathLike,
+    base_model: str | os.PathLike | PreTrainedModel | None = None,
+    merge: bool = False,
+    **from_pretrained_kwargs: Any,
+) -> PeftModel | LavCapForConditionalGeneration:
+    """A fine-tuned model from a training checkpoint (or a finished run's output folder).
+
+    Args:
+        checkpoint: folder with `adapter_config.json` and the adapter weights (what the Trainer saves).
+        base_model: the model training started from, loaded or a folder; default: the base path recorded in
+            `adapter_config.json`.
+        merge: fold the adapters into the weights and return a plain `LavCapForConditionalGeneration`.
+        from_pretrained_kwargs: for the base model's `from_pretrained` (dtype, device_map, ...).
+    """
+    if not isinstance(base_model, PreTrainedModel):
+        path = base_model or PeftConfig.from_pretrained(checkpoint).base_model_name_or_path
+        if not path:
+            raise ValueError(f"{checkpoint}: adapter_config.json names no base model; pass base_model=")
+        base_model = LavCapForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
+    model = PeftModel.from_pretrained(base_model, checkpoint)
+    return model.merge_and_unload() if merge else model
+
+
+def merge_checkpoint(
+    checkpoint: str | os.PathLike, output_dir: str | os.PathLike, base_model: str | os.PathLike | None = None
+) -> LavCapForConditionalGeneration:
+    """Merge a training checkpoint into a plain model folder, with the processor saved in the checkpoint."""
+    merged = load_trained(checkpoint, base_model, merge=True)
+    merged.save_pretrained(output_dir)
+    LavCapProcessor.from_pretrained(checkpoint).save_pretrained(output_dir)
+    return merged

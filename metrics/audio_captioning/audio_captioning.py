@@ -1,0 +1,1 @@
+../../lavcap_hf/metrics.py
