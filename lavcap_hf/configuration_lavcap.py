@@ -11,6 +11,9 @@ from transformers.models.auto import CONFIG_MAPPING, AutoConfig
 
 from .optimal_transport import FUSION_TYPES, FUSIONS, FusionSpec
 
+PIPELINE_TASK = "audio-visual-captioning"
+"""The task name of `AudioVisualCaptioningPipeline`, as registered with transformers and recorded in saved configs."""
+
 USES_AUDIO = tuple(name for name, spec in FUSIONS.items() if spec.uses_audio)
 USES_VISUAL = tuple(name for name, spec in FUSIONS.items() if spec.uses_visual)
 RENAMED_FUSION_TYPES = {former: spec.name for spec in FUSIONS.values() for former in spec.former_names}
@@ -96,6 +99,20 @@ def _sub_config(value: Any, default_type: str | None) -> PretrainedConfig | None
     return CONFIG_MAPPING[value.pop("model_type", default_type)](**value)
 
 
+def _without_installed_pipeline(custom_pipelines: dict[str, Any]) -> dict[str, Any]:
+    """A saved config names the folder's own copy of the pipeline code (`custom_pipelines`), for users without this
+    package; transformers then insists on `trust_remote_code=True` even where the package is installed. Where this
+    process has the package's pipeline registered under the same task and class, that entry is dropped, so that the
+    installed, reviewed code runs and nothing downloaded does."""
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    saved = custom_pipelines.get(PIPELINE_TASK)
+    installed = PIPELINE_REGISTRY.supported_tasks.get(PIPELINE_TASK)
+    if saved is None or installed is None or saved["impl"].rsplit(".", 1)[-1] != installed["impl"].__name__:
+        return custom_pipelines
+    return {task: spec for task, spec in custom_pipelines.items() if task != PIPELINE_TASK}
+
+
 class LavCapConfig(PretrainedConfig):
     r"""Configuration of [`LavCapForConditionalGeneration`].
 
@@ -137,6 +154,8 @@ class LavCapConfig(PretrainedConfig):
         logit_scale_max: float = 4.605170249938965,
         **kwargs: Any,
     ) -> None:
+        if kwargs.get("custom_pipelines"):
+            kwargs["custom_pipelines"] = _without_installed_pipeline(kwargs["custom_pipelines"])
         fusion_type = _current_fusion_type(fusion_type)
         if isinstance(audio_config, dict):
             audio_config = CedConfig(**{k: v for k, v in audio_config.items() if k != "model_type"})

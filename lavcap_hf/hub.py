@@ -19,11 +19,10 @@ from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData
 from transformers import AutoProcessor, AutoTokenizer, PretrainedConfig, PreTrainedModel
 
 from ._compat import dtype_kwarg
-from .configuration_lavcap import LavCapConfig
+from .configuration_lavcap import PIPELINE_TASK, LavCapConfig
 from .metrics import CAPTION_METRICS, format_metrics_table
 from .modeling_lavcap import LavCapForConditionalGeneration
 from .optimal_transport import FUSIONS
-from .pipeline_lavcap import TASK as PIPELINE_TASK
 
 MODEL_CARD_TEMPLATE = Path(__file__).with_name("model_card.jinja")
 TASK_NAME = "Audio-visual captioning"

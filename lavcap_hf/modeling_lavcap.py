@@ -13,7 +13,7 @@ from torch import nn
 from transformers import AutoModelForCausalLM, CLIPVisionModelWithProjection, GenerationMixin, PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
 
-from .configuration_lavcap import LavCapConfig
+from .configuration_lavcap import PIPELINE_TASK, LavCapConfig
 from .modeling_ced import CedModel
 from .optimal_transport import OT_FUSION_TYPES, build_fusion
 
@@ -286,7 +286,7 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         from transformers.dynamic_module_utils import custom_object_save
         from transformers.pipelines import PIPELINE_REGISTRY
 
-        task = "audio-visual-captioning"
+        task = PIPELINE_TASK
         if task not in PIPELINE_REGISTRY.supported_tasks:
             return
         impl = PIPELINE_REGISTRY.supported_tasks[task]

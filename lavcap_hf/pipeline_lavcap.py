@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from transformers.pipelines.base import ChunkPipeline
 
+from .configuration_lavcap import PIPELINE_TASK as TASK
 from .media import load_media
 
-TASK = "audio-visual-captioning"
 LONG_AUDIO_MODES = ("truncate", "windows")
 
 # (audio, sampling_rate, frames, video_embeds) of one clip, as the processor takes them.

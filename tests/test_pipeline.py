@@ -6,7 +6,10 @@ results are compared with `model.generate` on the same inputs, computed and deco
 
 from __future__ import annotations
 
+import os
 import pickle
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -203,6 +206,40 @@ def test_pipeline_loads_from_the_folder_without_the_package(remote) -> None:
     for name in remote["classes"]:
         assert name.endswith(".AudioVisualCaptioningPipeline")
         assert not name.startswith("lavcap_hf")
+
+
+INSTALLED_SCRIPT = """
+import sys
+import lavcap_hf
+from transformers import AutoModel, AutoProcessor, pipeline
+
+folder = sys.argv[1]
+pipe = pipeline({task!r}, model=folder)
+model = AutoModel.from_pretrained(folder)
+processor = AutoProcessor.from_pretrained(folder)
+for loaded in (type(pipe), type(pipe.model), type(model), type(processor)):
+    print(loaded.__module__ + "." + loaded.__name__)
+print("caption: " + pipe(sys.argv[2])[0]["caption"])
+"""
+
+
+def test_installed_package_loads_the_folder_without_remote_code(workdir, av_reference) -> None:
+    """With lavcap_hf installed, the folder's own copy of the code (saved for users without the package) is not
+    needed: no `trust_remote_code`, and the installed classes run. stdin is closed, so a question would fail."""
+    folder, clip = workdir / "av_model", workdir / "clip.mp4"
+    result = subprocess.run(
+        [sys.executable, "-c", INSTALLED_SCRIPT.format(task=TASK), str(folder), str(clip)],
+        capture_output=True,
+        text=True,
+        stdin=subprocess.DEVNULL,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(workdir / "installed_modules")},
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    *classes, caption = result.stdout.splitlines()[-5:]
+    assert all(name.startswith("lavcap_hf.") for name in classes), classes
+    assert caption == "caption: " + av_reference.caption(av_reference.inputs(clip))[0]
+    assert not (workdir / "installed_modules").exists()  # no remote module was imported
 
 
 def test_written_mp4_has_h264_video_and_44k_stereo_aac(workdir) -> None:
