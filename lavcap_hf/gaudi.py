@@ -41,4 +41,3 @@ def gaudi_config_for(training_arguments: Any) -> Any:
     if name:
         return habana.GaudiConfig.from_pretrained(name)
     return habana.GaudiConfig(**GAUDI_CONFIG)
-

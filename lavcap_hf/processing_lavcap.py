@@ -160,7 +160,9 @@ class LavCapProcessor(ProcessorMixin):
         generator: np.random.Generator,
     ) -> list[str]:
         if random_instruction:
-            return [TRAINING_INSTRUCTIONS[i] for i in generator.integers(len(TRAINING_INSTRUCTIONS), size=batch)]
+            return [
+                TRAINING_INSTRUCTIONS[i] for i in generator.integers(len(TRAINING_INSTRUCTIONS), size=batch)
+            ]
         if instruction is None or isinstance(instruction, str):
             return [instruction or DEFAULT_INSTRUCTION] * batch
         if len(instruction) != batch:
@@ -234,7 +236,10 @@ class LavCapProcessor(ProcessorMixin):
         if batch is None:
             raise ValueError("no media given: pass `audio`, `videos` or `video_embeds`")
         captions = self._captions(text, batch)
-        prompts = [self.build_prompt(i) for i in self._instructions(instruction, batch, random_instruction, generator)]
+        prompts = [
+            self.build_prompt(i)
+            for i in self._instructions(instruction, batch, random_instruction, generator)
+        ]
         data.update(self._tokenize(prompts, captions, padding_side, max_caption_length))
         return BatchFeature(data, tensor_type=return_tensors)
 

@@ -393,7 +393,9 @@ class LavCapTrainerMixin:
 
         scores = [None]
         if self.is_world_process_zero():
-            result = score_captions(captions, references)  # the `evaluate` metric module, as `lavcap evaluate`
+            result = score_captions(
+                captions, references
+            )  # the `evaluate` metric module, as `lavcap evaluate`
             scores = [{name: result[name] for name in CAPTION_METRICS if result[name] is not None}]
         if self.args.world_size > 1:
             broadcast_object_list(scores, from_process=0)
