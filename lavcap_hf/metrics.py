@@ -30,13 +30,12 @@ import re
 import shutil
 import subprocess
 import zipfile
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import datasets
 import evaluate
-import numpy as np
 
 CAPTION_METRICS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "SPIDEr")
 METRIC_DISPLAY_NAMES = {"BLEU_1": "BLEU-1", "BLEU_2": "BLEU-2", "BLEU_3": "BLEU-3", "BLEU_4": "BLEU-4"}
@@ -124,7 +123,7 @@ def score_captions(
     references: Sequence[Sequence[str]] | Mapping[Hashable, Sequence[str]],
 ) -> dict[str, Any]:
     """`compute_caption_metrics` through the `AudioCaptioning` evaluate metric: what `lavcap evaluate`, the
-    Trainer's evaluation and `make_compute_metrics` report, equal to `evaluate.load("metrics/audio_captioning")`.
+    Trainer's evaluation report, equal to `evaluate.load("metrics/audio_captioning")`.
 
     Takes the inputs of `compute_caption_metrics` (lists, or dicts keyed by clip id); they are validated first,
     so a bad clip is named in a ValueError, and a dict is scored in its key order (clip ids only label clips).
@@ -394,45 +393,9 @@ def _spice_score(
     return None
 
 
-def make_compute_metrics(
-    decode: Callable[[np.ndarray], list[str]], references: Sequence[Sequence[str]], *, pad_token_id: int
-) -> Callable[[Any], dict[str, float]]:
-    """A `compute_metrics` for `transformers.Trainer` that scores generated captions.
-
-    The evaluation loop must hand over generated token ids (e.g. `Seq2SeqTrainer` with
-    `predict_with_generate=True`), not logits, for an unshuffled eval set whose clip i has `references[i]`.
-    Example: `make_compute_metrics(lambda ids: tokenizer.batch_decode(ids, skip_special_tokens=True),
-    refs, pad_token_id=tokenizer.pad_token_id)`.
-
-    Args:
-        decode: token ids (num_clips, length) -> one caption string per clip.
-        references: the reference captions of each eval clip, in eval-set order.
-        pad_token_id: written where the Trainer padded the ids with -100 before `decode` sees them.
-
-    Returns:
-        fn(EvalPrediction) -> {metric: float} for the available metrics of `CAPTION_METRICS`.
-    """
-
-    def compute_metrics(eval_prediction: Any) -> dict[str, float]:
-        token_ids = eval_prediction.predictions
-        if isinstance(token_ids, tuple):
-            token_ids = token_ids[0]
-        token_ids = np.asarray(token_ids)
-        if token_ids.ndim != 2 or not np.issubdtype(token_ids.dtype, np.integer):
-            raise ValueError(
-                f"expected generated token ids of shape (num_clips, length), got {token_ids.dtype} array of shape "
-                f"{token_ids.shape}; logits mean the evaluation did not generate (use predict_with_generate)"
-            )
-        captions = decode(np.where(token_ids == -100, pad_token_id, token_ids))
-        scores = score_captions(list(captions), references)
-        return {name: scores[name] for name in CAPTION_METRICS if scores[name] is not None}
-
-    return compute_metrics
-
-
 def format_metrics_table(scores: Mapping[str, Any]) -> str:
-    """A markdown table of the metrics in `scores` (the output of `compute_caption_metrics` or of
-    `make_compute_metrics`), four decimals, `n/a` for unavailable ones with their reasons below the table."""
+    """A markdown table of the metrics in `scores` (the output of `compute_caption_metrics`), four
+    decimals, `n/a` for unavailable ones with their reasons below the table."""
     names = [name for name in CAPTION_METRICS if name in scores]
     if not names:
         raise ValueError(

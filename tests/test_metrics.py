@@ -19,7 +19,6 @@ from lavcap_hf.metrics import (
     compute_caption_metrics,
     fallback_tokenize,
     format_metrics_table,
-    make_compute_metrics,
     missing_spice_files,
 )
 
@@ -301,32 +300,6 @@ def test_missing_pycocoevalcap_asks_for_the_eval_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "pycocoevalcap", None)
     with pytest.raises(ImportError, match=r"lavcap-hf\[eval\]"):
         compute_caption_metrics(["a dog barks"], [["a dog barks"]])
-
-
-def test_make_compute_metrics_decodes_padded_ids(monkeypatch, tmp_path):
-    monkeypatch.setenv("PATH", str(tmp_path))  # fallback tokenisation keeps this test free of Java start-up
-    vocabulary = ["<pad>"] + sorted({w for caption in SMALL_PREDICTIONS.values() for w in caption.split()})
-    ids = {word: index for index, word in enumerate(vocabulary)}
-    rows = [[ids[w] for w in caption.split()] for caption in SMALL_PREDICTIONS.values()]
-    token_ids = np.full((len(rows), max(map(len, rows))), -100)
-    for row, sequence in zip(token_ids, rows, strict=True):
-        row[: len(sequence)] = sequence
-    seen = []
-
-    def decode(batch):
-        seen.append(batch)
-        return [" ".join(vocabulary[i] for i in row if i != 0) for row in batch]
-
-    references = list(SMALL_REFERENCES.values())
-    compute_metrics = make_compute_metrics(decode, references, pad_token_id=0)
-    metrics = compute_metrics(type("EvalPrediction", (), {"predictions": (token_ids, None)})())
-    assert (seen[0] >= 0).all()
-    expected = compute_caption_metrics(list(SMALL_PREDICTIONS.values()), references)
-    assert metrics == {name: expected[name] for name in CAPTION_METRICS if expected[name] is not None}
-    assert set(metrics) == {"BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr"}
-    logits = type("EvalPrediction", (), {"predictions": np.zeros((4, 3, 9), dtype=np.float32)})()
-    with pytest.raises(ValueError, match="predict_with_generate"):
-        compute_metrics(logits)
 
 
 def test_format_metrics_table_marks_unavailable_metrics():
