@@ -54,3 +54,25 @@ def save_scene_model(folder, seed: int = 0, **config_kwargs):
     LavCapForConditionalGeneration(config).save_pretrained(folder)
     LavCapProcessor.from_model_config(config, tokenizer).save_pretrained(folder)
     return config
+
+
+def save_component_parts(folder):
+    """A tiny causal LM folder (with the scenes' word-level tokenizer) and a tiny CED `.pt` state dict under
+    `folder`, the parts a components build starts from; returns (llm folder, ced file)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lavcap_hf import CedConfig, CedModel
+    from lavcap_hf.synthetic import PLACES, SOUNDS, make_caption
+    from lavcap_hf.testing_utils import word_level_tokenizer
+
+    tokenizer = word_level_tokenizer([make_caption(s, p) for s in SOUNDS for p in PLACES])
+    text = LlamaConfig(
+        vocab_size=len(tokenizer) - 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    )  # fmt: skip
+    LlamaForCausalLM(text).save_pretrained(folder / "llm")
+    tokenizer.save_pretrained(folder / "llm")
+    ced = CedModel(CedConfig(target_length=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2))
+    torch.save(ced.state_dict(), folder / "ced.pt")
+    return folder / "llm", folder / "ced.pt"

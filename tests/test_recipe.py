@@ -18,19 +18,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import save_scene_model
+from helpers import save_component_parts, save_scene_model
 from peft import get_peft_model_state_dict
 from safetensors.torch import load_file
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import set_seed
 
-from lavcap_hf import CedConfig, CedModel, LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
 from lavcap_hf.collator import LavCapDataCollator
 from lavcap_hf.data import LavCapDataset, group_clips, load_manifest
 from lavcap_hf.lora import apply_lora
-from lavcap_hf.synthetic import PLACES, SOUNDS, generate_dataset, make_caption
-from lavcap_hf.testing_utils import word_level_tokenizer
+from lavcap_hf.synthetic import generate_dataset
 from lavcap_hf.training import (
     LavCapTrainer,
     ModelArguments,
@@ -374,15 +373,7 @@ def test_float16_recipe_keeps_ced_float32_and_trains_under_fp16_autocast(workspa
 
 
 def test_components_build_reads_ced_in_float32_beside_a_float16_llm(workspace, tmp_path) -> None:
-    tokenizer = word_level_tokenizer([make_caption(s, p) for s in SOUNDS for p in PLACES])
-    text = LlamaConfig(
-        vocab_size=len(tokenizer) - 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    LlamaForCausalLM(text).save_pretrained(tmp_path / "llm")
-    tokenizer.save_pretrained(tmp_path / "llm")
-    ced = CedModel(CedConfig(target_length=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2))
-    torch.save(ced.state_dict(), tmp_path / "ced.pt")
+    save_component_parts(tmp_path)
     components = {"language_model": str(tmp_path / "llm"), "audio_encoder": str(tmp_path / "ced.pt")}
     components.update(num_frames=4, visual_embed_dim=32, dtype="float16")
     kept, _ = load_model_and_processor(ModelArguments(**components, audio_tower_float32=True))

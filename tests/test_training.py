@@ -16,16 +16,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import save_scene_model
-from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments, pipeline
+from helpers import save_component_parts, save_scene_model
+from transformers import TrainingArguments, pipeline
 from transformers.trainer_utils import set_seed
 
-from lavcap_hf import CedConfig, CedModel, LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
 from lavcap_hf.collator import LavCapDataCollator
 from lavcap_hf.data import LavCapDataset, group_clips, load_manifest
 from lavcap_hf.lora import apply_lora, load_trained, merge_and_save, merge_checkpoint
-from lavcap_hf.synthetic import PLACES, SOUNDS, generate_dataset, make_caption
-from lavcap_hf.testing_utils import word_level_tokenizer
+from lavcap_hf.synthetic import generate_dataset
 from lavcap_hf.training import (
     LavCapTrainer,
     parse_arguments,
@@ -325,15 +324,7 @@ def test_trainer_needs_the_raw_columns(workspace, tmp_path) -> None:
 def test_components_build_keeps_its_starting_model_as_the_adapters_base(workspace, tmp_path) -> None:
     """A run built from a CED checkpoint and a causal LM folder saves the model it starts from (its new token rows
     are drawn at random), and the finished run loads from its output folder alone."""
-    tokenizer = word_level_tokenizer([make_caption(s, p) for s in SOUNDS for p in PLACES])
-    text = LlamaConfig(
-        vocab_size=len(tokenizer) - 2, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    LlamaForCausalLM(text).save_pretrained(tmp_path / "llm")
-    tokenizer.save_pretrained(tmp_path / "llm")
-    ced = CedModel(CedConfig(target_length=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2))
-    torch.save(ced.state_dict(), tmp_path / "ced.pt")
+    save_component_parts(tmp_path)
     output = tmp_path / "run"
     args = common_args(workspace, output, "train_features.jsonl")[2:]  # no --model_name_or_path
     args += ["--language_model", str(tmp_path / "llm"), "--audio_encoder", str(tmp_path / "ced.pt")]
