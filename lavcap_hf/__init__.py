@@ -7,10 +7,11 @@ from .configuration_lavcap import FUSION_TYPES, CedConfig, LavCapConfig
 from .feature_extraction_lavcap import LavCapFeatureExtractor
 from .modeling_ced import CedModel
 from .modeling_lavcap import (
-    LavCapCausalLMOutput,
+    LavCapCausalLMOutputWithPast,
     LavCapForConditionalGeneration,
     LavCapModel,
-    LavCapModelOutput,
+    LavCapModelOutputWithPast,
+    LavCapMultimodalOutput,
     LavCapPreTrainedModel,
 )
 from .pipeline_lavcap import TASK, AudioVisualCaptioningPipeline
@@ -42,12 +43,13 @@ __all__ = [
     "FUSION_TYPES",
     "CedConfig",
     "CedModel",
-    "LavCapCausalLMOutput",
+    "LavCapCausalLMOutputWithPast",
     "LavCapConfig",
     "LavCapFeatureExtractor",
     "LavCapForConditionalGeneration",
     "LavCapModel",
-    "LavCapModelOutput",
+    "LavCapModelOutputWithPast",
+    "LavCapMultimodalOutput",
     "LavCapPreTrainedModel",
     "LavCapProcessor",
 ]

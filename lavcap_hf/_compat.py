@@ -10,10 +10,12 @@ import dataclasses
 import inspect
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
 from transformers import PretrainedConfig
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 
 
 def enable_activation_checkpointing(model: nn.Module, **kwargs: Any) -> None:
@@ -57,3 +59,105 @@ def name_portable_tokenizer_class(save_directory: str | os.PathLike) -> None:
         config["tokenizer_class"] = "PreTrainedTokenizerFast"
         with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2, ensure_ascii=False)
+
+
+def register_key_renames(model_type: str, renames: dict[str, str]) -> dict[str, str] | None:
+    """Make `from_pretrained` rename checkpoint keys (regex -> replacement) of folders saved in an older layout.
+
+    5.x keeps a registry of conversions, applied on load and reverted on save (so saved folders keep the older
+    key names, which every release reads); the registration happens here, once per process. 4.55 only applies
+    mappings for its own vision-language classes: the mapping is returned, for `from_pretrained(key_mapping=...)`.
+    """
+    try:
+        from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming
+    except ImportError:  # transformers 4.x
+        return renames
+    register_checkpoint_conversion_mapping(
+        model_type,
+        [WeightRenaming(source_patterns=src, target_patterns=dst) for src, dst in renames.items()],
+        overwrite=True,
+    )
+    return None
+
+
+def multimodal_output_bases() -> tuple[type, type]:
+    """The library's multimodal output classes (base model, causal LM): 5.x has them; for 4.x, stand-ins with
+    the same per-modality fields on the plain outputs."""
+    from transformers import modeling_outputs
+
+    if hasattr(modeling_outputs, "MultimodalBaseModelOutputWithPast"):
+        return (
+            modeling_outputs.MultimodalBaseModelOutputWithPast,
+            modeling_outputs.MultimodalCausalLMOutputWithPast,
+        )
+    return MultimodalBaseModelOutput4x, MultimodalCausalLMOutput4x
+
+
+@dataclasses.dataclass
+class MultimodalBaseModelOutput4x(BaseModelOutputWithPast):
+    """4.x stand-in for `MultimodalBaseModelOutputWithPast`: the encoders' outputs beside the decoder's."""
+
+    video_outputs: Any = None
+    audio_outputs: Any = None
+
+
+@dataclasses.dataclass
+class MultimodalCausalLMOutput4x(CausalLMOutputWithPast):
+    """4.x stand-in for `MultimodalCausalLMOutputWithPast`."""
+
+    video_outputs: Any = None
+    audio_outputs: Any = None
+
+
+def attention_function(implementation: str | None, eager: Callable[..., Any]) -> Callable[..., Any]:
+    """The attention function registered for `config._attn_implementation` ("sdpa", "flash_attention_2", a kernel
+    registered with `AttentionInterface`, ...), `eager` for "eager" or None. 5.x has
+    `ALL_ATTENTION_FUNCTIONS.get_interface`, which also rejects unknown names; 4.55 indexes the registry."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if hasattr(ALL_ATTENTION_FUNCTIONS, "get_interface"):
+        return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager)
+    if implementation in (None, "eager"):
+        return eager
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def _generation_cache_name() -> str:
+    from transformers import GenerationMixin
+
+    parameters = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in parameters else "past_key_values"
+
+
+CACHE_ARGUMENT = _generation_cache_name()
+"""What `generate()` calls the key/value cache it hands to `forward`: `cache` in late 5.x, `past_key_values` before."""
+
+
+def accept_old_cache_name(forward: Any) -> Any:
+    """Where the cache is called `cache`, let `forward` also take it as `past_key_values`, with the library's
+    deprecation warning (as its own models do); elsewhere `forward` is returned as it is."""
+    if CACHE_ARGUMENT != "cache":
+        return forward
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
+
+
+def decoder_cache_kwargs(cache: Any) -> dict[str, Any]:
+    """The cache argument of the library's decoders (`LlamaModel.forward`, ...), under this release's name."""
+    return {} if cache is None else {CACHE_ARGUMENT: cache}
+
+
+def _weight_init_functions() -> Any:
+    """`transformers.initialization` (5.x: the `torch.nn.init` functions, skipping tensors a checkpoint filled), or
+    `torch.nn.init` itself on 4.x, whose loader only initialises modules with missing weights."""
+    try:
+        from transformers import initialization
+    except ImportError:  # transformers 4.x
+        from torch.nn import init as initialization
+    return initialization
+
+
+init = _weight_init_functions()
+"""Weight initialisers for `_init_weights`: `init.normal_`, `init.zeros_`, `init.ones_`, `init.constant_`."""

@@ -9,7 +9,15 @@ from typing import Any
 from transformers import CLIPVisionConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING, AutoConfig
 
-from .optimal_transport import FUSION_TYPES, FUSIONS, FusionSpec
+from .optimal_transport import (
+    FUSION_TYPES,
+    FUSIONS,
+    LOGIT_SCALE_INIT,
+    LOGIT_SCALE_MAX,
+    SINKHORN_EPSILON,
+    SINKHORN_ITERATIONS,
+    FusionSpec,
+)
 
 PIPELINE_TASK = "audio-visual-captioning"
 """The task name of `AudioVisualCaptioningPipeline`, as registered with transformers and recorded in saved configs."""
@@ -144,14 +152,14 @@ class LavCapConfig(PretrainedConfig):
         text_config: PretrainedConfig | dict | None = None,
         fusion_type: str = "ot_att",
         ot_loss_weight: float = 1.0,
-        sinkhorn_epsilon: float = 0.1,
-        sinkhorn_iterations: int = 50,
+        sinkhorn_epsilon: float = SINKHORN_EPSILON,
+        sinkhorn_iterations: int = SINKHORN_ITERATIONS,
         num_frames: int = 20,
         visual_embed_dim: int | None = None,
         audio_token_id: int | None = None,
         video_token_id: int | None = None,
-        logit_scale_init: float = 2.6592600369262695,
-        logit_scale_max: float = 4.605170249938965,
+        logit_scale_init: float = LOGIT_SCALE_INIT,
+        logit_scale_max: float = LOGIT_SCALE_MAX,
         **kwargs: Any,
     ) -> None:
         if kwargs.get("custom_pipelines"):
@@ -179,6 +187,8 @@ class LavCapConfig(PretrainedConfig):
         self.video_token_id = video_token_id
         self.logit_scale_init = logit_scale_init
         self.logit_scale_max = logit_scale_max
+        # The LM head shares the input embedding matrix exactly when the language model's config says so.
+        kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)
 
     @classmethod

@@ -17,31 +17,72 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import BaseModelOutput
 
+from ._compat import attention_function, init
 from .configuration_lavcap import CedConfig
 
 
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention in plain torch, the reference the other implementations must match.
+
+    Args:
+        query, key, value: (B, heads, N, head_dim).
+        attention_mask: additive mask broadcastable to (B, heads, N, N), or None.
+    Returns:
+        the attended values (B, N, heads, head_dim) and the attention weights (B, heads, N, N), as every function
+        of transformers' `AttentionInterface` returns them.
+    """
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    attended = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return attended, weights
+
+
 class CedAttention(nn.Module):
-    """Multi-head self-attention with separate q/k/v projections (LoRA targets) and SDPA."""
+    """Multi-head self-attention with separate q/k/v projections (LoRA targets).
+
+    The attention itself is the function `config._attn_implementation` names in transformers' `AttentionInterface`
+    ("eager": `eager_attention_forward`, "sdpa", "flash_attention_2", or a registered kernel).
+    """
+
+    is_causal = False  # read by the library's sdpa and flash functions
 
     def __init__(self, config: CedConfig) -> None:
         super().__init__()
+        self.config = config
         dim = config.hidden_size
         self.num_heads = config.num_attention_heads
+        self.head_dim = dim // self.num_heads
+        self.scaling = self.head_dim**-0.5
         self.q_proj = nn.Linear(dim, dim, bias=config.qkv_bias)
         self.k_proj = nn.Linear(dim, dim, bias=config.qkv_bias)
         self.v_proj = nn.Linear(dim, dim, bias=config.qkv_bias)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """(B, N, C) -> (B, N, C)."""
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N, C) -> (B, N, C), and the attention weights (B, heads, N, N) where the implementation gives them
+        (eager) or None."""
         batch, length, dim = hidden_states.shape
-
-        def heads(x: torch.Tensor) -> torch.Tensor:
-            return x.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
-
-        query, key, value = (heads(p(hidden_states)) for p in (self.q_proj, self.k_proj, self.v_proj))
-        attended = F.scaled_dot_product_attention(query, key, value)
-        return self.proj(attended.transpose(1, 2).reshape(batch, length, dim))
+        shape = (batch, length, self.num_heads, self.head_dim)
+        query, key, value = (
+            p(hidden_states).view(shape).transpose(1, 2) for p in (self.q_proj, self.k_proj, self.v_proj)
+        )
+        attention = attention_function(self.config._attn_implementation, eager_attention_forward)
+        attended, weights = attention(
+            self, query, key, value, None, scaling=self.scaling, dropout=0.0, **kwargs
+        )
+        return self.proj(attended.reshape(batch, length, dim)), weights
 
 
 class CedMlp(nn.Module):
@@ -66,9 +107,11 @@ class CedBlock(nn.Module):
         self.norm2 = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.mlp = CedMlp(config)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.attn(self.norm1(hidden_states))
-        return hidden_states + self.mlp(self.norm2(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, N, C) -> (B, N, C) and the attention weights (B, heads, N, N) or None."""
+        attended, weights = self.attn(self.norm1(hidden_states), **kwargs)
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.norm2(hidden_states)), weights
 
 
 class Float32BatchNorm2d(nn.BatchNorm2d):
@@ -116,30 +159,42 @@ class CedPreTrainedModel(PreTrainedModel):
     main_input_name = "input_features"
     supports_gradient_checkpointing = True
     _no_split_modules = ["CedBlock"]
+    # Attention goes through `AttentionInterface` (CedAttention): every registered implementation applies.
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """True: `CedAttention` dispatches through `AttentionInterface` (via `_compat.attention_function`), which
+        the library's check, a search of this module's source for its own dispatch idiom, does not recognise."""
+        return True
+
     # Loaded in float32 also under from_pretrained(dtype=bfloat16 / float16): Transformers 5.x gathers this into
     # composite models; 4.55 does not, and relies on Float32BatchNorm2d creating its tensors in float32.
     _keep_in_fp32_modules_strict = ["init_bn"]
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        """With the library's init functions, which leave tensors alone that a checkpoint filled (5.x)."""
         std = self.config.initializer_range
         if isinstance(module, (nn.Linear, nn.Conv2d)):
-            nn.init.trunc_normal_(module.weight, std=std)
+            init.trunc_normal_(module.weight, std=std)
             if module.bias is not None:
-                nn.init.zeros_(module.bias)
+                init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, nn.BatchNorm2d):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
             if module.running_mean is not None:
-                module.running_mean.zero_()
-                module.running_var.fill_(1.0)
-                module.num_batches_tracked.zero_()
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+                init.zeros_(module.num_batches_tracked)
         elif isinstance(module, CedModel):
-            nn.init.normal_(module.time_pos_embed, std=std)
-            nn.init.normal_(module.freq_pos_embed, std=std)
+            init.normal_(module.time_pos_embed, std=std)
+            init.normal_(module.freq_pos_embed, std=std)
 
 
 class CedModel(CedPreTrainedModel):
@@ -164,14 +219,19 @@ class CedModel(CedPreTrainedModel):
         self,
         input_features: torch.Tensor,
         output_hidden_states: bool = False,
+        output_attentions: bool = False,
         return_dict: bool = True,
     ) -> BaseModelOutput | tuple:
         """
         Args:
             input_features: normalised log-mel fbank (B, frames, mel), frames <= `target_length`, frames and mel
                 multiples of the patch size.
+            output_hidden_states: also return the tokens entering each block and leaving the last (before `norm`).
+            output_attentions: also return each block's attention weights (B, heads, N, N); only the "eager"
+                implementation computes them (the others give None).
         Returns:
-            `last_hidden_state` (B, (mel/16) * (frames/16), C), frequency-major.
+            `last_hidden_state` (B, (mel/16) * (frames/16), C), frequency-major; `hidden_states` and `attentions`
+            tuples when asked for.
         """
         self._check_input(input_features)
         # BatchNorm over mel bins: (B, frames, mel) -> (B, mel, 1, frames), the layout the release normalises; in
@@ -182,6 +242,7 @@ class CedModel(CedPreTrainedModel):
         patches = patches + self.time_pos_embed[..., :time_patches] + self.freq_pos_embed
         hidden_states = patches.flatten(2).transpose(1, 2)  # (B, C, F, T) -> (B, F*T, C), frequency-major
         all_hidden = [hidden_states] if output_hidden_states else None
+        all_attentions = [] if output_attentions else None
         checkpointing = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         if checkpointing and not hidden_states.requires_grad:
             # Reentrant checkpointing (the 4.55 default) only back-propagates into blocks whose input requires
@@ -189,16 +250,20 @@ class CedModel(CedPreTrainedModel):
             hidden_states.requires_grad_(True)
         for block in self.blocks:
             if checkpointing:
-                hidden_states = self._gradient_checkpointing_func(block.__call__, hidden_states)
+                hidden_states, weights = self._gradient_checkpointing_func(block.__call__, hidden_states)
             else:
-                hidden_states = block(hidden_states)
+                hidden_states, weights = block(hidden_states)
             if all_hidden is not None:
                 all_hidden.append(hidden_states)
+            if all_attentions is not None:
+                all_attentions.append(weights)
         hidden_states = self.norm(hidden_states)
-        hidden_tuple = tuple(all_hidden) if all_hidden is not None else None
-        if not return_dict:
-            return (hidden_states,) if hidden_tuple is None else (hidden_states, hidden_tuple)
-        return BaseModelOutput(last_hidden_state=hidden_states, hidden_states=hidden_tuple)
+        output = BaseModelOutput(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden) if all_hidden is not None else None,
+            attentions=tuple(all_attentions) if all_attentions is not None else None,
+        )
+        return output if return_dict else output.to_tuple()
 
     def _check_input(self, input_features: torch.Tensor) -> None:
         config = self.config

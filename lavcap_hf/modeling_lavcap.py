@@ -1,18 +1,38 @@
-"""LAVCap: audio encoder + frozen CLIP frames + optimal-transport fusion + causal LM decoder."""
+"""LAVCap: audio encoder + frozen CLIP frames + optimal-transport fusion + causal LM decoder.
 
-from __future__ import annotations
+The layout of transformers' multimodal models (llava, qwen2_audio): `LavCapModel` holds the audio and vision towers,
+the fusion, the projector and the decoder, and takes `input_ids`; `LavCapForConditionalGeneration` adds the LM head.
+"""
 
-import json
+import inspect
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple, Unpack
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoModelForCausalLM, CLIPVisionModelWithProjection, GenerationMixin, PreTrainedModel
-from transformers.modeling_outputs import CausalLMOutputWithPast, ModelOutput
+from transformers import (
+    AutoModel,
+    CLIPVisionModelWithProjection,
+    GenerationMixin,
+    LlamaForCausalLM,
+    PreTrainedModel,
+)
+from transformers.cache_utils import Cache
+from transformers.modeling_outputs import BaseModelOutputWithPooling, ModelOutput
+from transformers.utils import TransformersKwargs
+from transformers.utils.generic import can_return_tuple
 
+from ._compat import (
+    CACHE_ARGUMENT,
+    accept_old_cache_name,
+    decoder_cache_kwargs,
+    init,
+    multimodal_output_bases,
+    register_key_renames,
+)
+from .checkpoint_files import checkpoint_shapes
 from .configuration_lavcap import PIPELINE_TASK, LavCapConfig
 from .modeling_ced import CedModel
 from .optimal_transport import OT_FUSION_TYPES, build_fusion
@@ -22,16 +42,33 @@ IGNORE_INDEX = -100
 # `if`, which would make the host wait for the device once per forward; meta tensors have no values to read.
 _ON_DEVICE_CHECK_TYPES = ("cuda", "meta")
 
+# Folders saved before the decoder moved into `LavCapModel` (and everything 5.x saves: it writes the older names
+# back) hold the whole causal LM under `language_model.`: its decoder is now `model.language_model`, its head `lm_head`.
+KEY_RENAMES_FROM_SEPARATE_LM = {
+    r"^language_model\.model\.": "model.language_model.",
+    r"^language_model\.lm_head\.": "lm_head.",
+}
+_KEY_MAPPING_4X = register_key_renames(LavCapConfig.model_type, KEY_RENAMES_FROM_SEPARATE_LM)
+
+_BaseOutput, _CausalLMOutput = multimodal_output_bases()
+
+MEDIA_INPUTS = ("input_features", "pixel_values_videos", "video_embeds", "multimodal_embeds")
+"""The model inputs that carry a clip's media, or the vectors encoded from them."""
+
 
 @dataclass
-class LavCapModelOutput(ModelOutput):
-    """
+class LavCapMultimodalOutput(ModelOutput):
+    """What the media of B clips become before they enter the decoder.
+
     Args:
         multimodal_embeds: fused tokens projected to the LM width (B, N, d_llm); N = 84 for the paper's model.
         ot_loss: `ot_loss_weight * (loss_v + loss_a)` for the OT fusion types, else None.
         ot_plan: transport plan exp(L) (B, V, A), rows sum to 1/V and columns to 1/A; only with `output_ot_plan`.
-        audio_embeds: audio tokens after frequency pooling (B, A, C).
-        video_embeds: one visual embedding per frame (B, V, C).
+        audio_embeds: audio tokens after frequency pooling (B, A, C), the fusion's audio input.
+        video_embeds: one embedding per frame (B, V, C), the fusion's visual input (from CLIP or as given).
+        audio_outputs: CED's output (`pooler_output` holds `audio_embeds`).
+        video_outputs: CLIP's output over the B * V frames (`pooler_output` holds `video_embeds`); None when
+            precomputed `video_embeds` were given.
     """
 
     multimodal_embeds: torch.Tensor | None = None
@@ -39,10 +76,21 @@ class LavCapModelOutput(ModelOutput):
     ot_plan: torch.Tensor | None = None
     audio_embeds: torch.Tensor | None = None
     video_embeds: torch.Tensor | None = None
+    audio_outputs: BaseModelOutputWithPooling | None = None
+    video_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
-class LavCapCausalLMOutput(CausalLMOutputWithPast):
+class LavCapModelOutputWithPast(_BaseOutput):
+    """The decoder's output (`last_hidden_state`, cache, hidden states, attentions), the encoders' outputs, and
+    the fusion's `ot_loss` and `ot_plan` (B, V, A) (with `output_ot_plan`) when this call encoded the media."""
+
+    ot_loss: torch.Tensor | None = None
+    ot_plan: torch.Tensor | None = None
+
+
+@dataclass
+class LavCapCausalLMOutputWithPast(_CausalLMOutput):
     """Causal LM output plus `lm_loss`, `ot_loss` (`loss = lm_loss + ot_loss`) and the OT plan on request."""
 
     lm_loss: torch.Tensor | None = None
@@ -54,8 +102,13 @@ class LavCapPreTrainedModel(PreTrainedModel):
     config_class = LavCapConfig
     base_model_prefix = "model"
     main_input_name = "input_ids"
+    input_modalities = ("audio", "video", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_compile_fullgraph = True
     _no_split_modules = ["CedBlock", "CLIPEncoderLayer", "LlamaDecoderLayer"]
 
     @classmethod
@@ -64,7 +117,10 @@ class LavCapPreTrainedModel(PreTrainedModel):
     ):
         """`PreTrainedModel.from_pretrained`, except that a checkpoint tensor whose shape differs from the model's
         raises a ValueError naming each such key and both shapes (the library re-initialises it, or raises an error
-        that names neither), unless `ignore_mismatched_sizes=True` asks for the re-initialisation."""
+        that names neither), unless `ignore_mismatched_sizes=True` asks for the re-initialisation. Folders in the
+        older layout (a separate causal LM) load on every supported release."""
+        if _KEY_MAPPING_4X is not None and kwargs.get("key_mapping") is None:
+            kwargs["key_mapping"] = _KEY_MAPPING_4X
         if kwargs.get("ignore_mismatched_sizes"):
             return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         return_info = kwargs.pop("output_loading_info", False)
@@ -86,16 +142,34 @@ class LavCapPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        """The fusion, the projector and the head; the towers and the decoder are initialised by their own classes
+        (the library hands each nested `PreTrainedModel` to its own `_init_weights`). The library's init functions
+        leave tensors alone that a checkpoint has filled."""
         std = getattr(self.config.text_config, "initializer_range", 0.02)
         if isinstance(module, nn.Linear):
-            module.weight.normal_(mean=0.0, std=std)
+            init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
-                module.bias.zero_()
+                init.zeros_(module.bias)
         elif isinstance(module, nn.LayerNorm):
-            module.weight.fill_(1.0)
-            module.bias.zero_()
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
         if hasattr(module, "logit_scale") and isinstance(module.logit_scale, nn.Parameter):
-            module.logit_scale.fill_(self.config.logit_scale_init)
+            init.constant_(module.logit_scale, self.config.logit_scale_init)
+
+    @classmethod
+    def _can_set_attn_implementation(cls) -> bool:
+        """True: this class has no attention of its own; the towers and the decoder switch theirs (the library's
+        check searches this module's source for its attention dispatch idiom, which is in theirs)."""
+        return True
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """False: for code outside the library, 5.x assumes in-place initialisers that ignore what a checkpoint
+        filled, and takes a module without parameters of its own as initialised; under that rule the library's
+        towers nested here (CLIP's attention and MLP blocks, which set their children's scaled init) would keep the
+        generic std 0.02 where their weights are missing. `_init_weights` above uses the library's init functions,
+        as the library's own models do."""
+        return False
 
 
 def _describe_mismatches(
@@ -106,7 +180,7 @@ def _describe_mismatches(
     if all(isinstance(entry, tuple) for entry in mismatched):
         entries = [(key, tuple(ckpt), tuple(ours)) for key, ckpt, ours in mismatched]
     else:
-        stored = _checkpoint_shapes(source, hub_kwargs)
+        stored = checkpoint_shapes(source, hub_kwargs)
         state = model.state_dict()
         prefix = f"{model.base_model_prefix}."
         entries = [
@@ -116,72 +190,115 @@ def _describe_mismatches(
     return [f"{key}: checkpoint {ckpt} vs model {ours}" for key, ckpt, ours in entries]
 
 
-def _checkpoint_shapes(source: str | os.PathLike, hub_kwargs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """Tensor shapes of the safetensors weights (sharded or not) of a folder or Hub repo, from the file headers."""
-    from safetensors import safe_open
-    from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, cached_file
+class MediaModules(NamedTuple):
+    """The modules between the media and the decoder (a tower is None where the fusion type does not use it)."""
 
-    names = ("cache_dir", "revision", "subfolder", "token", "local_files_only")
-    options = {k: hub_kwargs[k] for k in names if k in hub_kwargs}
+    audio_tower: CedModel | None
+    vision_tower: CLIPVisionModelWithProjection | None
+    fusion: nn.Module
+    multi_modal_projector: nn.Linear
 
-    def resolve(filename: str) -> str | None:
-        return cached_file(source, filename, _raise_exceptions_for_missing_entries=False, **options)
 
-    index = resolve(SAFE_WEIGHTS_INDEX_NAME)
-    if index is not None:
-        with open(index, encoding="utf-8") as f:
-            files = [resolve(shard) for shard in sorted(set(json.load(f)["weight_map"].values()))]
-    else:
-        files = [resolve(SAFE_WEIGHTS_NAME)]
-    shapes = {}
-    for file in filter(None, files):
-        with safe_open(file, framework="pt") as handle:
-            shapes.update({key: tuple(handle.get_slice(key).get_shape()) for key in handle.keys()})
-    return shapes
+def build_media_modules(config: LavCapConfig) -> MediaModules:
+    """The towers, the fusion and the projector of `config`, randomly initialised."""
+    _check_widths(config)
+    audio_tower = CedModel(config.audio_config) if config.uses_audio else None
+    has_vision = config.uses_visual and config.vision_config is not None
+    vision_tower = CLIPVisionModelWithProjection(config.vision_config) if has_vision else None
+    fusion_width = config.audio_config.hidden_size if config.uses_audio else config.visual_embed_dim
+    fusion = build_fusion(
+        config.fusion_type,
+        hidden_size=fusion_width,
+        sinkhorn_epsilon=config.sinkhorn_epsilon,
+        sinkhorn_iterations=config.sinkhorn_iterations,
+        logit_scale_init=config.logit_scale_init,
+        logit_scale_max=config.logit_scale_max,
+    )
+    projector = nn.Linear(fusion.output_dim, config.text_config.hidden_size)
+    return MediaModules(audio_tower, vision_tower, fusion, projector)
+
+
+def _flag(value: bool | None, config: Any, name: str) -> bool:
+    """An output switch as given, else as set in the (sub-)config."""
+    return bool(value if value is not None else getattr(config, name, False))
+
+
+def _check_widths(config: LavCapConfig) -> None:
+    if (
+        config.uses_audio
+        and config.uses_visual
+        and config.audio_config.hidden_size != config.visual_embed_dim
+    ):
+        raise ValueError(
+            f"fusion_type={config.fusion_type!r} fuses audio tokens of width {config.audio_config.hidden_size} "
+            f"with visual embeddings of width {config.visual_embed_dim}; they must be equal"
+        )
 
 
 class LavCapModel(LavCapPreTrainedModel):
-    """The audio-visual front end: encoders, OT fusion and the projector to the LM width (no language model)."""
+    """Towers, OT fusion, projector and decoder (no LM head): the fused vectors replace the placeholder tokens."""
 
     def __init__(self, config: LavCapConfig) -> None:
         super().__init__(config)
-        self._check_widths(config)
-        self.audio_tower = CedModel(config.audio_config) if config.uses_audio else None
-        has_vision = config.uses_visual and config.vision_config is not None
-        self.vision_tower = CLIPVisionModelWithProjection(config.vision_config) if has_vision else None
-        fusion_width = config.audio_config.hidden_size if config.uses_audio else config.visual_embed_dim
-        self.fusion = build_fusion(
-            config.fusion_type,
-            hidden_size=fusion_width,
-            sinkhorn_epsilon=config.sinkhorn_epsilon,
-            sinkhorn_iterations=config.sinkhorn_iterations,
-            logit_scale_init=config.logit_scale_init,
-            logit_scale_max=config.logit_scale_max,
+        self.audio_tower, self.vision_tower, self.fusion, self.multi_modal_projector = build_media_modules(
+            config
         )
-        self.multi_modal_projector = nn.Linear(self.fusion.output_dim, config.text_config.hidden_size)
+        self.language_model = AutoModel.from_config(config.text_config)
         self.post_init()
 
-    @staticmethod
-    def _check_widths(config: LavCapConfig) -> None:
-        if (
-            config.uses_audio
-            and config.uses_visual
-            and config.audio_config.hidden_size != config.visual_embed_dim
-        ):
-            raise ValueError(
-                f"fusion_type={config.fusion_type!r} fuses audio tokens of width {config.audio_config.hidden_size} "
-                f"with visual embeddings of width {config.visual_embed_dim}; they must be equal"
-            )
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
 
-    def get_audio_features(self, input_features: torch.Tensor) -> torch.Tensor:
-        """fbank (B, frames, mel) -> audio tokens (B, frames/16, C), CED patches averaged over frequency rows."""
-        patches = self.audio_tower(input_features).last_hidden_state  # (B, F*T, C), frequency-major
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        self.language_model = decoder
+
+    @property
+    def placeholder_token_ids(self) -> list[int]:
+        return [i for i in (self.config.audio_token_id, self.config.video_token_id) if i is not None]
+
+    @can_return_tuple
+    def get_audio_features(
+        self,
+        input_features: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:
+        """fbank (B, frames, mel) -> CED's output, with the audio tokens (B, frames/16, C) as `pooler_output`:
+        the patches (B, F*T, C), frequency-major, averaged over the F frequency rows."""
+        audio_config = self.config.audio_config
+        output = self.audio_tower(
+            input_features,
+            output_hidden_states=_flag(output_hidden_states, audio_config, "output_hidden_states"),
+            output_attentions=_flag(output_attentions, audio_config, "output_attentions"),
+            return_dict=True,
+        )
+        patches = output.last_hidden_state
         batch, _, width = patches.shape
-        freq_rows = self.config.audio_config.freq_patches
-        return patches.view(batch, freq_rows, -1, width).mean(dim=1)
+        return BaseModelOutputWithPooling(
+            last_hidden_state=patches,
+            pooler_output=patches.view(batch, audio_config.freq_patches, -1, width).mean(dim=1),
+            hidden_states=output.hidden_states,
+            attentions=output.attentions,
+        )
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
-        """frames (B, V, 3, H, W) -> projected CLIP image embeddings (B, V, C)."""
+    @can_return_tuple
+    def get_video_features(
+        self,
+        pixel_values_videos: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        **kwargs: Any,
+    ) -> BaseModelOutputWithPooling:
+        """frames (B, V, 3, H, W) -> CLIP's output per clip: `last_hidden_state` (B, V, P, C) over the P patch
+        tokens of each frame (hidden states and attentions stay per frame, B * V first), and the projected image
+        embeddings (B, V, C') as `pooler_output`."""
         if self.vision_tower is None:
             raise ValueError(
                 "this model has no vision tower (vision_config is None): pass precomputed `video_embeds` "
@@ -189,83 +306,251 @@ class LavCapModel(LavCapPreTrainedModel):
             )
         if pixel_values_videos.ndim != 5:
             raise ValueError(
-                f"pixel_values_videos must have shape (batch, frames, 3, height, width), got {tuple(pixel_values_videos.shape)}"
+                "pixel_values_videos must have shape (batch, frames, 3, height, width), got "
+                f"{tuple(pixel_values_videos.shape)}"
             )
         batch, frames = pixel_values_videos.shape[:2]
         pixels = pixel_values_videos.flatten(0, 1).to(self.vision_tower.dtype)
+        vision_config = self.config.vision_config
         # A frozen tower stays out of the backward pass, also when gradient checkpointing hooks its inputs.
         trainable = any(p.requires_grad for p in self.vision_tower.parameters())
         with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
-            embeds = self.vision_tower(pixel_values=pixels).image_embeds
-        return embeds.view(batch, frames, -1)
+            output = self.vision_tower(
+                pixel_values=pixels,
+                output_hidden_states=_flag(output_hidden_states, vision_config, "output_hidden_states"),
+                output_attentions=_flag(output_attentions, vision_config, "output_attentions"),
+                return_dict=True,
+            )
+        return BaseModelOutputWithPooling(
+            last_hidden_state=output.last_hidden_state.unflatten(0, (batch, frames)),
+            pooler_output=output.image_embeds.view(batch, frames, -1),
+            hidden_states=output.hidden_states,
+            attentions=output.attentions,
+        )
 
-    def forward(
+    def get_multimodal_features(
         self,
         input_features: torch.Tensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         video_embeds: torch.Tensor | None = None,
         output_ot_plan: bool = False,
-    ) -> LavCapModelOutput:
-        """Encode a batch of clips into the LM input vectors that replace the placeholder tokens.
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+    ) -> LavCapMultimodalOutput:
+        """Encode B clips into the vectors that replace their prompts' placeholder tokens.
 
         Args:
             input_features: normalised fbank (B, 1024, 64).
             pixel_values_videos: CLIP-preprocessed frames (B, V, 3, 224, 224), or
             video_embeds: precomputed projected CLIP embeddings (B, V, 768).
         """
-        audio_embeds = self._audio_tokens(input_features)
-        video_embeds = self._visual_tokens(pixel_values_videos, video_embeds)
-        fused = self.fusion(audio_embeds, video_embeds, output_ot_plan=output_ot_plan)
+        audio = self._audio_outputs(input_features, output_hidden_states, output_attentions)
+        video, video_tokens = self._visual_outputs(
+            pixel_values_videos, video_embeds, output_hidden_states, output_attentions
+        )
+        audio_tokens = audio.pooler_output if audio is not None else None
+        fused = self.fusion(audio_tokens, video_tokens, output_ot_plan=output_ot_plan)
         ot_loss = None
         if self.config.fusion_type in OT_FUSION_TYPES:
             ot_loss = self.config.ot_loss_weight * (fused.loss_v + fused.loss_a)
         projector_dtype = self.multi_modal_projector.weight.dtype
-        return LavCapModelOutput(
+        return LavCapMultimodalOutput(
             multimodal_embeds=self.multi_modal_projector(fused.fused.to(projector_dtype)),
             ot_loss=ot_loss,
             ot_plan=fused.log_plan.exp() if fused.log_plan is not None else None,
-            audio_embeds=audio_embeds,
-            video_embeds=video_embeds,
+            audio_embeds=audio_tokens,
+            video_embeds=video_tokens,
+            audio_outputs=audio,
+            video_outputs=video,
         )
 
-    def _audio_tokens(self, input_features: torch.Tensor | None) -> torch.Tensor | None:
+    def _audio_outputs(
+        self,
+        input_features: torch.Tensor | None,
+        output_hidden_states: bool | None,
+        output_attentions: bool | None,
+    ) -> BaseModelOutputWithPooling | None:
         if not self.config.uses_audio:
             return None
         if input_features is None:
             raise ValueError(
                 f"fusion_type={self.config.fusion_type!r} needs `input_features` (batch, frames, mel)"
             )
-        return self.get_audio_features(input_features)
+        return self.get_audio_features(
+            input_features, output_hidden_states=output_hidden_states, output_attentions=output_attentions
+        )
 
-    def _visual_tokens(
-        self, pixel_values_videos: torch.Tensor | None, video_embeds: torch.Tensor | None
-    ) -> torch.Tensor | None:
+    def _visual_outputs(
+        self,
+        pixel_values_videos: torch.Tensor | None,
+        video_embeds: torch.Tensor | None,
+        output_hidden_states: bool | None,
+        output_attentions: bool | None,
+    ) -> tuple[BaseModelOutputWithPooling | None, torch.Tensor | None]:
+        """CLIP's output (None for precomputed embeddings) and the frame embeddings (B, V, C)."""
         if not self.config.uses_visual:
-            return None
+            return None, None
         if video_embeds is not None:
             expected = self.config.visual_embed_dim
             if video_embeds.ndim != 3 or video_embeds.shape[-1] != expected:
                 raise ValueError(
                     f"video_embeds must have shape (batch, frames, {expected}), got {tuple(video_embeds.shape)}"
                 )
-            return video_embeds
+            return None, video_embeds
         if pixel_values_videos is None:
             raise ValueError(
                 f"fusion_type={self.config.fusion_type!r} needs `pixel_values_videos` or precomputed `video_embeds`"
             )
-        return self.get_video_features(pixel_values_videos)
+        video = self.get_video_features(pixel_values_videos, output_hidden_states, output_attentions)
+        return video, video.pooler_output
+
+    @can_return_tuple
+    @accept_old_cache_name
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        input_features: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        multimodal_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+        output_ot_plan: bool = False,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> LavCapModelOutputWithPast:
+        """
+        Args:
+            input_ids: prompt (+ caption) tokens with `placeholder_counts` placeholder tokens per row (B, L), or
+            inputs_embeds: their embeddings (B, L, d_llm); the media are merged into them at the placeholders.
+            input_features: normalised fbank (B, 1024, 64).
+            pixel_values_videos: CLIP-preprocessed frames (B, V, 3, 224, 224), or
+            video_embeds: precomputed projected CLIP embeddings (B, V, 768), or
+            multimodal_embeds: the fused vectors of `get_multimodal_features` (B, N, d_llm), encoded before.
+            attention_mask: (B, L), 0 on padding.
+            position_ids: (B, L); generation derives them from the attention mask so left padding is harmless.
+            cache: the decoder's key/value cache to continue from (`past_key_values`, its 4.x name, also works).
+            use_cache: whether the decoder returns its cache (default: the text config's `use_cache`).
+            kwargs: for the decoder (`output_hidden_states`, `output_attentions`, ...).
+        """
+        cache = cache if cache is not None else past_key_values
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        media = (input_features, pixel_values_videos, video_embeds)
+        has_media = any(x is not None for x in media)
+        if has_media and multimodal_embeds is not None:
+            raise ValueError("pass either media inputs or their multimodal_embeds, not both")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        encoded = None
+        if has_media:
+            encoded = self.get_multimodal_features(
+                *media,
+                output_ot_plan=output_ot_plan,
+                output_hidden_states=kwargs.get("output_hidden_states"),
+                output_attentions=kwargs.get("output_attentions"),
+            )
+            multimodal_embeds = encoded.multimodal_embeds
+        if multimodal_embeds is not None:
+            inputs_embeds = self.merge_multimodal_embeds(input_ids, inputs_embeds, multimodal_embeds)
+        elif input_ids is not None and cache is None:
+            self._check_no_placeholders(input_ids)
+        outputs = self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=use_cache,
+            **decoder_cache_kwargs(cache),
+            **kwargs,
+        )
+        return LavCapModelOutputWithPast(
+            **outputs,
+            audio_outputs=encoded.audio_outputs if encoded is not None else None,
+            video_outputs=encoded.video_outputs if encoded is not None else None,
+            ot_loss=encoded.ot_loss if encoded is not None else None,
+            ot_plan=encoded.ot_plan if encoded is not None else None,
+        )
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """(B, L) bool, True at the audio and video placeholders, found in `input_ids`, or where the embedding equals
+        a placeholder's embedding when only `inputs_embeds` (B, L, d) is given."""
+        if not self.placeholder_token_ids:
+            raise ValueError(
+                "config.audio_token_id / video_token_id are not set: the prompt has no placeholders"
+            )
+        mask = torch.zeros(inputs_embeds.shape[:2], dtype=torch.bool, device=inputs_embeds.device)
+        # Compared one id at a time: a tensor of the ids would be a host-to-device copy, which waits for the device.
+        for token_id in self.placeholder_token_ids:
+            if input_ids is not None:
+                mask |= input_ids == token_id
+            else:
+                token = torch.full((), token_id, dtype=torch.long, device=inputs_embeds.device)
+                mask |= (inputs_embeds == self.get_input_embeddings()(token)).all(-1)
+        return mask
+
+    def merge_multimodal_embeds(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, multimodal_embeds: torch.Tensor
+    ) -> torch.Tensor:
+        """Put the N fused vectors of each row (B, N, d) at that row's N placeholder positions, in order."""
+        if multimodal_embeds.shape[0] != inputs_embeds.shape[0]:
+            raise ValueError(
+                f"got {multimodal_embeds.shape[0]} clips for {inputs_embeds.shape[0]} prompts: pass one clip per prompt"
+            )
+        num_vectors = multimodal_embeds.shape[1]
+        is_placeholder = self.get_placeholder_mask(input_ids, inputs_embeds)
+        self._check_placeholder_counts(is_placeholder.sum(dim=1), num_vectors)
+        # The k-th placeholder of a row takes the row's k-th vector. A gather, not masked_scatter, whose backward
+        # selects by the mask and so waits for the device: static shapes keep both directions free of syncs.
+        order = (is_placeholder.cumsum(dim=1) - 1).clamp_(0, num_vectors - 1)
+        index = order.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1])
+        vectors = multimodal_embeds.to(inputs_embeds.device, inputs_embeds.dtype).gather(1, index)
+        return torch.where(is_placeholder.unsqueeze(-1), vectors, inputs_embeds)
+
+    def _check_placeholder_counts(self, counts: torch.Tensor, expected: int) -> None:
+        """Every prompt of the batch (counts (B,)) must hold `expected` placeholders: ValueError naming the counts,
+        or on CUDA a device-side assertion with the same message, raised at the next synchronisation."""
+        message = (
+            f"each prompt must hold {expected} placeholder tokens (audio then video) for fusion_type="
+            f"{self.config.fusion_type!r}"
+        )
+        if counts.device.type in _ON_DEVICE_CHECK_TYPES or torch.compiler.is_compiling():
+            torch._assert_async((counts == expected).all(), message)
+        elif (counts != expected).any():
+            raise ValueError(f"{message}; got {counts.tolist()} for a batch of {len(counts)} clips")
+
+    def _check_no_placeholders(self, input_ids: torch.LongTensor) -> None:
+        """A prompt with placeholders needs its media (only checked where reading the ids costs no device wait)."""
+        if input_ids.device.type in _ON_DEVICE_CHECK_TYPES or torch.compiler.is_compiling():
+            return
+        if any((input_ids == token_id).any() for token_id in self.placeholder_token_ids):
+            raise ValueError(
+                "input_ids contain audio/video placeholder tokens but no input_features, pixel_values_videos, "
+                "video_embeds or multimodal_embeds were given"
+            )
 
 
 class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
-    """LAVCap captioner: [`LavCapModel`] front end + any causal LM; fused vectors replace the placeholder tokens.
+    """LAVCap captioner: [`LavCapModel`] and the LM head.
 
     `generate()` runs the encoders and the fusion once per call, on the B clips (not on their beam copies).
     """
 
+    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
+    # The loss is the released recipe's: the mean over this batch's caption tokens plus the OT loss of its clips,
+    # not a sum to be divided over a gradient-accumulation window; the Trainer scales it per step.
+    accepts_loss_kwargs = False
+    # The head is the language model's: shard it the way that release shards a causal LM's head.
+    _tp_plan = {"lm_head": LlamaForCausalLM._tp_plan["lm_head"]}
+
     def __init__(self, config: LavCapConfig) -> None:
         super().__init__(config)
         self.model = LavCapModel(config)
-        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.post_init()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
@@ -301,21 +586,45 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         }
 
     def get_input_embeddings(self) -> nn.Module:
-        return self.language_model.get_input_embeddings()
+        return self.model.get_input_embeddings()
 
     def set_input_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_input_embeddings(value)
+        self.model.set_input_embeddings(value)
 
-    def get_output_embeddings(self) -> nn.Module | None:
-        return self.language_model.get_output_embeddings()
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
 
     def set_output_embeddings(self, value: nn.Module) -> None:
-        self.language_model.set_output_embeddings(value)
+        self.lm_head = value
+
+    def get_decoder(self) -> nn.Module:
+        return self.model.get_decoder()
+
+    def set_decoder(self, decoder: nn.Module) -> None:
+        self.model.set_decoder(decoder)
+
+    @property
+    def language_model(self) -> nn.Module:
+        return self.model.language_model
+
+    @property
+    def audio_tower(self) -> CedModel | None:
+        return self.model.audio_tower
+
+    @property
+    def vision_tower(self) -> CLIPVisionModelWithProjection | None:
+        return self.model.vision_tower
 
     @property
     def placeholder_token_ids(self) -> list[int]:
-        return [i for i in (self.config.audio_token_id, self.config.video_token_id) if i is not None]
+        return self.model.placeholder_token_ids
 
+    def get_multimodal_features(self, *args: Any, **kwargs: Any) -> LavCapMultimodalOutput:
+        """[`LavCapModel.get_multimodal_features`]: the fused vectors (B, N, d_llm), OT loss and plan of B clips."""
+        return self.model.get_multimodal_features(*args, **kwargs)
+
+    @can_return_tuple
+    @accept_old_cache_name
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -326,60 +635,72 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         video_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
+        multimodal_embeds: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
         output_ot_plan: bool = False,
         logits_to_keep: int | torch.Tensor = 0,
-        **lm_kwargs: Any,
-    ) -> LavCapCausalLMOutput:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> LavCapCausalLMOutputWithPast:
         """
         Args:
-            input_ids: prompt (+ caption) tokens with `placeholder_counts` placeholder tokens per row (B, L).
-            attention_mask: (B, L), 0 on padding.
-            position_ids: (B, L); generation derives them from the attention mask so left padding is harmless.
-            input_features: normalised fbank (B, 1024, 64).
-            pixel_values_videos: CLIP-preprocessed frames (B, V, 3, 224, 224), or
-            video_embeds: precomputed projected CLIP embeddings (B, V, 768).
-            labels: (B, L), -100 everywhere but the caption and EOS.
+            input_ids, inputs_embeds, attention_mask, position_ids, media, `multimodal_embeds`, cache and
+                `use_cache`: as in [`LavCapModel.forward`].
+            labels: (B, L), -100 everywhere but the caption and EOS (`shift_labels` in `kwargs`: the same, already
+                aligned with the logits).
             logits_to_keep: compute the logits of the last N positions only (0: all of them; `generate()` passes 1,
                 so that the prefill does not build (B x beams, L, vocab) logits). Must be 0 with `labels`.
-            lm_kwargs: passed to the language model (cache, position ids, `use_cache`, ...).
+            kwargs: for the decoder (`output_hidden_states`, `output_attentions`, ...).
         Returns:
-            `loss = lm_loss + ot_loss`, `lm_loss`, `ot_loss`, `logits` (B, L or N, vocab), the cache, and `ot_plan`
-            (B, V, A) when `output_ot_plan`.
+            `loss = lm_loss + ot_loss`, `lm_loss`, `ot_loss`, `logits` (B, L or N, vocab), the cache, the encoders'
+            outputs, and `ot_plan` (B, V, A) when `output_ot_plan`.
         """
+        shift_labels = kwargs.pop("shift_labels", None)
         keeps_all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
-        if labels is not None and not keeps_all_logits:
+        if (labels is not None or shift_labels is not None) and not keeps_all_logits:
             raise ValueError("the loss needs the logits of every position: pass logits_to_keep=0 with labels")
-        if not keeps_all_logits:
-            lm_kwargs["logits_to_keep"] = logits_to_keep
-        has_media = any(x is not None for x in (input_features, pixel_values_videos, video_embeds))
-        front = None
-        if inputs_embeds is None and has_media:
-            inputs_embeds, front = self._embed_prompt(
-                input_ids, input_features, pixel_values_videos, video_embeds, output_ot_plan
-            )
-        elif inputs_embeds is None:
-            inputs_embeds = self._embed_tokens(input_ids)
-            if self._count_placeholders(input_ids).any() and not self._has_cache(lm_kwargs):
-                raise ValueError(
-                    "input_ids contain audio/video placeholder tokens but no input_features, pixel_values_videos "
-                    "or video_embeds were given"
-                )
-        lm_out = self.language_model(
-            inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=position_ids, **lm_kwargs
+        outputs = self.model(
+            input_ids=input_ids,
+            input_features=input_features,
+            pixel_values_videos=pixel_values_videos,
+            video_embeds=video_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            inputs_embeds=inputs_embeds,
+            multimodal_embeds=multimodal_embeds,
+            cache=cache if cache is not None else past_key_values,
+            use_cache=use_cache,
+            output_ot_plan=output_ot_plan,
+            return_dict=True,
+            **kwargs,
         )
-        lm_loss = self._lm_loss(lm_out.logits, labels) if labels is not None else None
-        ot_loss = front.ot_loss if front is not None else None
-        loss = None
-        if lm_loss is not None:
-            loss = lm_loss + ot_loss if ot_loss is not None else lm_loss
-        extra = {k: v for k, v in lm_out.items() if k not in ("loss", "logits")}
-        return LavCapCausalLMOutput(
-            loss=loss,
-            logits=lm_out.logits,
-            lm_loss=lm_loss,
-            ot_loss=ot_loss,
-            ot_plan=front.ot_plan if front is not None else None,
-            **extra,
+        hidden_states = outputs.last_hidden_state
+        if not keeps_all_logits:
+            kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            hidden_states = hidden_states[:, kept]
+        logits = self.lm_head(hidden_states)
+        lm_loss = None
+        if labels is not None or shift_labels is not None:
+            lm_loss = self._lm_loss(logits, labels, shift_labels)
+        loss = lm_loss
+        if lm_loss is not None and outputs.ot_loss is not None:
+            loss = lm_loss + outputs.ot_loss
+        decoder_fields = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
+        return LavCapCausalLMOutputWithPast(loss=loss, logits=logits, lm_loss=lm_loss, **decoder_fields)
+
+    @staticmethod
+    def _lm_loss(
+        logits: torch.Tensor, labels: torch.LongTensor | None, shift_labels: torch.LongTensor | None = None
+    ) -> torch.Tensor:
+        """Mean next-token cross entropy over the targets that are not -100, in fp32. The targets of logits (B, L, V)
+        are `labels` (B, L) shifted by one, or `shift_labels` (B, L) as given: aligned before the sequence was cut
+        into shards (sequence / context parallel training), they are the only correct ones there."""
+        if shift_labels is None:
+            logits, shift_labels = logits[:, :-1], labels[:, 1:]
+        flat_logits = logits.float().reshape(-1, logits.shape[-1])
+        return F.cross_entropy(
+            flat_logits, shift_labels.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX
         )
 
     @torch.no_grad()
@@ -392,122 +713,124 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         video_embeds: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> Any:
-        """`GenerationMixin.generate` with the media encoded up front, once per clip.
+        """`GenerationMixin.generate` with the media encoded up front, and the prompt prefilled, once per clip.
 
-        The encoders, the fusion and the projector run on the B clips; their vectors replace the placeholders of
-        `input_ids` (B, L) and the language model decodes from these `inputs_embeds`, which `generate()` repeats
-        for the beams (as the released code does). Without media inputs this is the plain `generate()`.
+        The encoders, the fusion and the projector run on the B clips. With several beams (or returned samples) per
+        clip and a dynamic cache, the decoder also reads each prompt once: all but its last token fill a cache of B
+        rows, which is then repeated for the beams, and `GenerationMixin.generate` continues from it (without this,
+        it reads every prompt once per beam). Otherwise `generate()` repeats the clips' vectors
+        (`multimodal_embeds`, (B, N, d_llm)) for the beams, and each forward that reads the placeholders (the
+        prefill, or every step without a cache) merges them into the prompt's embeddings.
+        `share_prefill=False` turns the shared prefill off (the captions are the same).
+        `compile_decoding=True` decodes over a static cache with the decoding step compiled as one graph
+        (`torch.compile(fullgraph=True)`; on CUDA with CUDA graphs), where the library compiles: on accelerators.
+        It pays off over many calls of one shape (a corpus), not for one caption; off by default.
         The output holds the prompt ids then the new tokens, (B * num_return_sequences, L + new), as usual.
         """
+        share_prefill = kwargs.pop("share_prefill", True)
+        if kwargs.pop("compile_decoding", False):
+            kwargs = _compiled_decoding(kwargs)
         media = (input_features, pixel_values_videos, video_embeds)
-        if all(x is None for x in media):
-            return super().generate(inputs, *args, **kwargs)
-        if kwargs.get("inputs_embeds") is not None:
-            raise ValueError(
-                "pass either inputs_embeds or media inputs (input_features, pixel_values_videos, ...)"
-            )
-        input_ids = kwargs.pop("input_ids", None)
-        if (input_ids is None) == (inputs is None):
-            raise ValueError(
-                "generate() with media inputs needs the prompt ids once: as input_ids or as inputs"
-            )
-        input_ids = input_ids if input_ids is not None else inputs
-        inputs_embeds, _ = self._embed_prompt(input_ids, *media)
-        return super().generate(None, *args, input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        if any(x is not None for x in media):
+            if kwargs.get("multimodal_embeds") is not None:
+                raise ValueError("pass either media inputs or their multimodal_embeds, not both")
+            kwargs["multimodal_embeds"] = self.model.get_multimodal_features(*media).multimodal_embeds
+        elif kwargs.get("multimodal_embeds") is None and not _given_cache(kwargs):
+            prompt = inputs if inputs is not None else kwargs.get("input_ids")
+            if prompt is not None and kwargs.get("inputs_embeds") is None:
+                self.model._check_no_placeholders(prompt)
+        if inputs is not None and kwargs.get("input_ids") is None and inputs.dtype == torch.long:
+            inputs, kwargs["input_ids"] = None, inputs
+        copies = self._copies_per_prompt(kwargs)
+        if share_prefill and copies > 1 and self._can_share_prefill(kwargs):
+            kwargs = self._prefill_once_per_prompt(kwargs, copies)
+        return super().generate(inputs, *args, **kwargs)
 
-    def _embed_prompt(
-        self,
-        input_ids: torch.LongTensor,
-        input_features: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_embeds: torch.Tensor | None = None,
-        output_ot_plan: bool = False,
-    ) -> tuple[torch.Tensor, LavCapModelOutput]:
-        """Prompt embeddings (B, L, d) with the B clips' fused vectors at the placeholders, and the front end's
-        output (OT loss, and the plan when `output_ot_plan`)."""
-        token_embeds = self._embed_tokens(input_ids)
-        front = self.model(input_features, pixel_values_videos, video_embeds, output_ot_plan=output_ot_plan)
-        return self._scatter_multimodal(input_ids, token_embeds, front.multimodal_embeds), front
+    def _copies_per_prompt(self, kwargs: dict[str, Any]) -> int:
+        """How many rows `generate()` makes of each prompt: its beams, or its returned samples without beams."""
+        config = kwargs.get("generation_config") or self.generation_config
 
-    def _embed_tokens(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """Token embeddings (B, L, d); placeholders are looked up too (they are in the vocabulary) then replaced."""
-        if input_ids is None:
-            raise ValueError("pass either input_ids or inputs_embeds")
-        return self.get_input_embeddings()(input_ids)
+        def setting(name: str) -> int:
+            value = kwargs.get(name)
+            return int(value if value is not None else getattr(config, name, 1) or 1)
 
-    def _placeholder_mask(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        """(B, L) bool, True at the audio and video placeholder tokens."""
-        # Compared one id at a time: a tensor of the ids would be a host-to-device copy, which waits for the device.
-        mask = torch.zeros_like(input_ids, dtype=torch.bool)
-        for token_id in self.placeholder_token_ids:
-            mask |= input_ids == token_id
-        return mask
+        beams = setting("num_beams")
+        return beams if beams > 1 else setting("num_return_sequences")
 
-    def _count_placeholders(self, input_ids: torch.LongTensor) -> torch.Tensor:
-        return self._placeholder_mask(input_ids).sum(dim=1)
+    def _can_share_prefill(self, kwargs: dict[str, Any]) -> bool:
+        """A prompt given as ids, decoded with a dynamic cache that starts empty and by the model alone, whose last
+        token is not a placeholder (that token is read after the cache is repeated, without the media)."""
+        config = kwargs.get("generation_config") or self.generation_config
+        input_ids = kwargs.get("input_ids")
+        if input_ids is None or input_ids.shape[1] < 2 or kwargs.get("inputs_embeds") is not None:
+            return False
+        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False or _given_cache(kwargs):
+            return False
+        if kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) is not None:
+            return False
+        if any(kwargs.get(name) is not None for name in ("assistant_model", "prompt_lookup_num_tokens")):
+            return False
+        last = input_ids[:, -1:]
+        return not any(bool((last == token_id).any()) for token_id in self.placeholder_token_ids)
 
-    def _scatter_multimodal(
-        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor, multimodal_embeds: torch.Tensor
-    ) -> torch.Tensor:
-        """Put the N fused vectors of each row (B, N, d) at that row's N placeholder positions, in order."""
-        if not self.placeholder_token_ids:
-            raise ValueError(
-                "config.audio_token_id / video_token_id are not set: the prompt has no placeholders"
-            )
-        if multimodal_embeds.shape[0] != input_ids.shape[0]:
-            raise ValueError(
-                f"got {multimodal_embeds.shape[0]} clips for {input_ids.shape[0]} prompts: pass one clip per prompt"
-            )
-        num_vectors = multimodal_embeds.shape[1]
-        is_placeholder = self._placeholder_mask(input_ids)
-        self._check_placeholder_counts(is_placeholder.sum(dim=1), num_vectors)
-        # The k-th placeholder of a row takes the row's k-th vector. A gather, not masked_scatter, whose backward
-        # selects by the mask and so waits for the device: static shapes keep both directions free of syncs.
-        order = (is_placeholder.cumsum(dim=1) - 1).clamp_(0, num_vectors - 1)
-        index = order.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1])
-        vectors = multimodal_embeds.to(inputs_embeds.dtype).gather(1, index)
-        return torch.where(is_placeholder.unsqueeze(-1), vectors, inputs_embeds)
-
-    def _check_placeholder_counts(self, counts: torch.Tensor, expected: int) -> None:
-        """Every prompt of the batch (counts (B,)) must hold `expected` placeholders: ValueError naming the counts,
-        or on CUDA a device-side assertion with the same message, raised at the next synchronisation."""
-        message = (
-            f"each prompt must hold {expected} placeholder tokens (audio then video) for fusion_type="
-            f"{self.config.fusion_type!r}"
+    def _prefill_once_per_prompt(self, kwargs: dict[str, Any], copies: int) -> dict[str, Any]:
+        """Read all but the last token of the B prompts (B, L) into a cache, repeat its rows `copies` times (the
+        layout `generate()` gives the beams: each prompt's copies next to each other) and hand it to `generate()`."""
+        input_ids = kwargs["input_ids"]
+        attention_mask = kwargs.get("attention_mask")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        head_mask = attention_mask[:, :-1]
+        # Positions as `generate()` derives them: counted over the real tokens, so left padding is harmless.
+        positions = (head_mask.long().cumsum(-1) - 1).clamp_(min=0)
+        prefill = self.model(
+            input_ids=input_ids[:, :-1],
+            attention_mask=head_mask,
+            position_ids=positions,
+            multimodal_embeds=kwargs.pop("multimodal_embeds", None),
+            use_cache=True,
+            return_dict=True,
         )
-        if counts.device.type in _ON_DEVICE_CHECK_TYPES:
-            torch._assert_async((counts == expected).all(), message)
-        elif (counts != expected).any():
-            raise ValueError(f"{message}; got {counts.tolist()} for a batch of {len(counts)} clips")
-
-    @staticmethod
-    def _has_cache(lm_kwargs: dict[str, Any]) -> bool:
-        cache = lm_kwargs.get("cache", lm_kwargs.get("past_key_values"))
-        return cache is not None and cache.get_seq_length() > 0
-
-    @staticmethod
-    def _lm_loss(logits: torch.Tensor, labels: torch.LongTensor) -> torch.Tensor:
-        """Mean next-token cross entropy over the label positions that are not -100, in fp32."""
-        shift_logits = logits[:, :-1].float().reshape(-1, logits.shape[-1])
-        shift_labels = labels[:, 1:].reshape(-1).to(logits.device)
-        return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+        cache = prefill[1]  # the cache field (`cache` in late 5.x, `past_key_values` before)
+        cache.batch_repeat_interleave(copies)
+        return {**kwargs, "attention_mask": attention_mask, CACHE_ARGUMENT: cache}
 
     def prepare_inputs_for_generation(
-        self,
-        *args: Any,
-        inputs_embeds: torch.Tensor | None = None,
-        input_features: torch.Tensor | None = None,
-        pixel_values_videos: torch.Tensor | None = None,
-        video_embeds: torch.Tensor | None = None,
-        **kwargs: Any,
+        self, input_ids: torch.LongTensor, inputs_embeds: torch.Tensor | None = None, **kwargs: Any
     ) -> dict[str, Any]:
-        """Pass media inputs on the prefill step only (where `GenerationMixin.generate` is called with them directly:
-        `generate()` above encodes them itself). `inputs_embeds` is named so that `generate()` forwards it."""
-        model_inputs = super().prepare_inputs_for_generation(*args, inputs_embeds=inputs_embeds, **kwargs)
-        if not self._has_cache(model_inputs) or not kwargs.get("use_cache", True):
-            model_inputs.update(
-                input_features=input_features,
-                pixel_values_videos=pixel_values_videos,
-                video_embeds=video_embeds,
-            )
+        """Pass the media (or their vectors) where the step's tokens hold the placeholders: on the first step (5.x
+        says so with `is_first_iteration`, 4.x's first step starts at cache position 0) and on every step without a
+        cache; the decoding steps of a cached run read the prompt from the cache."""
+        media = {key: kwargs.pop(key, None) for key in MEDIA_INPUTS}
+        model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        if not kwargs.get("use_cache", True) or _is_first_step(kwargs):
+            model_inputs.update(media)
         return model_inputs
+
+
+def _compiled_decoding(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`generate()` settings for a static cache and a decoding step compiled as one graph, unless given."""
+    from transformers import CompileConfig
+
+    return {
+        "cache_implementation": "static",
+        "compile_config": CompileConfig(fullgraph=True, dynamic=False),
+        **kwargs,
+    }
+
+
+def _given_cache(kwargs: dict[str, Any]) -> bool:
+    return kwargs.get("cache", kwargs.get("past_key_values")) is not None
+
+
+def _is_first_step(kwargs: dict[str, Any]) -> bool:
+    if _GENERATION_FLAGS_FIRST_STEP:
+        return bool(kwargs.get("is_first_iteration", False))
+    cache_position = kwargs.get("cache_position")
+    return cache_position is None or bool(cache_position[0] == 0)
+
+
+# 5.x tells `prepare_inputs_for_generation` which call is a batch's first (`is_first_iteration`); 4.x does not.
+_GENERATION_FLAGS_FIRST_STEP = (
+    "is_first_iteration" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+)

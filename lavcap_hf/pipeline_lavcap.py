@@ -11,6 +11,10 @@ import torch
 from transformers.pipelines.base import ChunkPipeline
 
 from .configuration_lavcap import PIPELINE_TASK as TASK
+
+# Imported here too because `media` needs it: transformers 4.55 copies only this file's own relative imports into its
+# remote-code cache when a saved folder's pipeline loads.
+from .feature_extraction_lavcap import resample  # noqa: F401
 from .media import load_media
 
 LONG_AUDIO_MODES = ("truncate", "windows")
@@ -123,6 +127,12 @@ class AudioVisualCaptioningPipeline(ChunkPipeline):
                 raise ValueError(
                     f"unknown input keys {sorted(unknown)}: use audio, sampling_rate, frames, video_embeds"
                 )
+            if inputs.get("audio") is not None and inputs.get("sampling_rate") is None:
+                # A raw waveform says nothing of its rate; the pipeline does not guess it.
+                raise ValueError(
+                    "sampling_rate is required with raw audio: pass the rate of `audio` in Hz (the model uses "
+                    f"{self.processor.feature_extractor.sampling_rate} Hz)"
+                )
             return (
                 inputs.get("audio"),
                 inputs.get("sampling_rate"),
@@ -175,11 +185,11 @@ class AudioVisualCaptioningPipeline(ChunkPipeline):
         prompt = {"input_ids": model_inputs["input_ids"], "attention_mask": model_inputs["attention_mask"]}
         plan = None
         if return_ot_plan:
-            # One front-end pass gives both the plan and the prompt embeddings that generate() decodes from.
-            embeds, front = self.model._embed_prompt(prompt["input_ids"], **media, output_ot_plan=True)
-            if front.ot_plan is None:
+            # One encoding gives both the plan and the vectors that generate() decodes from.
+            encoded_media = self.model.get_multimodal_features(**media, output_ot_plan=True)
+            if encoded_media.ot_plan is None:
                 raise ValueError(f"fusion_type={self.model.config.fusion_type!r} has no OT plan")
-            plan, encoded = front.ot_plan, {"inputs_embeds": embeds}
+            plan, encoded = encoded_media.ot_plan, {"multimodal_embeds": encoded_media.multimodal_embeds}
         else:
             encoded = media  # generate() encodes them
         sequences = self.model.generate(**prompt, **encoded, **generate_kwargs)

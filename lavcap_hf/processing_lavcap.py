@@ -1,19 +1,25 @@
 """LavCapProcessor: prompt with placeholder tokens, tokenization, labels, audio features and frames in one call."""
 
-from __future__ import annotations
-
 import json
 import os
 import re
 from collections.abc import Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from jinja2 import Template
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 from transformers import AutoTokenizer, BatchFeature, PreTrainedTokenizerBase
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import (
+    AudioKwargs,
+    MultiModalData,
+    ProcessingKwargs,
+    ProcessorMixin,
+    TextKwargs,
+    Unpack,
+)
 
 from ._compat import name_portable_tokenizer_class
 from .feature_extraction_lavcap import LavCapFeatureExtractor
@@ -24,6 +30,8 @@ PAD_TOKEN = "[PAD]"
 IGNORE_INDEX = -100
 PROCESSOR_CONFIG = "processor_config.json"
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
+LEGACY_CHAT_TEMPLATE_FILE = "chat_template.json"
+ADDITIONAL_CHAT_TEMPLATES_DIR = "additional_chat_templates"
 ASSISTANT_MARK = re.compile(r"ASSISTANT\s*:")
 PLACEHOLDER = re.compile(f"{re.escape(AUDIO_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
 PLACEHOLDER_RUN = re.compile(f"((?:{PLACEHOLDER.pattern})+)")
@@ -59,6 +67,39 @@ CHAT_TEMPLATE = (
 )
 
 
+# No `from __future__ import annotations` in this module: the library reads these TypedDicts' annotations at run
+# time, as types, not strings.
+class LavCapTextKwargs(TextKwargs, total=False):
+    """Text settings of `LavCapProcessor.__call__` beyond the tokenizer's.
+
+    max_caption_length: caption tokens kept (before EOS); None keeps the released `max_txt_len`, 300.
+    random_instruction: draw each clip's instruction from the paper's 8 training instructions.
+    """
+
+    max_caption_length: int | None
+    random_instruction: bool
+
+
+class LavCapAudioKwargs(AudioKwargs, total=False):
+    """Audio settings of `LavCapProcessor.__call__` beyond the library's.
+
+    spec_augment: SpecAugment the fbank (training only).
+    """
+
+    spec_augment: bool
+
+
+class LavCapProcessorKwargs(ProcessingKwargs, total=False):
+    text_kwargs: LavCapTextKwargs
+    audio_kwargs: LavCapAudioKwargs
+    _defaults = {
+        # Left padding: generation continues every row from its last prompt token.
+        "text_kwargs": {"padding": "longest", "padding_side": "left", "random_instruction": False},
+        "audio_kwargs": {"spec_augment": False},
+        "common_kwargs": {"return_tensors": "pt"},
+    }
+
+
 def add_lavcap_special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[int, int]:
     """Add `[PAD]` (when the tokenizer has no pad token) and the two placeholder tokens; return their ids.
 
@@ -89,6 +130,7 @@ class LavCapProcessor(ProcessorMixin):
     """
 
     attributes = ["feature_extractor", "tokenizer"]
+    valid_processor_kwargs = LavCapProcessorKwargs
     # The library checks attributes against classes it can name; a remote-code copy of LavCapFeatureExtractor is
     # not one of them, so the check uses its base class and `from_pretrained` below builds the real one.
     feature_extractor_class = "SequenceFeatureExtractor"
@@ -121,7 +163,7 @@ class LavCapProcessor(ProcessorMixin):
         tokenizer: PreTrainedTokenizerBase,
         feature_extractor: LavCapFeatureExtractor | None = None,
         **feature_kwargs: Any,
-    ) -> LavCapProcessor:
+    ) -> "LavCapProcessor":
         """A processor whose placeholder counts, fbank length and frame count match a `LavCapConfig`."""
         audio, video = config.placeholder_counts
         if feature_extractor is None:
@@ -150,7 +192,9 @@ class LavCapProcessor(ProcessorMixin):
         return text.replace(VIDEO_TOKEN, VIDEO_TOKEN * self.num_video_tokens, 1)
 
     def _render(self, messages: list[dict[str, Any]]) -> str:
-        return _compiled_template(self.chat_template).render(messages=messages)
+        template = self.chat_template
+        template = template["default"] if isinstance(template, dict) else template
+        return _compiled_template(template).render(messages=messages)
 
     def _instructions(
         self,
@@ -173,52 +217,57 @@ class LavCapProcessor(ProcessorMixin):
 
     def __call__(
         self,
+        text: str | Sequence[str] | None = None,
         audio: np.ndarray | Sequence[np.ndarray] | None = None,
         videos: np.ndarray | Sequence[np.ndarray] | None = None,
-        text: str | Sequence[str] | None = None,
-        sampling_rate: int | None = None,
         video_embeds: np.ndarray | Sequence[np.ndarray] | None = None,
         instruction: str | Sequence[str] | None = None,
-        random_instruction: bool = False,
-        spec_augment: bool = False,
         generator: np.random.Generator | int | None = None,
-        padding_side: str = "left",
-        max_caption_length: int | None = None,
-        return_tensors: str | None = "pt",
-        **kwargs: Any,
+        **kwargs: Unpack[LavCapProcessorKwargs],
     ) -> BatchFeature:
         """Featurise a batch of clips and build the prompts (plus labels when captions are given).
 
         Args:
+            text: reference captions (training): appended after the prompt with EOS, and `labels` returned.
             audio: waveforms (samples,) or (samples, channels), one or a list; needed unless the model is
                 `visual_only`.
             videos: uint8 RGB frames (num_frames, H, W, 3), one per clip.
-            text: reference captions (training): appended after the prompt with EOS, and `labels` returned.
-            sampling_rate: rate of `audio` in Hz.
             video_embeds: precomputed CLIP embeddings (num_frames, 768) per clip, instead of `videos`.
-            instruction: instruction(s) in the prompt; `random_instruction` draws one of the paper's 8 per clip.
-            spec_augment: SpecAugment the fbank (training only).
+            instruction: instruction(s) in the prompt (default: "Please describe the audio.").
             generator: numpy Generator or seed for the SpecAugment masks and the random instructions (default:
                 fresh entropy); the masks are drawn first.
-            padding_side: "left" for generation (the default), "right" is fine for training.
-            max_caption_length: caption tokens kept (before EOS); None keeps the released `max_txt_len`, 300.
+            kwargs: `LavCapProcessorKwargs`, flat or per modality (`text_kwargs={...}`, `audio_kwargs={...}`):
+                text: `padding` (True / "longest", the default; "max_length" with `max_length`; False),
+                `max_length`, `pad_to_multiple_of`, `padding_side` ("left", the default, for generation; "right"
+                is fine for training), `max_caption_length` (caption tokens kept before EOS; None keeps the
+                released 300), `random_instruction` (draw one of the paper's 8 instructions per clip).
+                audio: `sampling_rate` (Hz of `audio`; default: the feature extractor's), `spec_augment`
+                (training only). `return_tensors`: "pt" (the default), "np" or None. The fbank length and the
+                frame size are the model's (the feature extractor's settings), not call options.
         Returns:
             `input_ids`, `attention_mask` (B, L), `input_features` (B, 1024, 64), `pixel_values_videos`
             (B, 20, 3, 224, 224) or `video_embeds` (B, 20, 768), and `labels` (B, L) when `text` is given.
         """
-        if kwargs:
-            raise TypeError(f"unexpected arguments {sorted(kwargs)}")
+        if kwargs.get("images") is not None:
+            raise ValueError("LAVCap takes no images: pass the clip's frames as `videos`")
+        # The prompt side is the processor's (left, for generation): a tokenizer saved with right padding for
+        # training the language model alone must not flip it.
+        tokenizer_settings = {k: v for k, v in self.tokenizer.init_kwargs.items() if k != "padding_side"}
+        settings = self._merge_kwargs(
+            LavCapProcessorKwargs, tokenizer_init_kwargs=tokenizer_settings, **kwargs
+        )
+        text_kwargs, audio_kwargs = settings["text_kwargs"], settings["audio_kwargs"]
         data: dict[str, Any] = {}
         batch = None
         generator = np.random.default_rng(generator)
         if self.num_audio_tokens:
             if audio is None:
-                raise ValueError("this model captions audio: pass `audio` (and `sampling_rate`)")
+                raise ValueError("this model captions audio: pass `audio` (and its `sampling_rate`)")
             features = self.feature_extractor(
                 audio,
-                sampling_rate=sampling_rate,
+                sampling_rate=audio_kwargs.get("sampling_rate"),
                 videos=videos,
-                spec_augment=spec_augment,
+                spec_augment=audio_kwargs.get("spec_augment", False),
                 generator=generator,
             )
             data["input_features"] = features["input_features"]
@@ -236,12 +285,13 @@ class LavCapProcessor(ProcessorMixin):
         if batch is None:
             raise ValueError("no media given: pass `audio`, `videos` or `video_embeds`")
         captions = self._captions(text, batch)
+        random_instruction = text_kwargs.get("random_instruction", False)
         prompts = [
             self.build_prompt(i)
             for i in self._instructions(instruction, batch, random_instruction, generator)
         ]
-        data.update(self._tokenize(prompts, captions, padding_side, max_caption_length))
-        return BatchFeature(data, tensor_type=return_tensors)
+        data.update(self._tokenize(prompts, captions, text_kwargs))
+        return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"))
 
     def _check_visual_inputs(self, data: dict[str, Any], batch: int | None) -> None:
         has_visual = "pixel_values_videos" in data or "video_embeds" in data
@@ -281,12 +331,8 @@ class LavCapProcessor(ProcessorMixin):
         return captions
 
     def _tokenize(
-        self,
-        prompts: list[str],
-        captions: list[str] | None,
-        padding_side: str,
-        max_caption_length: int | None,
-    ) -> dict[str, np.ndarray]:
+        self, prompts: list[str], captions: list[str] | None, text_kwargs: dict[str, Any]
+    ) -> dict[str, np.ndarray | list[list[int]]]:
         """Token-level concatenation `BOS + prompt (+ caption + EOS)`, padded to (B, L); labels on caption + EOS only.
 
         The released LAVCap tokenises `"USER: <Speech>"`, `"</Speech> {instruction}\nASSISTANT:"` and the caption
@@ -298,15 +344,17 @@ class LavCapProcessor(ProcessorMixin):
         rows = [bos + ids for ids in self._prompt_ids(prompts)]
         label_rows = [[IGNORE_INDEX] * len(row) for row in rows]
         if captions is not None:
-            targets = self._caption_ids(captions, max_caption_length)
+            targets = self._caption_ids(captions, text_kwargs.get("max_caption_length"))
             rows = [row + target for row, target in zip(rows, targets, strict=True)]
             label_rows = [labels + target for labels, target in zip(label_rows, targets, strict=True)]
+        width = _padded_width([len(row) for row in rows], text_kwargs)
+        side = text_kwargs.get("padding_side") or "left"
         out = {
-            "input_ids": _pad(rows, tok.pad_token_id, padding_side),
-            "attention_mask": _pad([[1] * len(r) for r in rows], 0, padding_side),
+            "input_ids": _pad(rows, tok.pad_token_id, side, width),
+            "attention_mask": _pad([[1] * len(r) for r in rows], 0, side, width),
         }
         if captions is not None:
-            out["labels"] = _pad(label_rows, IGNORE_INDEX, padding_side)
+            out["labels"] = _pad(label_rows, IGNORE_INDEX, side, width)
         return out
 
     def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
@@ -340,34 +388,80 @@ class LavCapProcessor(ProcessorMixin):
 
     # -- decoding ------------------------------------------------------------------------------------------
 
-    def batch_decode(self, sequences: Any, prompt_length: int | None = None, **kwargs: Any) -> list[str]:
-        """Captions from `generate()` output: drop the first `prompt_length` tokens (the prompt), then decode.
+    def batch_decode(
+        self, sequences: Any, prompt_length: int | None = None, caption_only: bool = False, **kwargs: Any
+    ) -> list[str]:
+        """The tokenizer's `batch_decode`, or the captions of `generate()` output.
 
-        Without `prompt_length` the text after the last `ASSISTANT:` is returned.
+        Args:
+            sequences: token ids (B, T).
+            prompt_length: drop this many leading tokens (the prompt) and read the rest as a caption.
+            caption_only: read the text after the last "ASSISTANT:" as the caption (when the prompt length is not
+                known, e.g. for rows padded to different lengths).
+            kwargs: the tokenizer's `batch_decode` arguments; captions skip special tokens unless told otherwise.
+        Returns:
+            the decoded texts; captions without surrounding whitespace.
         """
+        if prompt_length is None and not caption_only:
+            return self.tokenizer.batch_decode(sequences, **kwargs)
         kwargs.setdefault("skip_special_tokens", True)
         if prompt_length is not None:
             sequences = [list(s)[prompt_length:] for s in sequences]
         texts = self.tokenizer.batch_decode(sequences, **kwargs)
-        return [ASSISTANT_MARK.split(t)[-1].strip() for t in texts]
+        if caption_only:
+            texts = [ASSISTANT_MARK.split(t)[-1] for t in texts]
+        return [t.strip() for t in texts]
 
-    def decode(self, sequence: Any, prompt_length: int | None = None, **kwargs: Any) -> str:
-        return self.batch_decode([sequence], prompt_length=prompt_length, **kwargs)[0]
+    def decode(
+        self, sequence: Any, prompt_length: int | None = None, caption_only: bool = False, **kwargs: Any
+    ) -> str:
+        """`batch_decode` of one sequence."""
+        return self.batch_decode(
+            [sequence], prompt_length=prompt_length, caption_only=caption_only, **kwargs
+        )[0]
 
     @property
     def model_input_names(self) -> list[str]:
-        return ["input_ids", "attention_mask", "input_features", "pixel_values_videos", "video_embeds"]
+        """What a call with captions and all media returns (`video_embeds` replaces `pixel_values_videos` when the
+        frames' CLIP embeddings are given instead of the frames; `labels` come with captions only)."""
+        audio = ["input_features"] if self.num_audio_tokens else []
+        return ["input_ids", "attention_mask", *audio, "pixel_values_videos", "labels"]
+
+    def _get_num_multimodal_tokens(
+        self,
+        audio_lengths: Sequence[int] | None = None,
+        video_sizes: Sequence[Any] | None = None,
+        **kwargs: Any,
+    ) -> MultiModalData:
+        """Placeholder tokens each clip takes in the prompt: `num_audio_tokens` per audio clip whatever its length
+        (the fbank is padded or cut to the model's length) and `num_video_tokens` per video whatever its frame
+        size (frames are resized to the model's)."""
+        counts: dict[str, list[int]] = {}
+        if audio_lengths is not None:
+            counts["num_audio_tokens"] = [self.num_audio_tokens] * len(audio_lengths)
+        if video_sizes is not None:
+            counts["num_video_tokens"] = [self.num_video_tokens] * len(video_sizes)
+        return MultiModalData(**counts)
 
     # -- saving / loading ----------------------------------------------------------------------------------
 
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> list[str]:
-        """Write the tokenizer, `preprocessor_config.json`, `chat_template.jinja` and `processor_config.json`."""
+    def save_pretrained(
+        self, save_directory: str | os.PathLike, save_jinja_files: bool = True, **kwargs: Any
+    ) -> list[str]:
+        """Write the tokenizer, `preprocessor_config.json`, `processor_config.json` and the chat template(s):
+        `chat_template.jinja`, plus `additional_chat_templates/<name>.jinja` for named templates, or all in
+        `chat_template.json` with `save_jinja_files=False` (the format of older releases)."""
+        templates = _named_templates(self.chat_template)  # checked before anything is written
+        if not save_jinja_files and len(templates) > 1:
+            raise ValueError(
+                "chat_template.json holds one chat template: save named templates as jinja files"
+            )
         os.makedirs(save_directory, exist_ok=True)
         if self._auto_class is not None:
             from transformers.dynamic_module_utils import custom_object_save
 
             custom_object_save(self, save_directory, config=None)
-        files = list(self.tokenizer.save_pretrained(save_directory))
+        files = list(self.tokenizer.save_pretrained(save_directory, save_jinja_files=save_jinja_files))
         name_portable_tokenizer_class(save_directory)
         files += self.feature_extractor.save_pretrained(save_directory)
         config = {
@@ -381,40 +475,39 @@ class LavCapProcessor(ProcessorMixin):
         path = os.path.join(save_directory, PROCESSOR_CONFIG)
         with open(path, "w", encoding="utf-8") as f:
             json.dump(config, f, indent=2)
-        template_path = os.path.join(save_directory, CHAT_TEMPLATE_FILE)
-        with open(template_path, "w", encoding="utf-8") as f:
-            f.write(self.chat_template)
-        return [*files, path, template_path]
+        if save_jinja_files:
+            return [*files, path, *_write_chat_templates(save_directory, templates)]
+        legacy = os.path.join(save_directory, LEGACY_CHAT_TEMPLATE_FILE)
+        with open(legacy, "w", encoding="utf-8") as f:
+            json.dump({"chat_template": templates["default"]}, f, indent=2)
+        return [*files, path, legacy]
 
     @classmethod
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
-    ) -> LavCapProcessor:
+    ) -> "LavCapProcessor":
         """Load the tokenizer, the feature extractor and the processor settings from a folder or Hub repo."""
         # AutoTokenizer reads the folder's config.json, whose auto_map needs the caller's trust_remote_code (without
         # it, Transformers asks on stdin where this package is not installed).
         trust_remote_code = kwargs.pop("trust_remote_code", None)
         kwargs.pop("_from_auto", None)
-        tokenizer = AutoTokenizer.from_pretrained(
+        tokenizer = kwargs.pop("tokenizer", None) or AutoTokenizer.from_pretrained(
             pretrained_model_name_or_path, trust_remote_code=trust_remote_code, **kwargs
         )
-        feature_extractor = LavCapFeatureExtractor.from_pretrained(pretrained_model_name_or_path, **kwargs)
+        feature_extractor = kwargs.pop("feature_extractor", None) or LavCapFeatureExtractor.from_pretrained(
+            pretrained_model_name_or_path, **kwargs
+        )
         settings_path = _resolve_file(pretrained_model_name_or_path, PROCESSOR_CONFIG, kwargs)
         settings = {}
         if settings_path is not None:
             with open(settings_path, encoding="utf-8") as f:
                 settings = json.load(f)
-        template_path = _resolve_file(pretrained_model_name_or_path, CHAT_TEMPLATE_FILE, kwargs)
-        chat_template = None
-        if template_path is not None:
-            with open(template_path, encoding="utf-8") as f:
-                chat_template = f.read()
         return cls(
             feature_extractor,
             tokenizer,
             num_audio_tokens=settings.get("num_audio_tokens", 64),
             num_video_tokens=settings.get("num_video_tokens", 20),
-            chat_template=chat_template,
+            chat_template=_read_chat_templates(pretrained_model_name_or_path, kwargs),
         )
 
 
@@ -433,10 +526,44 @@ def _starts_a_word_alone(tokenizer: PreTrainedTokenizerBase) -> bool:
     return first + second == joined
 
 
-def _pad(rows: list[list[int]], value: int, side: str) -> np.ndarray:
+def _padded_width(lengths: list[int], text_kwargs: dict[str, Any]) -> int | None:
+    """Row width after padding: the longest row (`padding` True / "longest"), `max_length` ("max_length"), None
+    (False / "do_not_pad"), rounded up to `pad_to_multiple_of`. A row longer than `max_length` is an error: cutting
+    it would drop placeholders or the caption's EOS."""
+    padding = text_kwargs.get("padding", "longest")
+    padding = getattr(padding, "value", padding)  # PaddingStrategy
+    max_length = text_kwargs.get("max_length")
+    if (
+        max_length is not None
+        and max(lengths) > max_length
+        and (padding == "max_length" or text_kwargs.get("truncation"))
+    ):
+        raise ValueError(
+            f"the prompt with its caption takes {max(lengths)} tokens, more than max_length={max_length}; shorten the "
+            "caption with max_caption_length instead (the prompt cannot be cut)"
+        )
+    if padding in (False, "do_not_pad"):
+        return None
+    if padding in (True, "longest"):
+        width = max(lengths)
+    elif padding == "max_length":
+        if max_length is None:
+            raise ValueError('padding="max_length" needs max_length')
+        width = max_length
+    else:
+        raise ValueError(
+            f"padding must be True, False, 'longest', 'max_length' or 'do_not_pad', got {padding!r}"
+        )
+    multiple = text_kwargs.get("pad_to_multiple_of")
+    return -(-width // multiple) * multiple if multiple else width
+
+
+def _pad(rows: list[list[int]], value: int, side: str, width: int | None) -> np.ndarray | list[list[int]]:
+    """(B, width) int64 with `rows` padded on `side`; the rows themselves when `width` is None (no padding)."""
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
-    width = max(len(r) for r in rows)
+    if width is None:
+        return [list(row) for row in rows]
     out = np.full((len(rows), width), value, dtype=np.int64)
     for i, row in enumerate(rows):
         if side == "left":
@@ -461,3 +588,47 @@ def _resolve_file(path_or_id: str | os.PathLike, filename: str, hub_kwargs: dict
         )
     except EntryNotFoundError:
         return None
+
+
+def _named_templates(chat_template: str | dict[str, str]) -> dict[str, str]:
+    """`{"default": template, name: template, ...}`; ValueError for a name that is not a plain file name."""
+    templates = {"default": chat_template} if isinstance(chat_template, str) else dict(chat_template)
+    if "default" not in templates:
+        raise ValueError(f"a dict of chat templates needs a 'default' one, got {sorted(templates)}")
+    for name in templates:
+        if not re.fullmatch(r"[\w.-]+", name) or name.strip(".") == "":
+            raise ValueError(
+                f"chat template names must be plain file names (letters, digits, _ . -), got {name!r}"
+            )
+    return templates
+
+
+def _write_chat_templates(save_directory: str | os.PathLike, templates: dict[str, str]) -> list[str]:
+    """`chat_template.jinja` (the default) and `additional_chat_templates/<name>.jinja`; returns the paths."""
+    paths = {"default": Path(save_directory, CHAT_TEMPLATE_FILE)}
+    for name in templates.keys() - {"default"}:
+        paths[name] = Path(save_directory, ADDITIONAL_CHAT_TEMPLATES_DIR, f"{name}.jinja")
+        paths[name].parent.mkdir(exist_ok=True)
+    for name, path in paths.items():
+        path.write_text(templates[name], encoding="utf-8")
+    return [str(path) for path in paths.values()]
+
+
+def _read_chat_templates(
+    path_or_id: str | os.PathLike, hub_kwargs: dict[str, Any]
+) -> str | dict[str, str] | None:
+    """The saved chat template: `chat_template.jinja` (with the named ones of `additional_chat_templates/`, a
+    dict), else the older `chat_template.json`, else None (the built-in template)."""
+    jinja = _resolve_file(path_or_id, CHAT_TEMPLATE_FILE, hub_kwargs)
+    if jinja is not None:
+        default = Path(jinja).read_text(encoding="utf-8")
+        additional = Path(jinja).parent / ADDITIONAL_CHAT_TEMPLATES_DIR
+        if not additional.is_dir():
+            return default
+        named = {path.stem: path.read_text(encoding="utf-8") for path in sorted(additional.glob("*.jinja"))}
+        return {"default": default, **named}
+    legacy = _resolve_file(path_or_id, LEGACY_CHAT_TEMPLATE_FILE, hub_kwargs)
+    if legacy is None:
+        return None
+    with open(legacy, encoding="utf-8") as f:
+        return json.load(f)["chat_template"]

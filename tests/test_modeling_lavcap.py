@@ -114,9 +114,9 @@ def test_concat_feeds_the_audio_then_the_visual_tokens_twice() -> None:
     num_audio, num_visual = config.num_audio_tokens, config.num_frames
     assert config.placeholder_counts == (num_audio, 2 * num_visual)
     with torch.no_grad():
-        fused = model.model(**media(batch)).multimodal_embeds
-        audio = model.model.get_audio_features(batch["input_features"])
-        visual = model.model.get_video_features(batch["pixel_values_videos"])
+        fused = model.get_multimodal_features(**media(batch)).multimodal_embeds
+        audio = model.model.get_audio_features(batch["input_features"]).pooler_output
+        visual = model.model.get_video_features(batch["pixel_values_videos"]).pooler_output
         expected = model.model.multi_modal_projector(torch.cat([audio, visual, visual], dim=1))
         assert torch.isfinite(model(**batch).loss)
     assert fused.shape[1] == num_audio + 2 * num_visual
@@ -167,9 +167,9 @@ def test_placeholder_count_mismatch_is_a_clear_error(model: LavCapForConditional
     with pytest.raises(ValueError, match="no input_features"):
         model(**without_media)
     two = make_batch(model.config, [3, 3])
-    fused = model.model(**media(two)).multimodal_embeds
+    fused = model.get_multimodal_features(**media(two)).multimodal_embeds
     with pytest.raises(ValueError, match="got 1 clips for 2 prompts"):
-        model._scatter_multimodal(two["input_ids"], model._embed_tokens(two["input_ids"]), fused[:1])
+        model(input_ids=two["input_ids"], multimodal_embeds=fused[:1])
 
 
 def test_placeholder_scatter_puts_the_kth_vector_at_the_kth_placeholder(
@@ -185,7 +185,7 @@ def test_placeholder_scatter_puts_the_kth_vector_at_the_kth_placeholder(
     num_vectors = sum(config.placeholder_counts)
     tokens = torch.randn(*input_ids.shape, 8, generator=generator, requires_grad=True)
     vectors = torch.randn(2, num_vectors, 8, generator=generator, requires_grad=True)
-    out = model._scatter_multimodal(input_ids, tokens, vectors)
+    out = model.model.merge_multimodal_embeds(input_ids, tokens, vectors)
     mask = torch.isin(input_ids, torch.tensor([config.audio_token_id, config.video_token_id]))
     reference = tokens.masked_scatter(mask.unsqueeze(-1).expand_as(tokens), vectors)
     torch.testing.assert_close(out, reference, rtol=0, atol=0)
@@ -205,9 +205,9 @@ def test_front_end_and_placeholder_scatter_never_read_device_values() -> None:
     batch = {k: v.to("meta") for k, v in make_batch(config, [2, 5]).items()}
     with torch.device("meta"):
         model = LavCapForConditionalGeneration(config)
-    front = model.model(**media(batch))
-    embeds = model._scatter_multimodal(
-        batch["input_ids"], model._embed_tokens(batch["input_ids"]), front.multimodal_embeds
+    front = model.get_multimodal_features(**media(batch))
+    embeds = model.model.merge_multimodal_embeds(
+        batch["input_ids"], model.get_input_embeddings()(batch["input_ids"]), front.multimodal_embeds
     )
     (embeds.sum() + front.ot_loss).backward()
     assert embeds.shape == (2, batch["input_ids"].shape[1], config.text_config.hidden_size)
@@ -217,7 +217,7 @@ def test_front_end_and_placeholder_scatter_never_read_device_values() -> None:
 def test_precomputed_video_embeds_match_the_vision_tower(model: LavCapForConditionalGeneration) -> None:
     batch = make_batch(model.config, [3, 4])
     with torch.no_grad():
-        embeds = model.model.get_video_features(batch["pixel_values_videos"])
+        embeds = model.model.get_video_features(batch["pixel_values_videos"]).pooler_output
         from_pixels = model(**batch).logits
         batch_embeds = {k: v for k, v in batch.items() if k != "pixel_values_videos"}
         from_embeds = model(**batch_embeds, video_embeds=embeds).logits
@@ -373,17 +373,19 @@ def test_beam_search_from_clip_embeddings_equals_beam_search_on_repeated_media(
     assert torch.equal(positional, per_clip)
 
 
-def test_generate_with_media_rejects_missing_prompt_and_inputs_embeds(
+def test_generate_with_media_needs_the_prompt_and_one_form_of_the_media(
     model: LavCapForConditionalGeneration,
 ) -> None:
     batch = make_batch(model.config, [2], seed=8)
-    with pytest.raises(ValueError, match="needs the prompt ids once"):
+    with pytest.raises(ValueError, match=r"must hold \d+ placeholder tokens"):
         model.generate(attention_mask=batch["attention_mask"], **media(batch), max_new_tokens=2)
-    with pytest.raises(ValueError, match="needs the prompt ids once"):
-        model.generate(batch["input_ids"], input_ids=batch["input_ids"], **media(batch), max_new_tokens=2)
-    embeds = model.get_input_embeddings()(batch["input_ids"])
-    with pytest.raises(ValueError, match="either inputs_embeds or media inputs"):
-        model.generate(input_ids=batch["input_ids"], inputs_embeds=embeds, **media(batch), max_new_tokens=2)
+    vectors = model.get_multimodal_features(**media(batch)).multimodal_embeds
+    with pytest.raises(ValueError, match="either media inputs or their multimodal_embeds"):
+        model.generate(
+            input_ids=batch["input_ids"], multimodal_embeds=vectors, **media(batch), max_new_tokens=2
+        )
+    with pytest.raises(ValueError, match="placeholder tokens but no input_features"):
+        model.generate(input_ids=batch["input_ids"], max_new_tokens=2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: checks CUDA synchronisations")
@@ -396,9 +398,9 @@ def test_front_end_and_placeholder_scatter_make_no_cuda_sync(fusion_type: str) -
     batch = {k: v.cuda() for k, v in make_batch(config, [2, 5]).items()}
 
     def step() -> None:
-        front = model.model(**media(batch))
-        tokens = model._embed_tokens(batch["input_ids"])
-        embeds = model._scatter_multimodal(batch["input_ids"], tokens, front.multimodal_embeds)
+        front = model.get_multimodal_features(**media(batch))
+        tokens = model.get_input_embeddings()(batch["input_ids"])
+        embeds = model.model.merge_multimodal_embeds(batch["input_ids"], tokens, front.multimodal_embeds)
         ot_loss = front.ot_loss if front.ot_loss is not None else 0
         (embeds.float().square().mean() + ot_loss).backward()
 

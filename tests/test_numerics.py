@@ -142,7 +142,7 @@ def test_forward_keeps_ot_and_logits_finite(case: str, dtype: torch.dtype, base_
             k: inputs[k] for k in ("input_features", "pixel_values_videos", "video_embeds") if k in inputs
         }
         with torch.no_grad():
-            front = model.model(**media)
+            front = model.get_multimodal_features(**media)
         scale = min(max(config.logit_scale_init, 0.0), config.logit_scale_max)
         expected_plan, expected_loss = reference_ot(
             front.audio_embeds, front.video_embeds, config.sinkhorn_epsilon, config.sinkhorn_iterations, scale

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import jinja2
@@ -202,9 +203,14 @@ def test_batch_decode_strips_the_prompt(tokenizer) -> None:
     sequences = torch.cat([prompts["input_ids"], generated], dim=1)
     length = prompts["input_ids"].shape[1]
     assert processor.batch_decode(sequences, prompt_length=length) == captions
-    assert processor.batch_decode(sequences) == captions
-    assert processor.decode(sequences[1]) == captions[1]
+    assert processor.batch_decode(sequences, caption_only=True) == captions
+    assert processor.decode(sequences[1], caption_only=True) == captions[1]
     assert processor.decode(sequences[0], prompt_length=length) == captions[0]
+    # Without either option, decoding is the tokenizer's: prompt and special tokens included.
+    assert processor.batch_decode(sequences) == tokenizer.batch_decode(sequences)
+    assert processor.decode(sequences[0], skip_special_tokens=True) == tokenizer.decode(
+        sequences[0], skip_special_tokens=True
+    )
 
 
 def test_chat_template_renders_the_prompt(tokenizer) -> None:
@@ -317,3 +323,95 @@ def test_bad_inputs_raise_clear_errors(fusion_type: str, kwargs: dict, message: 
     arguments = {**media_kwargs(fusion_type, 2), **kwargs}
     with pytest.raises(ValueError, match=message):
         processor(**arguments)
+
+
+def test_processing_kwargs_flat_and_per_modality_give_the_same_batch(tokenizer) -> None:
+    processor = make_processor("ot_att", tokenizer)
+    media = media_kwargs("ot_att", 2)
+    rate = media.pop("sampling_rate")
+    flat = processor(**media, text=CAPTIONS[1:], sampling_rate=rate, padding="max_length", max_length=64)
+    nested = processor(
+        **media,
+        text=CAPTIONS[1:],
+        text_kwargs={"padding": "max_length", "max_length": 64},
+        audio_kwargs={"sampling_rate": rate},
+    )
+    assert flat["input_ids"].shape == (2, 64)
+    for key in flat:
+        assert torch.equal(flat[key], nested[key]), key
+    longest = processor(**media, text=CAPTIONS[1:], sampling_rate=rate)
+    assert longest["input_ids"].shape[1] < 64
+    assert torch.equal(
+        flat["input_ids"][:, -longest["input_ids"].shape[1] :], longest["input_ids"]
+    )  # left pads
+    with pytest.raises(ValueError, match="passed two times"):
+        processor(**media, sampling_rate=rate, padding="longest", text_kwargs={"padding": "max_length"})
+
+
+def test_a_prompt_longer_than_max_length_is_an_error_not_a_cut(tokenizer) -> None:
+    processor = make_processor("ot_att", tokenizer)
+    with pytest.raises(ValueError, match="more than max_length=10"):
+        processor(**media_kwargs("ot_att", 1), padding="max_length", max_length=10)
+
+
+def test_sampling_rate_defaults_to_the_feature_extractors(tokenizer) -> None:
+    processor = make_processor("audio_only", tokenizer)
+    audio, _ = make_media(1)
+    assert processor.feature_extractor.sampling_rate == SAMPLING_RATE
+    given = processor(audio=audio, sampling_rate=SAMPLING_RATE)
+    default = processor(audio=audio)
+    assert torch.equal(given["input_features"], default["input_features"])
+    with pytest.raises(ValueError, match="sampling_rate must be positive whole Hz, got 0"):
+        processor(audio=audio, sampling_rate=0)
+
+
+@pytest.mark.parametrize("fusion_type", FUSION_TYPES)
+def test_num_multimodal_tokens_match_the_placeholders_of_the_prompt(fusion_type: str, tokenizer) -> None:
+    processor = make_processor(fusion_type, tokenizer)
+    batch = processor(**media_kwargs(fusion_type, 3))
+    counts = processor._get_num_multimodal_tokens(
+        audio_lengths=[8000, 16000, 6000], video_sizes=[(40, 56)] * 3
+    )
+    audio_id, video_id = tokenizer.convert_tokens_to_ids([AUDIO_TOKEN, VIDEO_TOKEN])
+    assert counts["num_audio_tokens"] == (batch["input_ids"] == audio_id).sum(-1).tolist()
+    assert counts["num_video_tokens"] == (batch["input_ids"] == video_id).sum(-1).tolist()
+    assert sum(counts["num_audio_tokens"] + counts["num_video_tokens"]) == 3 * sum(
+        make_config(fusion_type, tokenizer).placeholder_counts
+    )
+
+
+def test_chat_template_json_of_older_folders_is_read(tokenizer, tmp_path) -> None:
+    processor = make_processor("ot_att", tokenizer)
+    processor.save_pretrained(tmp_path)
+    template = processor.chat_template.replace("ASSISTANT:", "ANSWER:")
+    (tmp_path / "chat_template.jinja").unlink()
+    (tmp_path / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+    loaded = LavCapProcessor.from_pretrained(tmp_path)
+    assert loaded.chat_template == template
+    assert loaded.build_prompt().endswith("ANSWER:")
+
+
+def test_named_chat_templates_are_saved_and_loaded(tokenizer, tmp_path) -> None:
+    processor = make_processor("ot_att", tokenizer)
+    default = processor.chat_template
+    processor.chat_template = {"default": default, "short": "{{ messages[0]['role'] }}"}
+    processor.save_pretrained(tmp_path)
+    assert (tmp_path / "additional_chat_templates" / "short.jinja").read_text() == "{{ messages[0]['role'] }}"
+    loaded = LavCapProcessor.from_pretrained(tmp_path)
+    assert loaded.chat_template == processor.chat_template
+    assert loaded.build_prompt() == make_processor("ot_att", tokenizer).build_prompt()  # the default one
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "", ".."])
+def test_chat_template_names_that_are_not_file_names_are_refused(name: str, tokenizer, tmp_path) -> None:
+    processor = make_processor("ot_att", tokenizer)
+    processor.chat_template = {"default": processor.chat_template, name: "x"}
+    with pytest.raises(ValueError, match="plain file names"):
+        processor.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists() and not list(tmp_path.rglob("*.jinja"))
+
+
+def test_images_are_refused(tokenizer) -> None:
+    processor = make_processor("ot_att", tokenizer)
+    with pytest.raises(ValueError, match="pass the clip's frames as `videos`"):
+        processor(**media_kwargs("ot_att", 1), images=[np.zeros((8, 8, 3), np.uint8)])

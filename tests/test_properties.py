@@ -326,7 +326,7 @@ def test_processor_audio_gives_valid_inputs_or_a_named_error(processor, case: Au
         st.floats(-1e5, 1e5),
         st.sampled_from([math.nan, math.inf, 44100.5]),
         st.integers(8000, 48000).map(np.int64),
-        st.sampled_from([None, True, "16000", b"16000", [16000]]),
+        st.sampled_from([True, "16000", b"16000", [16000]]),
     )
 )
 def test_sampling_rate_must_be_positive_whole_hz(processor, rate) -> None:
@@ -338,8 +338,7 @@ def test_sampling_rate_must_be_positive_whole_hz(processor, rate) -> None:
     audio = 0.3 * np.random.default_rng(0).standard_normal(samples).astype(np.float32)
     if not valid:
         event(f"ValueError: {type(rate).__name__}")
-        problem = "sampling_rate is required" if rate is None else "sampling_rate must be positive whole Hz"
-        with pytest.raises(ValueError, match=problem):
+        with pytest.raises(ValueError, match="sampling_rate must be positive whole Hz"):
             processor.feature_extractor(audio, sampling_rate=rate)
         return
     event(f"valid {type(rate).__name__}")
@@ -423,7 +422,8 @@ def test_split_windows_tile_the_whole_clip(processor, seconds: float, rate: int)
     audio = 0.3 * np.random.default_rng(0).standard_normal(int(seconds * rate)).astype(np.float32)
     windows = extractor.split_windows(audio, rate)
     out = extractor(windows, sampling_rate=RATE)
-    counts = out["feature_attention_mask"].sum(axis=1)
+    padding = (extractor.padding_value - extractor.mean) / extractor.std
+    counts = (np.abs(out["input_features"] - padding) > 1e-6).any(axis=2).sum(axis=1)  # frames not padding
     total = fbank_frames(resampled_length(len(audio), rate))
     event(f"{len(windows)} windows")
     assert len(windows) == -(-total // 1024)
@@ -470,7 +470,7 @@ def reference_plan(model, processor, audio, rate, frames) -> np.ndarray:
     """OT plan (V, A) of one clip: it depends on every frame, where a 3-token caption of a tiny model may not."""
     inputs = processor(audio=audio, sampling_rate=rate, videos=frames)
     with torch.no_grad():
-        return model.model(
+        return model.get_multimodal_features(
             inputs["input_features"], inputs["pixel_values_videos"], output_ot_plan=True
         ).ot_plan[0]
 

@@ -347,7 +347,7 @@ def test_float16_recipe_keeps_ced_float32_and_trains_under_fp16_autocast(workspa
     trainer = prepared_trainer(argv)
     model = trainer.model
     base = model.base_model.model
-    assert base.language_model.lm_head.weight.dtype == torch.float16
+    assert base.lm_head.weight.dtype == torch.float16
     assert base.model.vision_tower.vision_model.embeddings.patch_embedding.weight.dtype == torch.float16
     for name, tensor in base.model.audio_tower.state_dict().items():
         plain = name.replace(".base_layer", "").replace(".modules_to_save.default", "")
@@ -361,7 +361,7 @@ def test_float16_recipe_keeps_ced_float32_and_trains_under_fp16_autocast(workspa
     def record_dtype(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
         seen.append(output.dtype)
 
-    hook = base.language_model.model.layers[0].self_attn.o_proj.register_forward_hook(record_dtype)
+    hook = base.language_model.layers[0].self_attn.o_proj.register_forward_hook(record_dtype)
     trainer.train()
     hook.remove()
     assert trainer.accelerator.mixed_precision == "fp16" and set(seen) == {torch.float16}
@@ -379,9 +379,7 @@ def test_components_build_reads_ced_in_float32_beside_a_float16_llm(workspace, t
     kept, _ = load_model_and_processor(ModelArguments(**components, audio_tower_float32=True))
     cast, _ = load_model_and_processor(ModelArguments(**components))
     reference, _ = load_model_and_processor(ModelArguments(**{**components, "dtype": None}))
-    assert (
-        kept.language_model.lm_head.weight.dtype == cast.language_model.lm_head.weight.dtype == torch.float16
-    )
+    assert kept.lm_head.weight.dtype == cast.lm_head.weight.dtype == torch.float16
     kept_weights = kept.model.audio_tower.state_dict()
     for name, tensor in reference.model.audio_tower.state_dict().items():
         assert torch.equal(kept_weights[name], tensor), (

@@ -92,7 +92,7 @@ def driven(model_folder) -> dict[str, nn.Module]:
 def test_bf16_model_updates_running_statistics_as_the_float32_model(driven) -> None:
     reference = statistics(active_norm(driven["float32"]))
     bf16 = driven["bfloat16"]
-    assert bf16.base_model.model.language_model.lm_head.weight.dtype == torch.bfloat16
+    assert bf16.base_model.model.lm_head.weight.dtype == torch.bfloat16
     # The BatchNorm sees the float32 features in both models, so the statistics are the same bits.
     assert_float32_and_equal(active_norm(bf16), reference)
     expected = MEAN * (1 - 0.99**STEPS)
@@ -114,7 +114,7 @@ def test_checkpoint_and_merged_model_keep_float32_statistics(driven, model_folde
 
     merged = merge_and_save(reloaded, tmp_path / "merged")
     assert_float32_and_equal(merged.get_submodule(BN), expected)
-    assert merged.language_model.lm_head.weight.dtype == torch.bfloat16
+    assert merged.lm_head.weight.dtype == torch.bfloat16
     for dtype in (torch.bfloat16, torch.float16):
         loaded = LavCapForConditionalGeneration.from_pretrained(tmp_path / "merged", **{dtype_kwarg(): dtype})
         assert_float32_and_equal(loaded.get_submodule(BN), expected)
@@ -162,7 +162,7 @@ def test_bf16_trainer_run_trains_and_saves_float32_statistics(model_folder, tmp_
         "--merged_output_dir", str(tmp_path / "merged"),
     ])  # fmt: skip
     model = trainer.model
-    assert model.base_model.model.language_model.lm_head.weight.dtype == torch.bfloat16
+    assert model.base_model.model.lm_head.weight.dtype == torch.bfloat16
     norm = active_norm(model)
     assert int(norm.num_batches_tracked) == 3
     assert not torch.equal(norm.running_mean, initial.running_mean)

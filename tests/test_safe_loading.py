@@ -16,9 +16,17 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from lavcap_hf import CedConfig, LavCapConfig, LavCapForConditionalGeneration
 from lavcap_hf.convert import load_state_dict, read_checkpoint
+from lavcap_hf.modeling_lavcap import KEY_RENAMES_FROM_SEPARATE_LM
 from lavcap_hf.testing_utils import tiny_lavcap_config
 
 PROJECTOR = "model.multi_modal_projector.weight"
+
+
+def model_key(stored: str) -> str:
+    """The model's name for a stored tensor: 5.x saves the decoder under the older layout's names."""
+    for pattern, replacement in KEY_RENAMES_FROM_SEPARATE_LM.items():
+        stored = re.sub(pattern, replacement, stored)
+    return stored
 
 
 class Payload:
@@ -57,7 +65,7 @@ def test_saved_folder_is_safetensors_and_loads_without_pickle(saved, monkeypatch
 
     monkeypatch.setattr(torch, "load", refuse)
     model = LavCapForConditionalGeneration.from_pretrained(saved)
-    stored = load_file(saved / "model.safetensors")
+    stored = {model_key(k): v for k, v in load_file(saved / "model.safetensors").items()}
     state = model.state_dict()
     assert set(stored) <= set(state)
     for key, tensor in stored.items():
@@ -118,15 +126,17 @@ def edit_config(folder: Path, **changes) -> None:
 
 
 def reshape_tensors(folder: Path, shapes: dict[str, tuple[int, ...]]) -> dict[str, tuple[tuple, tuple]]:
-    """Rewrite the folder's safetensors with the given keys at new shapes; returns {key: (checkpoint, model)}."""
+    """Rewrite the folder's safetensors with the given tensors (model names) at new shapes; returns
+    {model name: (checkpoint shape, model shape)}."""
     changed = {}
     files = sorted(folder.glob("*.safetensors"))
     for file in files:
         tensors = load_file(file)
-        for key, shape in shapes.items():
-            if key in tensors:
-                changed[key] = (shape, tuple(tensors[key].shape))
-                tensors[key] = torch.zeros(shape, dtype=tensors[key].dtype)
+        for stored in list(tensors):
+            key = model_key(stored)
+            if key in shapes:
+                changed[key] = (shapes[key], tuple(tensors[stored].shape))
+                tensors[stored] = torch.zeros(shapes[key], dtype=tensors[stored].dtype)
         save_file(tensors, file, metadata={"format": "pt"})
     assert sorted(changed) == sorted(shapes)
     return changed
@@ -148,7 +158,7 @@ def test_tensors_of_other_shapes_raise_naming_key_and_shapes(sharded: bool, save
         folder,
         {
             PROJECTOR: (64, 35),
-            "language_model.model.embed_tokens.weight": (100, 64),  # another vocabulary size
+            "model.language_model.embed_tokens.weight": (100, 64),  # another vocabulary size
             "model.audio_tower.time_pos_embed": (1, 32, 1, 4),  # a shorter audio window
         },
     )

@@ -187,7 +187,7 @@ def test_sentencepiece_prompt_and_labels_match_the_release(
         caption_start = len(ids) - len(encode(tokenizer, caption)) - 1
         assert tokens[caption_start].startswith("▁") and tokens[caption_start] != "▁"
         assert not any(t.startswith("▁▁") for t in tokens)
-        assert processor.decode(ids) == caption
+        assert processor.decode(ids, caption_only=True) == caption
     first_row = tokenizer.convert_ids_to_tokens(real_rows(batch, "input_ids")[0])
     assert first_row[-4:] == ["▁A", "▁dog", "▁barks", "</s>"]
 
@@ -231,7 +231,7 @@ def test_byte_level_bpe_keeps_the_space_before_the_caption() -> None:
     assert text == f"USER: <Speech></Speech> {TRAINING_INSTRUCTIONS[6]}\nASSISTANT: {caption}"
     labels = batch["labels"][0]
     assert tokenizer.decode(labels[labels != IGNORE_INDEX]) == f" {caption}<|endoftext|>"
-    assert processor.decode(ids) == caption
+    assert processor.decode(ids, caption_only=True) == caption
 
 
 def test_word_level_tokenizer_round_trips_the_caption() -> None:
@@ -246,4 +246,4 @@ def test_word_level_tokenizer_round_trips_the_caption() -> None:
     labels = batch["labels"][0]
     assert tokenizer.decode(labels[labels != IGNORE_INDEX], skip_special_tokens=True) == caption
     assert tokenizer.decode(ids, skip_special_tokens=True).endswith("ASSISTANT : a dog barks")
-    assert processor.decode(ids) == caption
+    assert processor.decode(ids, caption_only=True) == caption

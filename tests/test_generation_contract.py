@@ -1,0 +1,200 @@
+"""The library's generation and model contract, which transformers' own generation tests (not in its sdist) check
+for every model: assisted decoding, decoding without a cache, continuing from a cache, `inputs_embeds` with media,
+tuple outputs, the encoders' outputs, and folders saved in the older layout (a separate causal LM)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_modeling_lavcap import make_batch, media
+
+from lavcap_hf import LavCapForConditionalGeneration
+from lavcap_hf.modeling_lavcap import KEY_RENAMES_FROM_SEPARATE_LM
+from lavcap_hf.testing_utils import tiny_lavcap_config
+
+GREEDY = {"do_sample": False, "max_new_tokens": 5, "min_new_tokens": 5}
+
+
+@pytest.fixture(scope="module")
+def model() -> LavCapForConditionalGeneration:
+    torch.manual_seed(3)
+    return LavCapForConditionalGeneration(tiny_lavcap_config()).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(model: LavCapForConditionalGeneration) -> dict[str, torch.Tensor]:
+    """Two left-padded prompts (placeholders, then a caption prefix) and their media."""
+    full = make_batch(model.config, [2, 4], seed=5)
+    return {k: v for k, v in full.items() if k != "labels"}
+
+
+def greedy(model: LavCapForConditionalGeneration, batch: dict[str, torch.Tensor], **kwargs) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(**batch, **GREEDY, **kwargs)
+
+
+def test_assisted_and_prompt_lookup_decoding_equal_greedy_decoding(model, batch) -> None:
+    """Candidate tokens are checked by forwards on the prompt ids: the media must reach those forwards."""
+    one = {k: v[1:] for k, v in batch.items()}  # assisted decoding takes one prompt at a time
+    expected = greedy(model, one)
+    assert torch.equal(greedy(model, one, assistant_model=model), expected)
+    assert torch.equal(greedy(model, one, prompt_lookup_num_tokens=2), expected)
+
+
+def test_decoding_without_a_cache_sees_the_whole_sequence_at_every_step(model, batch) -> None:
+    """`use_cache=False` feeds the whole sequence (media merged) at every step: per-step hidden states span it."""
+    cached = greedy(model, batch)
+    out = greedy(model, batch, use_cache=False, output_hidden_states=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, cached)
+    prompt_length = batch["input_ids"].shape[1]
+    lengths = [step[-1].shape[1] for step in out.hidden_states]
+    assert lengths == [prompt_length + i for i in range(GREEDY["max_new_tokens"])]
+
+
+def test_generation_continues_from_a_cache(model, batch) -> None:
+    """A second `generate()` from the first one's cache and sequences gives the tokens of one long run."""
+    with torch.no_grad():
+        long = model.generate(**batch, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+        first = model.generate(
+            **batch, do_sample=False, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True
+        )
+        cache_name = "cache" if hasattr(first, "cache") else "past_key_values"
+        mask = torch.cat([batch["attention_mask"], torch.ones_like(first.sequences[:, -3:])], dim=1)
+        second = model.generate(
+            input_ids=first.sequences,
+            attention_mask=mask,
+            do_sample=False,
+            max_new_tokens=3,
+            min_new_tokens=3,
+            **{cache_name: getattr(first, cache_name)},
+        )
+    assert torch.equal(second, long)
+
+
+def test_inputs_embeds_take_the_media_at_their_placeholders(model, batch) -> None:
+    """Media given with `inputs_embeds` are merged at the placeholder embeddings, as with `input_ids`."""
+    embeds = model.get_input_embeddings()(batch["input_ids"])
+    from_embeds = {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"], **media(batch)}
+    with torch.no_grad():
+        expected = model(**batch).logits
+        torch.testing.assert_close(model(**from_embeds).logits, expected)
+        new_tokens = model.generate(**from_embeds, **GREEDY)
+    prompt_length = batch["input_ids"].shape[1]
+    assert torch.equal(new_tokens, greedy(model, batch)[:, prompt_length:])
+
+
+def test_forward_returns_a_tuple_on_request(model, batch) -> None:
+    labels = make_batch(model.config, [2, 4], seed=5)["labels"]
+    with torch.no_grad():
+        as_dict = model(**batch, labels=labels)
+        as_tuple = model(**batch, labels=labels, return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.loss)
+    torch.testing.assert_close(as_tuple[1], as_dict.logits)
+
+
+def test_outputs_carry_the_encoders_hidden_states_and_attentions(model, batch) -> None:
+    config = model.config
+    model = LavCapForConditionalGeneration._from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        out = model(**batch, output_hidden_states=True, output_attentions=True)
+    clips, frames = batch["pixel_values_videos"].shape[:2]
+    video = out.video_outputs
+    assert len(video.hidden_states) == config.vision_config.num_hidden_layers + 1
+    assert len(video.attentions) == config.vision_config.num_hidden_layers
+    assert video.pooler_output.shape == (clips, frames, config.visual_embed_dim)
+    audio = out.audio_outputs
+    assert len(audio.hidden_states) == config.audio_config.num_hidden_layers + 1
+    assert audio.pooler_output.shape == (clips, config.num_audio_tokens, config.audio_config.hidden_size)
+    assert len(out.hidden_states) == config.text_config.num_hidden_layers + 1
+    assert len(out.attentions) == config.text_config.num_hidden_layers
+
+
+def old_layout_name(key: str) -> str:
+    """The name a tensor had when the causal LM was a separate module (`language_model.model.*`, `.lm_head`)."""
+    for pattern, replacement in KEY_RENAMES_FROM_SEPARATE_LM.items():
+        unescaped = re.sub(r"\\(.)", r"\1", pattern.lstrip("^"))
+        if key.startswith(replacement):
+            return unescaped + key[len(replacement) :]
+    return key
+
+
+def test_a_folder_in_the_older_layout_loads_with_every_tensor(model, batch, tmp_path) -> None:
+    """Folders written before the decoder moved into `LavCapModel` hold `language_model.model.*` and
+    `language_model.lm_head.*`; they load into the current layout on every supported release."""
+    model.save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    older = {old_layout_name(k): v for k, v in load_file(weights).items()}
+    assert any(k.startswith("language_model.model.layers.") for k in older)
+    assert "language_model.lm_head.weight" in older
+    save_file(older, weights, metadata={"format": "pt"})
+    loaded, info = LavCapForConditionalGeneration.from_pretrained(tmp_path, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], tensor), key
+    assert torch.equal(greedy(loaded.eval(), batch), greedy(model, batch))
+
+
+def test_static_cache_and_a_compiled_decoding_step_give_the_eager_tokens(model, batch) -> None:
+    """The decoding step compiles as one graph (`fullgraph=True`: a graph break is an error) over a static cache.
+    The graphs run through a recording backend (dynamo's capture without code generation, to stay fast on a CPU)."""
+    from transformers import CompileConfig
+
+    graphs = []
+
+    def recording_backend(graph_module: torch.fx.GraphModule, example_inputs: list, **options) -> object:
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    expected = greedy(model, batch)
+    assert torch.equal(greedy(model, batch, cache_implementation="static"), expected)
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, backend=recording_backend)
+    compile_config._compile_all_devices = (
+        True  # the library compiles on accelerators only unless told otherwise
+    )
+    torch._dynamo.reset()
+    try:
+        # `compile_decoding=True` asks for the static cache and the one-graph step; the config given here only
+        # replaces the backend (and compiles on a CPU).
+        compiled = greedy(model, batch, compile_decoding=True, compile_config=compile_config)
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, expected)
+    assert graphs, "the decoding step was not compiled"
+
+
+@pytest.mark.parametrize(
+    "settings, copies",
+    [
+        ({"num_beams": 3, "do_sample": False}, 3),
+        ({"num_beams": 3, "num_return_sequences": 2, "do_sample": False}, 3),
+        ({"do_sample": True, "num_return_sequences": 2}, 2),
+    ],
+    ids=["beams", "beams-returning-two", "samples"],
+)
+def test_the_prompt_is_read_once_per_clip_and_the_tokens_do_not_change(
+    model, batch, settings, copies
+) -> None:
+    """With several rows per prompt, the decoder reads the B prompts once (all but the last token), then
+    continues from the repeated cache on B * copies rows of one token; the tokens equal the per-beam prefill's."""
+    reads = []
+    hook = model.model.language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: reads.append(tuple(kwargs["inputs_embeds"].shape[:2])), with_kwargs=True
+    )
+    steps = {"max_new_tokens": 4, "min_new_tokens": 4, **settings}
+    try:
+        with torch.no_grad():
+            torch.manual_seed(0)
+            shared = model.generate(**batch, **steps)
+            first_reads, reads[:] = list(reads[:2]), []
+            torch.manual_seed(0)
+            per_beam = model.generate(**batch, **steps, share_prefill=False)
+    finally:
+        hook.remove()
+    clips, length = batch["input_ids"].shape
+    assert first_reads == [(clips, length - 1), (clips * copies, 1)]
+    assert reads[0] == (clips * copies, length)
+    assert torch.equal(shared, per_beam)
