@@ -48,14 +48,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from .batch_captioning import load_captioning_pipeline
+from .batch_captioning import batch_windows, load_captioning_pipeline
+from .caption_generation import decode_captions, generate_caption_ids
 from .collator import LavCapDataCollator
 from .configuration_lavcap import LavCapConfig
 from .data import DEFAULT_COLUMNS, Clip, LavCapDataset, group_clips, load_clips
 from .feature_extraction_lavcap import LavCapFeatureExtractor
-from .metrics import CAPTION_METRICS, METRIC_DISPLAY_NAMES, score_captions
+from .metrics import CAPTION_METRICS, format_metrics_table, score_captions
 from .modeling_lavcap import LavCapForConditionalGeneration
 from .processing_lavcap import LavCapProcessor
+from .record_files import append_records, changed_settings, drop_incomplete_line, read_records, write_atomic
 
 PREDICTIONS_FILE = "predictions.jsonl"
 SCORES_FILE = "scores.json"
@@ -180,8 +182,8 @@ def evaluate_model(
         scores["modality_test"] = _modality_test(
             runner, evaluated, processor, config, output_dir, records, scores, seed
         )
-    _write_atomic(output_dir / SCORES_FILE, json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
-    _write_atomic(output_dir / TABLE_FILE, format_evaluation_table(scores) + "\n")
+    write_atomic(output_dir / SCORES_FILE, json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(output_dir / TABLE_FILE, format_evaluation_table(scores) + "\n")
     predictions = {clip.id: records[clip.id]["prediction"] for clip in evaluated}
     return EvaluationResult(scores=scores, predictions=predictions, output_dir=output_dir)
 
@@ -237,9 +239,8 @@ def _prepare_run(output_dir: Path, settings: dict[str, Any], resume: bool) -> No
     existing = [path for path in _prediction_files(output_dir) if path.exists()]
     if resume and run_file.is_file():
         recorded = json.loads(run_file.read_text(encoding="utf-8"))
-        changed = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
-        if changed:
-            details = ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+        details = changed_settings(recorded, settings)
+        if details:
             raise ValueError(
                 f"{output_dir} holds an evaluation run with other settings ({details}); use another output folder "
                 "or start afresh (resume=False / --no-resume)"
@@ -252,7 +253,7 @@ def _prepare_run(output_dir: Path, settings: dict[str, Any], resume: bool) -> No
         )
     for path in existing + [output_dir / SCORES_FILE, output_dir / TABLE_FILE]:
         path.unlink(missing_ok=True)
-    _write_atomic(run_file, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
+    write_atomic(run_file, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
 
 def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
@@ -263,39 +264,7 @@ def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     Raises:
         ValueError: a complete line that is not a JSON record with an `id` and a `prediction` or an `error`.
     """
-    path = Path(path)
-    data = path.read_bytes()
-    complete = data[: data.rfind(b"\n") + 1]
-    records: dict[str, dict[str, Any]] = {}
-    for number, line in enumerate(complete.decode("utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise ValueError(f"{path}: line {number} is not valid JSON ({error})") from error
-        if not isinstance(record, dict) or "id" not in record or not {"prediction", "error"} & set(record):
-            raise ValueError(f"{path}: line {number} is not a record with an id and a prediction or an error")
-        records[record["id"]] = record
-    return records
-
-
-def _drop_incomplete_line(path: Path) -> None:
-    """Cut the file after its last newline: remove what a crash left of a line being written."""
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        os.truncate(path, end)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a temporary file in the same folder, then a rename over `path`."""
-    temporary = path.with_name(f".{path.name}.tmp")
-    with open(temporary, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, path)
+    return {record["id"]: record for record in read_records(path, "id", ("prediction", "error"))}
 
 
 # -- generation ----------------------------------------------------------------------------------------------------
@@ -391,12 +360,11 @@ class _ConditionRunner:
         """Caption the clips of `dataset` that `path` lacks; returns every clip's record, {id: record}."""
         records: dict[str, dict[str, Any]] = {}
         if path.exists():
-            _drop_incomplete_line(path)
+            drop_incomplete_line(path)
             records = read_predictions(path)
         ids = [clip.id for clip in dataset.clips]
         references = {clip.id: list(clip.references) for clip in dataset.clips}
-        size = self.batch_size
-        windows = [list(range(s, min(s + size, len(ids)))) for s in range(0, len(ids), size)]
+        windows = batch_windows(len(ids), self.batch_size)
         pending = [w for w in windows if any(ids[i] not in records for i in w)]
         loader = torch.utils.data.DataLoader(
             _WindowDataset(dataset, pending, self.collator, overrides or {}, extra),
@@ -420,9 +388,7 @@ class _ConditionRunner:
                     if "error" not in record:
                         record.update(prediction=next(captions), references=references[record["id"]])
                 new = [record for record in window_records if record["id"] not in records]
-                file.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
-                file.flush()
-                os.fsync(file.fileno())
+                append_records(file, new)
                 records.update((record["id"], record) for record in new)
                 bar.update(len(new))
         return records
@@ -430,9 +396,8 @@ class _ConditionRunner:
     def _generate(self, batch: dict[str, torch.Tensor]) -> list[str]:
         """Captions of one collated batch (beam search, no sampling)."""
         inputs = {k: v.to(self.model.device) for k, v in batch.items() if k != "clip_index"}
-        with torch.inference_mode():
-            sequences = self.model.generate(**inputs, **self.generate_kwargs)
-        return self.collator.processor.batch_decode(sequences, prompt_length=inputs["input_ids"].shape[1])
+        caption_ids = generate_caption_ids(self.model, inputs, **self.generate_kwargs)
+        return decode_captions(self.collator.processor, caption_ids)
 
 
 # -- scoring -------------------------------------------------------------------------------------------------------
@@ -560,34 +525,18 @@ def _modality_test(
 # -- report --------------------------------------------------------------------------------------------------------
 
 
-def _format_value(value: float | None) -> str:
-    if value is None:
-        return "n/a"
-    text = f"{value:.4f}"
-    return "0.0000" if text == "-0.0000" else text
-
-
 def format_evaluation_table(scores: Mapping[str, Any]) -> str:
-    """Markdown report of a `scores.json`: one metrics table (with a value and a drop column per modality condition
-    when the modality test ran), the reasons for unavailable metrics, the clip counts and the unreadable clips."""
+    """Markdown report of a `scores.json`: one metrics table (`lavcap_hf.metrics.format_metrics_table`, with a value
+    and a drop column per modality condition when the modality test ran), the reasons for unavailable metrics, the
+    clip counts and the unreadable clips."""
     modality = scores.get("modality_test", {})
     conditions = modality.get("conditions", {})
     titles = {c.name: c.title for c in MODALITY_CONDITIONS}
     baseline = modality.get("baseline", scores)
-    header = ["Metric", "Full" if conditions else "Score"]
-    for name in conditions:
-        header += [titles[name], "drop"]
-    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * (len(header) - 1)]
-    for metric in CAPTION_METRICS:
-        cells = [METRIC_DISPLAY_NAMES.get(metric, metric), _format_value(baseline[metric])]
-        for result in conditions.values():
-            cells += [_format_value(result[metric]), _format_value(result["drop"][metric])]
-        lines.append("| " + " | ".join(cells) + " |")
-
-    notes = [
-        f"- {METRIC_DISPLAY_NAMES.get(m, m)} n/a: {reason}" for m, reason in scores["unavailable"].items()
-    ]
-    notes.append(f"- {scores['num_clips']} clips scored, tokenizer: {scores['tokenizer']}")
+    columns = [("Full" if conditions else "Score", baseline)]
+    for name, result in conditions.items():
+        columns += [(titles[name], result), ("drop", result["drop"])]
+    notes = [format_metrics_table(scores, columns)]
     notes += [f"- {titles[name]}: {result['description']}" for name, result in conditions.items()]
     notes += [f"- {titles[name]} not run: {reason}" for name, reason in modality.get("skipped", {}).items()]
     if "baseline" in modality:
@@ -603,7 +552,7 @@ def format_evaluation_table(scores: Mapping[str, Any]) -> str:
     if unreadable:
         notes += ["", f"Unreadable clips ({len(unreadable)}, all listed in {SCORES_FILE}):"]
         notes += [f"- {u['id']}: {u['reason']}" for u in unreadable[:20]]
-    return "\n".join(lines + [""] + notes)
+    return "\n".join(notes)
 
 
 # -- command line --------------------------------------------------------------------------------------------------

@@ -44,22 +44,28 @@ def _kaldi_mel_filters(sampling_rate: int, num_mel_bins: int, fft_length: int) -
 def resample(waveform: np.ndarray, orig_rate: int, target_rate: int) -> np.ndarray:
     """Band-limited FFT resampling of a 1-D waveform (ideal low-pass at the lower Nyquist frequency).
 
-    The input is zero-padded to a whole number of resampling periods so that the rate ratio is exact, and the
-    output is cut back. Returns float64 (ceil(samples * target_rate / orig_rate),). The signal is treated as
-    periodic, so the first and last few milliseconds can ring slightly; log-mel features do not mind.
+    The mean is taken out first and put back after, so a DC offset stays a constant instead of ringing at the ends.
+    The rest is zero-padded to a whole number of resampling periods so that the rate ratio is exact, and the output
+    is cut back. Returns float64 (ceil(samples * target_rate / orig_rate),). The signal is treated as periodic, so
+    the first and last few milliseconds can ring slightly; log-mel features do not mind.
+
+    The one resampler of the package: `lavcap_hf.media` resamples decoded files with it too. An ideal low-pass keeps
+    the whole band below the new Nyquist frequency: at 16 kHz, the 7-8 kHz that the top mel bins cover, which
+    FFmpeg's default resampler filter attenuates (by about 6 dB at 7.8 kHz).
     """
     if orig_rate == target_rate:
         return waveform
+    mean = waveform.mean() if waveform.size else 0.0
     period = orig_rate // math.gcd(orig_rate, target_rate)
     length = -(-waveform.shape[0] // period) * period
     new_length = length * target_rate // orig_rate
     kept = min(length, new_length)
-    spectrum = np.fft.rfft(waveform, n=length)[: kept // 2 + 1]
+    spectrum = np.fft.rfft(waveform - mean, n=length)[: kept // 2 + 1]
     if kept % 2 == 0:
         # The shorter signal's Nyquist bin stands for both +f and -f: fold it when shrinking, split it when growing.
         spectrum[kept // 2] *= 2.0 if new_length < length else 0.5
     resampled = np.fft.irfft(spectrum, n=new_length) * (new_length / length)
-    return resampled[: -(-waveform.shape[0] * target_rate // orig_rate)]
+    return resampled[: -(-waveform.shape[0] * target_rate // orig_rate)] + mean
 
 
 class LavCapFeatureExtractor(SequenceFeatureExtractor):
@@ -91,7 +97,7 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
         freq_mask_param, time_mask_param: SpecAugment maximum mask widths (mel bins, fbank frames).
     """
 
-    model_input_names = ["input_features", "feature_attention_mask", "pixel_values_videos"]
+    model_input_names = ["input_features", "pixel_values_videos"]
 
     def __init__(
         self,
@@ -148,8 +154,8 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
                 mono or (samples, channels) with at most 8 channels, which are averaged. Channels-first arrays
                 and 2-D batches are rejected (a batch is a list); transpose channels-first audio. int16 and
                 int32 are scaled to [-1, 1]; float arrays are used as they are.
-            sampling_rate: rate of `raw_audio` in Hz (required); other rates than `self.sampling_rate` are
-                resampled (`resample`).
+            sampling_rate: rate of `raw_audio` in Hz; other rates than `self.sampling_rate` are resampled
+                (`resample`). None means `self.sampling_rate` (with a warning, as a wrong rate goes unnoticed).
             videos: None, one uint8 RGB video (num_frames, H, W, 3), a list of them (one per clip) or an array
                 (B, num_frames, H, W, 3).
             spec_augment: apply one frequency and one time mask per clip (training only).
@@ -157,20 +163,16 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
             return_tensors: "np", "pt", ... as in Transformers.
 
         Returns:
-            BatchFeature with `input_features` float32 (B, max_length, feature_size), `feature_attention_mask`
-            int32 (B, max_length) (1 = real fbank frame), and with videos `pixel_values_videos` float32
-            (B, num_frames, 3, image_size, image_size).
+            BatchFeature with `input_features` float32 (B, max_length, feature_size) and, with videos,
+            `pixel_values_videos` float32 (B, num_frames, 3, image_size, image_size). There is no mask of the padded
+            fbank frames: the audio encoder attends to all `max_length` frames, as it was trained to.
         """
         waveforms = [self._to_mono(clip, sampling_rate) for clip in self._as_batch(raw_audio)]
-        features, mask = zip(*(self._extract_fbank(waveform) for waveform in waveforms), strict=True)
-        features = np.stack(features)
+        features = np.stack([self._extract_fbank(waveform) for waveform in waveforms])
         if spec_augment:
             rng = np.random.default_rng(generator)
             features = np.stack([self._spec_augment(feature, rng) for feature in features])
-        data = {
-            "input_features": ((features - self.mean) / self.std).astype(np.float32),
-            "feature_attention_mask": np.stack(mask),
-        }
+        data = {"input_features": ((features - self.mean) / self.std).astype(np.float32)}
         if videos is not None:
             data["pixel_values_videos"] = self.preprocess_videos(videos, len(waveforms))
         return BatchFeature(data, tensor_type=return_tensors)
@@ -202,9 +204,11 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
     def _to_mono(self, clip, sampling_rate: int | None) -> np.ndarray:
         """One clip -> float64 mono (samples,) at `self.sampling_rate`; ValueError naming what is wrong."""
         if sampling_rate is None:
-            raise ValueError(
-                f"sampling_rate is required: pass the rate of the audio (the model uses {self.sampling_rate} Hz)"
+            logger.warning_once(
+                f"no sampling_rate given: the audio is taken to be at the model's {self.sampling_rate} Hz; pass "
+                "sampling_rate to have audio at any other rate resampled instead of misread"
             )
+            sampling_rate = self.sampling_rate
         if isinstance(sampling_rate, (float, np.floating)) and float(sampling_rate).is_integer():
             sampling_rate = int(sampling_rate)
         if (
@@ -242,11 +246,10 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
                 f"audio peak amplitude {peak:.3g} is out of range: float audio must lie in [-1, 1] (at most "
                 f"{MAX_AMPLITUDE:.0f})"
             )
-        # The mean goes before resampling: the resampler pads with zeros, and a DC step there would ring.
         return resample(clip - clip.mean(), int(sampling_rate), self.sampling_rate)
 
-    def _extract_fbank(self, waveform: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Mono waveform (samples,) -> un-normalised log-mel (max_length, feature_size) and its mask (max_length,)."""
+    def _extract_fbank(self, waveform: np.ndarray) -> np.ndarray:
+        """Mono waveform (samples,) -> un-normalised log-mel (max_length, feature_size), padded with `padding_value`."""
         if waveform.shape[0] < self.window_length:
             raise ValueError(
                 f"audio of {waveform.shape[0]} samples is shorter than one {self.window_length}-sample fbank frame"
@@ -263,9 +266,7 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
         fbank = self._log_mel(waveform[: (num_frames - 1) * self.hop_length + self.window_length])
         features = np.full((self.max_length, self.feature_size), self.padding_value, dtype=np.float64)
         features[:num_frames] = fbank
-        mask = np.zeros(self.max_length, dtype=np.int32)
-        mask[:num_frames] = 1
-        return features, mask
+        return features
 
     def _log_mel(self, waveform: np.ndarray) -> np.ndarray:
         """Kaldi fbank of a waveform (samples,) -> (frames, feature_size), frames cut with `snip_edges`."""
@@ -293,6 +294,9 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
             features[tuple(index)] = 0.0
         return features
 
+    # Frames are prepared here rather than by a transformers video processor (`BaseVideoProcessor`): its resize and
+    # crop run on torchvision (5.x calls torchvision's functional transforms, 4.55 imports them), which this package
+    # does not depend on; Pillow's bicubic resize here also keeps the released CLIP preprocessing bit for bit.
     def preprocess_videos(self, videos, batch_size: int | None = None) -> np.ndarray:
         """uint8 videos (one (num_frames, H, W, 3) array or a list of them) -> float32
         (B, num_frames, 3, image_size, image_size); `batch_size`, when given, must match the number of videos."""

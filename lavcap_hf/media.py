@@ -1,4 +1,7 @@
-"""Decode (and, for tests and demos, encode) audio and video files with PyAV."""
+"""Decode (and, for tests and demos, encode) audio and video files with PyAV.
+
+Decoded audio is resampled by the feature extractor's `resample`, the one resampler, so a clip gets the same features
+as a file and as an array."""
 
 from __future__ import annotations
 
@@ -10,6 +13,8 @@ from fractions import Fraction
 import av
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .feature_extraction_lavcap import resample
 
 VIDEO_EXTENSIONS = frozenset(
     {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv"}
@@ -215,7 +220,8 @@ def load_media(
 ) -> DecodedMedia:
     """Decode a media file: mono audio at `sampling_rate` and `num_frames` frames spread over the clip.
 
-    Audio: the first audio stream, resampled by libswresample, channels averaged to mono, float32 (samples,).
+    Audio: the first audio stream, channels averaged to mono, resampled as the feature extractor resamples arrays
+    (`resample`), float32 (samples,).
     Frames: the first video stream; the clip is cut into `num_frames` equal segments and the frame shown at
     the centre of each is taken (a short video repeats frames), uint8 RGB (num_frames, H, W, 3).
     With `frame_spans`, (start, end) times in seconds, each span is sampled that way instead of the whole clip
@@ -280,20 +286,25 @@ def _decode(
 
 
 def _decode_audio(path: str, sampling_rate: int) -> np.ndarray:
-    """First audio stream -> float32 mono (samples,) at `sampling_rate`, channels averaged."""
-    resampler = av.AudioResampler(format="fltp", rate=sampling_rate)
-    chunks = []
+    """First audio stream -> float32 mono (samples,) at `sampling_rate`: decoded at the stream's own rate, channels
+    averaged, then resampled by `resample`, the resampler the feature extractor applies to arrays."""
+    chunks, rate = [], None
     with av.open(path) as container:
         for frame in container.decode(container.streams.audio[0]):
-            chunks.extend(out.to_ndarray() for out in resampler.resample(frame))
-    chunks.extend(out.to_ndarray() for out in resampler.resample(None))
+            if rate is None:
+                # Float samples at the stream's rate; FFmpeg filters only a frame whose rate changes mid-stream.
+                rate = frame.sample_rate
+                converter = av.AudioResampler(format="fltp", rate=rate)
+            chunks.extend(out.to_ndarray() for out in converter.resample(frame))
+    if rate is not None:
+        chunks.extend(out.to_ndarray() for out in converter.resample(None))
     # Planar chunks are (channels, n); the channel count may change mid-stream, so average each on its own.
-    audio = np.concatenate([chunk.mean(axis=0) for chunk in chunks] or [np.zeros(0)]).astype(np.float32)
+    audio = np.concatenate([chunk.mean(axis=0, dtype=np.float64) for chunk in chunks] or [np.zeros(0)])
     if audio.size == 0:
         raise MediaError(path, "audio stream is empty (zero samples)")
     if not np.isfinite(audio).all():
         raise MediaError(path, "audio contains NaN or infinite samples")
-    return audio
+    return resample(audio, rate, sampling_rate).astype(np.float32)
 
 
 def _frame_times(path: str) -> tuple[np.ndarray, float]:

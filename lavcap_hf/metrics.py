@@ -393,20 +393,34 @@ def _spice_score(
     return None
 
 
-def format_metrics_table(scores: Mapping[str, Any]) -> str:
-    """A markdown table of the metrics in `scores` (the output of `compute_caption_metrics`), four
-    decimals, `n/a` for unavailable ones with their reasons below the table."""
-    names = [name for name in CAPTION_METRICS if name in scores]
+def format_metrics_table(
+    scores: Mapping[str, Any], columns: Sequence[tuple[str, Mapping[str, Any]]] | None = None
+) -> str:
+    """The markdown table of caption metrics, the one every report uses (`lavcap evaluate`, the model card).
+
+    Args:
+        scores: the output of `compute_caption_metrics`; the reasons for unavailable metrics and the clip count are
+            listed below the table.
+        columns: (title, {metric: value}) per value column, in order; default: one `Score` column of `scores`.
+            Rows are the metrics of the first column.
+
+    Returns:
+        One row per metric, four decimals, `n/a` where a value is None.
+    """
+    columns = columns if columns is not None else [("Score", scores)]
+    names = [name for name in CAPTION_METRICS if name in columns[0][1]]
     if not names:
         raise ValueError(
-            f"no caption metric among the keys {sorted(scores)}; expected some of {CAPTION_METRICS}"
+            f"no caption metric among the keys {sorted(columns[0][1])}; expected some of {CAPTION_METRICS}"
         )
-    lines = ["| Metric | Score |", "| --- | ---: |"]
+    header = ["Metric", *(title for title, _ in columns)]
+    lines = ["| " + " | ".join(header) + " |", "| --- |" + " ---: |" * len(columns)]
     for name in names:
-        value = scores[name]
-        lines.append(
-            f"| {METRIC_DISPLAY_NAMES.get(name, name)} | {'n/a' if value is None else f'{value:.4f}'} |"
-        )
+        cells = [
+            METRIC_DISPLAY_NAMES.get(name, name),
+            *(_format_score(values[name]) for _, values in columns),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
     notes = [
         f"- {METRIC_DISPLAY_NAMES.get(name, name)} n/a: {reason}"
         for name, reason in scores.get("unavailable", {}).items()
@@ -414,3 +428,11 @@ def format_metrics_table(scores: Mapping[str, Any]) -> str:
     if "num_clips" in scores:
         notes.append(f"- {scores['num_clips']} clips scored, tokenizer: {scores.get('tokenizer', 'unknown')}")
     return "\n".join(lines + ([""] + notes if notes else []))
+
+
+def _format_score(value: float | None) -> str:
+    """Four decimals (a rounded -0 shown as 0), `n/a` for None."""
+    if value is None:
+        return "n/a"
+    text = f"{value:.4f}"
+    return "0.0000" if text == "-0.0000" else text

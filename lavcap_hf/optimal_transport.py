@@ -23,6 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+# The OT settings of the paper, the defaults of `LavCapConfig` and of the fusion modules alike. The logit-scale values
+# are ln(1/0.07) and ln(100) to float32 precision (the fp32 parameter holds the same value either way), written as
+# saved configs already state them.
+SINKHORN_EPSILON = 0.1
+SINKHORN_ITERATIONS = 50
+LOGIT_SCALE_INIT = 2.6592600369262695
+LOGIT_SCALE_MAX = 4.605170249938965
+
 
 def normalize_features(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Scale `x` (..., C) to unit L2 norm along the last dim: `x / max(||x||, eps)`.
@@ -283,11 +291,13 @@ def spread_visual(visual: torch.Tensor, num_audio: int) -> torch.Tensor:
     return F.pad(spread.reshape(batch_size, num_visual * gap, channels), (0, 0, 0, rem))
 
 
-def _multihead_attention(hidden_size: int, num_heads: int | None) -> nn.MultiheadAttention:
-    """Batch-first attention with `num_heads` heads (default `hidden_size // 64`, at least 1, as released)."""
-    num_heads = num_heads or max(1, hidden_size // 64)
+def _multihead_attention(hidden_size: int) -> nn.MultiheadAttention:
+    """Batch-first attention with 64-wide heads (`hidden_size // 64`, at least 1), as released: 12 heads at 768."""
+    num_heads = max(1, hidden_size // 64)
     if hidden_size % num_heads:
-        raise ValueError(f"hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}")
+        raise ValueError(
+            f"cross-attention fusion: hidden_size {hidden_size} is not divisible by its {num_heads} heads of 64"
+        )
     return nn.MultiheadAttention(hidden_size, num_heads, batch_first=True)
 
 
@@ -301,10 +311,10 @@ class OptimalTransportFusion(AudioVisualFusion):
     def __init__(
         self,
         hidden_size: int,
-        sinkhorn_epsilon: float = 0.1,
-        sinkhorn_iterations: int = 50,
-        logit_scale_init: float = math.log(1 / 0.07),
-        logit_scale_max: float = math.log(100),
+        sinkhorn_epsilon: float = SINKHORN_EPSILON,
+        sinkhorn_iterations: int = SINKHORN_ITERATIONS,
+        logit_scale_init: float = LOGIT_SCALE_INIT,
+        logit_scale_max: float = LOGIT_SCALE_MAX,
     ):
         super().__init__(hidden_size)
         self.sinkhorn_epsilon = sinkhorn_epsilon
@@ -386,9 +396,9 @@ class OTCrossAttentionFusion(OptimalTransportFusion):
 
     fusion_type = "ot_cross_attention"
 
-    def __init__(self, hidden_size: int, num_attention_heads: int | None = None, **ot_settings: float):
+    def __init__(self, hidden_size: int, **ot_settings: float):
         super().__init__(hidden_size, **ot_settings)
-        self.cross_attn = _multihead_attention(hidden_size, num_attention_heads)
+        self.cross_attn = _multihead_attention(hidden_size)
 
     def _combine(self, audio: torch.Tensor, visual: torch.Tensor, log_plan: torch.Tensor) -> torch.Tensor:
         # The normalised features are fp32; the attention runs in its weights' dtype (bf16 in a bf16 model).
@@ -447,9 +457,9 @@ class PlainCrossAttentionFusion(AudioVisualFusion):
 
     fusion_type = "plain_cross_attention"
 
-    def __init__(self, hidden_size: int, num_attention_heads: int | None = None):
+    def __init__(self, hidden_size: int):
         super().__init__(hidden_size)
-        self.cross_attn = _multihead_attention(hidden_size, num_attention_heads)
+        self.cross_attn = _multihead_attention(hidden_size)
 
     def fuse(
         self, audio_tokens: torch.Tensor | None, visual_tokens: torch.Tensor | None, output_ot_plan: bool
@@ -527,11 +537,6 @@ class FusionSpec:
     def uses_ot(self) -> bool:
         """Whether the type aligns the modalities with optimal transport (and so has an OT loss and plan)."""
         return issubclass(self.module, OptimalTransportFusion)
-
-    @property
-    def takes_attention_heads(self) -> bool:
-        """Whether `build_fusion`'s `num_attention_heads` applies."""
-        return self.module in (OTCrossAttentionFusion, PlainCrossAttentionFusion)
 
     def token_counts(self, num_audio: int, num_visual: int) -> tuple[int, int]:
         """(audio-indexed, visual-indexed) fused tokens for `num_audio` audio and `num_visual` visual input tokens."""
@@ -623,21 +628,20 @@ OT_FUSION_TYPES = tuple(name for name, spec in FUSIONS.items() if spec.uses_ot)
 def build_fusion(
     fusion_type: str,
     hidden_size: int,
-    num_attention_heads: int | None = None,
-    sinkhorn_epsilon: float = 0.1,
-    sinkhorn_iterations: int = 50,
-    logit_scale_init: float = math.log(1 / 0.07),
-    logit_scale_max: float = math.log(100),
+    sinkhorn_epsilon: float = SINKHORN_EPSILON,
+    sinkhorn_iterations: int = SINKHORN_ITERATIONS,
+    logit_scale_init: float = LOGIT_SCALE_INIT,
+    logit_scale_max: float = LOGIT_SCALE_MAX,
 ) -> AudioVisualFusion:
     """Build the fusion module for `fusion_type` (one of `FUSION_TYPES`) on `hidden_size` channels.
 
-    `num_attention_heads` is used by the cross-attention types only (default `hidden_size // 64`, at least 1);
-    the Sinkhorn and logit-scale arguments by the OT types only.
+    The Sinkhorn and logit-scale arguments are used by the OT types only; the cross-attention types have
+    `hidden_size // 64` heads (at least 1), as released.
     """
     spec = FUSIONS.get(fusion_type)
     if spec is None:
         raise ValueError(f"unknown fusion_type {fusion_type!r}; expected one of {', '.join(FUSION_TYPES)}")
-    kwargs: dict[str, int | float | None] = {}
+    kwargs: dict[str, int | float] = {}
     if spec.uses_ot:
         kwargs.update(
             sinkhorn_epsilon=sinkhorn_epsilon,
@@ -645,6 +649,4 @@ def build_fusion(
             logit_scale_init=logit_scale_init,
             logit_scale_max=logit_scale_max,
         )
-    if spec.takes_attention_heads:
-        kwargs["num_attention_heads"] = num_attention_heads
     return spec.module(hidden_size, **kwargs)

@@ -34,6 +34,7 @@ from transformers.trainer_utils import SchedulerType, set_seed
 from transformers.utils import logging
 
 from ._compat import dtype_kwarg, processor_kwarg
+from .caption_generation import decode_captions, generate_caption_ids
 from .collator import CAPTION_PREFIX, LavCapDataCollator
 from .configuration_lavcap import LavCapConfig
 from .convert import build_from_components, load_language_model
@@ -347,10 +348,8 @@ class LavCapTrainerMixin:
         if processor is not None:
             generation.setdefault("eos_token_id", processor.tokenizer.eos_token_id)
             generation.setdefault("pad_token_id", processor.tokenizer.pad_token_id)
-        generator = self.accelerator.unwrap_model(model)
-        with torch.no_grad(), self.autocast_smart_context_manager():
-            sequences = generator.generate(**inputs, **generation)
-        return sequences[:, inputs["input_ids"].shape[1] :]
+        with self.autocast_smart_context_manager():
+            return generate_caption_ids(self.accelerator.unwrap_model(model), inputs, **generation)
 
     def _evaluation_metrics(self, prediction: Any) -> dict[str, float]:
         """compute_metrics: token accuracy from the summed counts (over all caption tokens of the split, as the
@@ -366,11 +365,7 @@ class LavCapTrainerMixin:
 
     def _score_captions(self, token_ids: Any, clip_indices: Any) -> dict[str, float]:
         """Decode the generated ids (N, T), pair them with the clips' references, score them."""
-        token_ids = np.asarray(token_ids)
-        processor = self.processor
-        captions = processor.batch_decode(
-            np.where(token_ids < 0, processor.tokenizer.pad_token_id, token_ids)
-        )
+        captions = decode_captions(self.processor, token_ids)
         clips: Sequence[Clip] = getattr(self._scored_dataset, "clips", None) or []
         indices = np.asarray(clip_indices).reshape(-1).tolist()
         references = [list(clips[i].references) if clips else [] for i in indices]

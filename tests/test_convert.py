@@ -361,7 +361,7 @@ def test_clip_component_loads_the_vision_tower_and_drops_the_text_tower(
         torch.testing.assert_close(tower.state_dict()[key], tensor, rtol=0, atol=0, msg=key)
     pixels = torch.randn(2, 4, 3, 32, 32)
     with torch.no_grad():
-        ours = model.model.get_video_features(pixels)
+        ours = model.model.get_video_features(pixels).pooler_output
         theirs = clip.visual_projection(clip.vision_model(pixel_values=pixels.flatten(0, 1)).pooler_output)
     torch.testing.assert_close(ours, theirs.view(2, 4, -1))
 
@@ -405,7 +405,10 @@ def test_language_model_gets_pad_and_placeholder_tokens_and_keeps_its_weights(ll
     norm = {"model.audio_tower.init_bn.weight", "model.audio_tower.init_bn.bias"}
     assert {p.dtype for n, p in model.named_parameters() if n not in norm} == {torch.bfloat16}
     assert {model.get_parameter(n).dtype for n in norm} == {torch.float32}
-    ours = model.language_model.state_dict()
+    ours = {
+        **{f"model.{k}": v for k, v in model.language_model.state_dict().items()},
+        "lm_head.weight": model.lm_head.weight,
+    }
     for key, tensor in saved.state_dict().items():
         expected = tensor.to(torch.bfloat16)
         torch.testing.assert_close(ours[key][: expected.shape[0]], expected, rtol=0, atol=0, msg=key)
@@ -566,7 +569,7 @@ def test_released_checkpoint_merges_into_the_model(
     for i in range(2):
         base = llama.model.layers[i].self_attn.q_proj
         torch.testing.assert_close(
-            model.language_model.model.layers[i].self_attn.q_proj.weight,
+            model.language_model.layers[i].self_attn.q_proj.weight,
             base.base_layer.weight + released.lora_update(base),
         )
 
@@ -580,7 +583,7 @@ def test_released_checkpoint_merges_into_the_model(
     )
     if trainable_only:
         assert "frozen CED" in report.missing["model.audio_tower.blocks.0.attn.k_proj.weight"]
-        assert "frozen LLM" in report.missing["language_model.model.embed_tokens.weight"]
+        assert "frozen LLM" in report.missing["model.language_model.embed_tokens.weight"]
     else:
         assert "classifier" in report.skipped["audio_encoder.base_model.model.output_layer.1.weight"]
         base_key = "audio_encoder.base_model.model.blocks.0.attn.q_proj.base_layer.weight"
@@ -590,12 +593,12 @@ def test_released_checkpoint_merges_into_the_model(
         released_rows = llama.model.embed_tokens.weight
         torch.testing.assert_close(embeddings[: released_rows.shape[0]], released_rows, rtol=0, atol=0)
         torch.testing.assert_close(embeddings[-2:], placeholder_rows[-2:], rtol=0, atol=0)
-        assert not report.missing.get("language_model.model.embed_tokens.weight")
+        assert not report.missing.get("model.language_model.embed_tokens.weight")
 
     with torch.no_grad():
-        tokens = model.model.get_audio_features(fbank)
+        tokens = model.model.get_audio_features(fbank).pooler_output
         embeds = torch.randn(2, 7, 64)
-        logits = model.language_model(inputs_embeds=embeds).logits
+        logits = model(inputs_embeds=embeds).logits
         released_logits = released.llama_decoder(inputs_embeds=embeds).logits
     reference = reference_ced_tokens(released.merged_release_weights(release), fbank)
     torch.testing.assert_close(tokens, reference, rtol=1e-4, atol=1e-4)

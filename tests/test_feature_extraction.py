@@ -87,7 +87,6 @@ def test_fbank_matches_kaldi_reference(extractor, waveform):
     num_real = 1 + (len(waveform) - 400) // 160
     assert out["input_features"].shape == (1, 1024, 64) and out["input_features"].dtype == np.float32
     np.testing.assert_allclose(out["input_features"][0], reference_features(waveform), atol=1e-3, rtol=0)
-    np.testing.assert_array_equal(out["feature_attention_mask"][0], np.arange(1024) < num_real)
     np.testing.assert_allclose(out["input_features"][0, num_real:], (0.0 - MEAN) / STD, rtol=1e-6)
 
 
@@ -97,9 +96,6 @@ def test_batch_equals_single_clips(extractor):
     for index, clip in enumerate(clips):
         single = extractor(clip, sampling_rate=SR)
         np.testing.assert_array_equal(batch["input_features"][index], single["input_features"][0])
-        np.testing.assert_array_equal(
-            batch["feature_attention_mask"][index], single["feature_attention_mask"][0]
-        )
 
 
 def test_long_audio_is_truncated_with_warning(extractor, caplog):
@@ -107,7 +103,6 @@ def test_long_audio_is_truncated_with_warning(extractor, caplog):
     with caplog.at_level(logging.WARNING):
         out = extractor(waveform, sampling_rate=SR)
     assert "10.50 s" in caplog.text and "truncated" in caplog.text
-    assert out["feature_attention_mask"].all()
     np.testing.assert_allclose(out["input_features"][0], reference_features(waveform), atol=1e-3, rtol=0)
 
 
@@ -120,7 +115,9 @@ def test_split_windows_continue_the_fbank(extractor):
     for index in range(len(windows)):
         expected = (whole[index * 1024 : (index + 1) * 1024] - MEAN) / STD
         np.testing.assert_allclose(out["input_features"][index, : len(expected)], expected, atol=1e-3, rtol=0)
-        assert out["feature_attention_mask"][index].sum() == len(expected)
+        np.testing.assert_allclose(
+            out["input_features"][index, len(expected) :], (0.0 - MEAN) / STD, rtol=1e-6
+        )
 
 
 def test_resample_matches_analytic_sine():
@@ -162,7 +159,6 @@ def test_integer_and_float_dtypes(extractor):
 @pytest.mark.parametrize(
     ("audio", "sampling_rate", "problem"),
     [
-        (np.zeros(1600, np.float32), None, "sampling_rate is required"),
         (np.zeros(0, np.float32), SR, "empty"),
         (np.array([0.0, np.nan] * 400, np.float32), SR, "NaN or infinite"),
         (np.array([0.0, np.inf] * 400, np.float32), SR, "NaN or infinite"),
@@ -177,6 +173,14 @@ def test_integer_and_float_dtypes(extractor):
 def test_audio_errors(extractor, audio, sampling_rate, problem):
     with pytest.raises(ValueError, match=problem):
         extractor(audio, sampling_rate=sampling_rate)
+
+
+def test_missing_sampling_rate_means_the_models_rate(extractor):
+    waveform = noise(0.5, 11)
+    np.testing.assert_array_equal(
+        extractor(waveform)["input_features"], extractor(waveform, sampling_rate=SR)["input_features"]
+    )
+    assert extractor.sampling_rate == SR
 
 
 def masked_region(augmented: np.ndarray, plain: np.ndarray) -> np.ndarray:
@@ -248,7 +252,7 @@ def test_video_batches_and_torch_tensors():
     as_list = extractor(clips, sampling_rate=SR, videos=list(videos), return_tensors="pt")
     as_array = extractor(clips, sampling_rate=SR, videos=videos, return_tensors="pt")
     assert tuple(as_list["pixel_values_videos"].shape) == (2, 2, 3, 16, 16)
-    assert as_list["feature_attention_mask"].dtype.is_floating_point is False
+    assert set(as_list) == {"input_features", "pixel_values_videos"}
     for key in as_list:
         assert (as_list[key] == as_array[key]).all()
 

@@ -193,3 +193,37 @@ def test_write_media_rejects_bad_input(tmp_path):
         write_media(tmp_path / "x.mp4", None, 10.0, None, 16000)
     with pytest.raises(ValueError, match=r"uint8 \(F, H, W, 3\)"):
         write_media(tmp_path / "x.mp4", np.zeros((2, 8, 8), np.uint8), 10.0, None, 16000)
+
+
+def test_a_clip_gets_the_same_features_as_a_file_and_as_an_array(tmp_path, make_sine):
+    """One resampler: a 44.1 kHz stereo file decoded to 16 kHz, and the same samples given to the feature extractor
+    as an array at 44.1 kHz, give the same fbank (up to float32 rounding)."""
+    from lavcap_hf import LavCapFeatureExtractor
+
+    rate = 44100
+    rng = np.random.default_rng(0)
+    audio = make_sine(1003.0, 1.3, rate, channels=2) + 0.05 * rng.standard_normal((int(1.3 * rate), 2))
+    samples = np.round(np.clip(audio, -1, 1) * 32767).astype(np.int16)  # what the .wav stores, exactly
+    path = tmp_path / "clip.wav"
+    with wave.open(str(path), "wb") as file:
+        file.setnchannels(2)
+        file.setsampwidth(2)
+        file.setframerate(rate)
+        file.writeframes(samples.tobytes())
+    extractor = LavCapFeatureExtractor()
+    decoded = load_media(path, sampling_rate=extractor.sampling_rate, need_frames=False)
+
+    from_file = extractor(decoded.audio, sampling_rate=decoded.sampling_rate)["input_features"]
+    from_array = extractor(samples, sampling_rate=rate)["input_features"]
+    np.testing.assert_allclose(from_file, from_array, atol=1e-4, rtol=0)
+
+
+def test_decoding_keeps_the_top_of_the_band(tmp_path, make_sine):
+    """A 7.5 kHz tone in a 44.1 kHz file is still at full amplitude at 16 kHz: the 7-8 kHz band that the top mel
+    bins cover is kept (FFmpeg's default resampler filter halves it, which is why files use the FFT resampler)."""
+    path = tmp_path / "tone.wav"
+    write_media(path, None, 0.0, make_sine(7500.0, 1.0, 44100), 44100)
+    audio = load_media(path, sampling_rate=16000, need_frames=False).audio
+    interior = audio[800:-800]  # away from the ends, where the periodic treatment rings
+    assert np.sqrt(2) * interior.std() == pytest.approx(0.5, rel=0.01)
+    assert dominant_frequency(audio, 16000) == pytest.approx(7500.0, abs=5.0)

@@ -317,3 +317,16 @@ def test_format_metrics_table_marks_unavailable_metrics():
     assert format_metrics_table({"BLEU_4": 0.5}).splitlines()[-1] == "| BLEU-4 | 0.5000 |"
     with pytest.raises(ValueError, match="no caption metric"):
         format_metrics_table({"loss": 1.0})
+
+
+def test_format_metrics_table_with_value_columns():
+    """The one score table also carries `lavcap evaluate`'s condition and drop columns, rows from the first column."""
+    full = {"BLEU_4": 0.5, "CIDEr": None, "num_clips": 3, "tokenizer": "ptb", "unavailable": {}}
+    condition = {"BLEU_4": 0.5, "CIDEr": None}
+    drop = {"BLEU_4": 0.5 - 0.50000001, "CIDEr": None}
+    lines = format_metrics_table(
+        full, [("Full", full), ("No visual", condition), ("drop", drop)]
+    ).splitlines()
+    assert lines[:2] == ["| Metric | Full | No visual | drop |", "| --- | ---: | ---: | ---: |"]
+    assert lines[2:4] == ["| BLEU-4 | 0.5000 | 0.5000 | 0.0000 |", "| CIDEr-D | n/a | n/a | n/a |"]
+    assert lines[-1] == "- 3 clips scored, tokenizer: ptb"

@@ -563,9 +563,9 @@ def test_plain_cross_attention_matches_manual_attention():
 def test_cross_attention_heads(fusion_type):
     assert build_fusion(fusion_type, 32).cross_attn.num_heads == 1
     assert build_fusion(fusion_type, 768).cross_attn.num_heads == 12
-    assert build_fusion(fusion_type, 96, num_attention_heads=3).cross_attn.num_heads == 3
-    with pytest.raises(ValueError, match="divisible"):
-        build_fusion(fusion_type, 96, num_attention_heads=5)
+    assert build_fusion(fusion_type, 192).cross_attn.num_heads == 3
+    with pytest.raises(ValueError, match="hidden_size 200 is not divisible by its 3 heads"):
+        build_fusion(fusion_type, 200)
 
 
 @pytest.mark.parametrize("fusion_type", [t for t in FUSION_TYPES if t != "visual_only"])
