@@ -5,6 +5,11 @@ audio-visual scenes (`lavcap_hf.synthetic`) whose captions name a sound (heard) 
 frames). It trains the OT-fusion model and an audio-only one with the `Trainer`, saves each with
 `save_pretrained`, loads it back through `pipeline("audio-visual-captioning")`, captions the held-out clips and
 prints a table: the place accuracy shows what the frames add, the sound accuracy that both learn the audio.
+
+Each model trains until its loss on a validation split (clips drawn apart from the training ones) stops improving
+(`EarlyStoppingCallback`, an evaluation every `eval_every` steps, `patience` evaluations without a new best), and the
+best evaluated weights are the ones saved, so the table compares converged models. The learning rate anneals
+(cosine) over the step cap, `steps`; the report says whether each run ended by early stopping or at the cap.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -19,18 +25,17 @@ from typing import Any
 import numpy as np
 import torch
 from tqdm.auto import tqdm
-from transformers import TrainingArguments, pipeline
+from transformers import AutoModel, EarlyStoppingCallback, TrainingArguments, pipeline
 
+from . import LavCapConfig, LavCapProcessor
 from ._compat import processor_kwarg
 from .collator import LavCapDataCollator
-from .configuration_lavcap import LavCapConfig
 from .data import Clip, LavCapDataset
 from .media import load_media
 from .metrics import compute_caption_metrics
-from .modeling_lavcap import LavCapForConditionalGeneration
 from .pipeline_lavcap import TASK
 from .plotting import plot_ot_plan
-from .processing_lavcap import AUDIO_TOKEN, VIDEO_TOKEN, LavCapProcessor
+from .processing_lavcap import AUDIO_TOKEN, VIDEO_TOKEN
 from .synthetic import generate_dataset, score_caption
 from .tiny import tiny_lavcap_config, word_level_tokenizer
 from .training import LavCapTrainer
@@ -43,12 +48,23 @@ AUDIO_SAMPLES = (AUDIO_FRAMES - 1) * 160 + 400
 
 
 @dataclass
+class TrainingRun:
+    """How one model's training went: steps taken, the evaluated step whose weights were kept, and why it ended."""
+
+    seconds: float
+    steps: int
+    best_step: int
+    best_eval_loss: float
+    converged: bool  # stopped by the early stopping, not by the step cap
+
+
+@dataclass
 class DemoRow:
     fusion_type: str
     sound_accuracy: float
     place_accuracy: float
     scores: dict[str, Any]
-    train_seconds: float
+    training: TrainingRun
     examples: list[tuple[str, str]]
 
 
@@ -87,26 +103,55 @@ def decode_clips(records: list[dict[str, Any]], desc: str) -> list[Clip]:
 
 
 def train_one(
-    fusion_type: str, tokenizer: Any, clips: list[Clip], folder: str, steps: int, batch_size: int, seed: int
-) -> float:
-    """Train a fresh model with the Trainer and save model + processor to `folder`; returns the seconds taken."""
+    fusion_type: str,
+    tokenizer: Any,
+    clips: list[Clip],
+    valid_clips: list[Clip],
+    folder: str,
+    max_steps: int,
+    batch_size: int,
+    seed: int,
+    eval_every: int = 50,
+    patience: int = 4,
+) -> TrainingRun:
+    """Train a fresh model with the Trainer until its validation loss stops improving (at most `max_steps`) and
+    save the best evaluated model + processor to `folder`."""
     torch.manual_seed(seed)
     config = demo_config(fusion_type, tokenizer)
-    model = LavCapForConditionalGeneration(config)
+    model = AutoModel.from_config(config)
     processor = LavCapProcessor.from_model_config(config, tokenizer)
-    dataset = LavCapDataset(
-        clips, num_frames=NUM_FRAMES, load_visual=config.uses_visual, load_audio=config.uses_audio, seed=seed
-    )
+
+    def dataset(split: list[Clip]) -> LavCapDataset:
+        return LavCapDataset(
+            split,
+            num_frames=NUM_FRAMES,
+            load_visual=config.uses_visual,
+            load_audio=config.uses_audio,
+            seed=seed,
+        )
+
+    checkpoints = os.path.join(folder, "checkpoints")
     args = TrainingArguments(
-        output_dir=os.path.join(folder, "checkpoints"),
-        max_steps=steps,
+        output_dir=checkpoints,
+        max_steps=max_steps,
         per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=32,
         learning_rate=1e-3,
-        warmup_steps=steps // 15,
+        warmup_steps=50,
+        # Annealed over the cap: at a constant rate the kept weights stayed noisy (sound accuracy 0.78 for ot_att,
+        # 0.87 audio-only, against 0.93 and 0.98 annealed); early stopping still ends a run that stops improving.
         lr_scheduler_type="cosine",
         weight_decay=0.0,
-        logging_steps=max(1, steps // 6),
-        save_strategy="no",
+        logging_steps=eval_every,
+        eval_strategy="steps",
+        eval_steps=eval_every,
+        save_strategy="steps",
+        save_steps=eval_every,
+        save_total_limit=1,  # the best checkpoint is kept besides the last one
+        save_only_model=True,
+        load_best_model_at_end=True,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
         report_to=[],
         use_cpu=True,
         remove_unused_columns=False,
@@ -118,17 +163,28 @@ def train_one(
     trainer = LavCapTrainer(
         model=model,
         args=args,
-        train_dataset=dataset,
+        train_dataset=dataset(clips),
+        eval_dataset=dataset(valid_clips),
         data_collator=LavCapDataCollator(processor, spec_augment=False),
         caption_metrics=False,
+        callbacks=[EarlyStoppingCallback(early_stopping_patience=patience)],
         **{processor_kwarg(LavCapTrainer): processor},
     )
     start = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
-    model.save_pretrained(folder)
+    state = trainer.state
+    trainer.model.save_pretrained(folder)
     processor.save_pretrained(folder)
-    return seconds
+    shutil.rmtree(checkpoints, ignore_errors=True)
+    best = state.best_model_checkpoint
+    return TrainingRun(
+        seconds=seconds,
+        steps=state.global_step,
+        best_step=int(best.rsplit("-", 1)[1]) if best else state.global_step,
+        best_eval_loss=float(state.best_metric) if state.best_metric is not None else float("nan"),
+        converged=state.global_step < max_steps,
+    )
 
 
 def caption_held_out(folder: str, clips: list[Clip]) -> list[str]:
@@ -142,7 +198,7 @@ def caption_held_out(folder: str, clips: list[Clip]) -> list[str]:
 
 
 def evaluate_row(
-    fusion_type: str, captions: list[str], records: list[dict[str, Any]], seconds: float
+    fusion_type: str, captions: list[str], records: list[dict[str, Any]], training: TrainingRun
 ) -> DemoRow:
     judged = [score_caption(c, r["sound"], r["place"]) for c, r in zip(captions, records, strict=True)]
     scores = compute_caption_metrics(captions, [[r["caption"]] for r in records])
@@ -151,7 +207,7 @@ def evaluate_row(
         sound_accuracy=float(np.mean([j["sound_correct"] for j in judged])),
         place_accuracy=float(np.mean([j["place_correct"] for j in judged])),
         scores=scores,
-        train_seconds=seconds,
+        training=training,
         examples=[(r["caption"], c) for r, c in zip(records, captions, strict=True)],
     )
 
@@ -162,13 +218,17 @@ def format_report(rows: list[DemoRow], num_examples: int = 6) -> str:
         return "n/a" if value is None else f"{value:.3f}"
 
     lines = [
-        "| fusion | sound accuracy | place accuracy | BLEU-4 | CIDEr-D | METEOR | train s |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| fusion | sound accuracy | place accuracy | BLEU-4 | CIDEr-D | METEOR | steps | best step "
+        "| validation loss | train s |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
+        run = row.training
+        steps = f"{run.steps}" + ("" if run.converged else " (cap)")
         lines.append(
             f"| {row.fusion_type} | {row.sound_accuracy:.2f} | {row.place_accuracy:.2f} | {score(row, 'BLEU_4')} "
-            f"| {score(row, 'CIDEr')} | {score(row, 'METEOR')} | {row.train_seconds:.0f} |"
+            f"| {score(row, 'CIDEr')} | {score(row, 'METEOR')} | {steps} | {run.best_step} "
+            f"| {run.best_eval_loss:.3f} | {run.seconds:.0f} |"
         )
     lines += [
         "",
@@ -180,7 +240,8 @@ def format_report(rows: list[DemoRow], num_examples: int = 6) -> str:
     return "\n".join(lines)
 
 
-def save_ot_picture(folder: str, clip: Clip, path: str) -> None:
+def save_ot_picture(folder: str, clip: Clip, path: str) -> str:
+    """Picture of the OT plan of `clip` (frames as thumbnails along their axis); returns the model's caption."""
     captioner = pipeline(TASK, model=folder, trust_remote_code=True, device="cpu")
     output = captioner(
         {"audio": clip.audio, "sampling_rate": clip.sampling_rate, "frames": clip.video},
@@ -188,48 +249,103 @@ def save_ot_picture(folder: str, clip: Clip, path: str) -> None:
         num_beams=1,
         max_new_tokens=12,
     )[0]
-    plot_ot_plan(output["ot_plan"], path, title=f"{clip.caption} -> {output['caption']}")
+    title = f"{clip.id}: reference '{clip.caption}', caption '{output['caption']}'"
+    plot_ot_plan(output["ot_plan"], path, title=title, frames=clip.video)
+    return output["caption"]
+
+
+def first_correct(row: DemoRow, records: list[dict[str, Any]]) -> int:
+    """Index of the first held-out clip whose caption names both its sound and its place (0 when none does)."""
+    for index, ((_, caption), record) in enumerate(zip(row.examples, records, strict=True)):
+        judged = score_caption(caption, record["sound"], record["place"])
+        if judged["sound_correct"] and judged["place_correct"]:
+            return index
+    return 0
 
 
 def run_demo(
     output_dir: str = "lavcap_demo",
     num_train: int = 150,
     num_test: int = 60,
-    steps: int = 300,
+    steps: int = 1000,
     batch_size: int = 16,
     seed: int = 0,
+    num_valid: int = 30,
+    eval_every: int = 50,
+    patience: int = 4,
 ) -> list[DemoRow]:
+    """Train the demo's models (each until its validation loss stops improving, at most `steps` steps), caption
+    the held-out clips and write the report, `results.json` and `ot_plan.png` to `output_dir`."""
     start = time.perf_counter()
     # The models are tiny: a second intra-op thread gains little and, on a busy 2-core machine, costs a lot.
     torch.set_num_threads(1)
     os.makedirs(output_dir, exist_ok=True)
-    print(f"synthesising {num_train} training and {num_test} held-out clips in {output_dir}/data ...")
-    splits = generate_dataset(os.path.join(output_dir, "data"), num_train, num_test, seed=seed)
-    train_clips = decode_clips(splits["train"], "decoding training clips")
+    print(
+        f"synthesising {num_train} training, {num_valid} validation and {num_test} held-out clips in "
+        f"{output_dir}/data ..."
+    )
+    # The validation clips are the last of the generated training split: clips of their own, never trained on.
+    splits = generate_dataset(os.path.join(output_dir, "data"), num_train + num_valid, num_test, seed=seed)
+    train_clips = decode_clips(splits["train"], "decoding training and validation clips")
+    train_clips, valid_clips = train_clips[:num_train], train_clips[num_train:]
     test_clips = decode_clips(splits["test"], "decoding held-out clips")
     tokenizer = word_level_tokenizer(clip.caption for clip in train_clips)
     rows = []
     for fusion_type in FUSIONS:
         folder = os.path.join(output_dir, f"model-{fusion_type}")
-        print(f"\ntraining the {fusion_type} model ({steps} steps) ...")
-        seconds = train_one(fusion_type, tokenizer, train_clips, folder, steps, batch_size, seed)
+        print(
+            f"\ntraining the {fusion_type} model until its validation loss stops improving (evaluated every "
+            f"{eval_every} steps, patience {patience}, at most {steps} steps) ..."
+        )
+        training = train_one(
+            fusion_type,
+            tokenizer,
+            train_clips,
+            valid_clips,
+            folder,
+            steps,
+            batch_size,
+            seed,
+            eval_every,
+            patience,
+        )
+        print(
+            f"{fusion_type}: {training.steps} steps in {training.seconds:.0f} s, "
+            + ("stopped by the early stopping" if training.converged else "stopped by the step cap")
+            + f"; kept step {training.best_step} (validation loss {training.best_eval_loss:.3f})"
+        )
         captions = caption_held_out(folder, test_clips)
-        rows.append(evaluate_row(fusion_type, captions, splits["test"], seconds))
+        rows.append(evaluate_row(fusion_type, captions, splits["test"], training))
     picture = os.path.join(output_dir, "ot_plan.png")
-    save_ot_picture(os.path.join(output_dir, "model-ot_att"), test_clips[0], picture)
+    shown = test_clips[first_correct(rows[0], splits["test"])]
+    save_ot_picture(os.path.join(output_dir, "model-ot_att"), shown, picture)
     report = format_report(rows)
     with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(report + "\n")
     with open(os.path.join(output_dir, "results.json"), "w", encoding="utf-8") as f:
-        json.dump([{**row.__dict__, "examples": row.examples[:10]} for row in rows], f, indent=2, default=str)
+        results = [
+            {**row.__dict__, "training": row.training.__dict__, "examples": row.examples[:10]} for row in rows
+        ]
+        json.dump(results, f, indent=2, default=str)
     print("\nheld-out clips (the sound is heard; the place is only seen in the frames):\n")
     print(report)
     print(
-        f"\nOT plan of one clip: {picture}; models: {output_dir}/model-*; total {time.perf_counter() - start:.0f} s"
+        f"\nOT plan of {shown.id} (captioned right where any held-out clip is): {picture}; models: "
+        f"{output_dir}/model-*; total {time.perf_counter() - start:.0f} s"
     )
     return rows
 
 
 def run_demo_command(args: argparse.Namespace) -> int:
-    run_demo(args.output, args.num_train, args.num_test, args.steps, args.batch_size, args.seed)
+    run_demo(
+        args.output,
+        args.num_train,
+        args.num_test,
+        args.steps,
+        args.batch_size,
+        args.seed,
+        num_valid=args.num_valid,
+        eval_every=args.eval_every,
+        patience=args.patience,
+    )
     return 0

@@ -6,8 +6,8 @@ venv=$1
 stack=${2:-current}
 root=$(cd "$(dirname "$0")/.." && pwd)
 case "$stack" in
-  current) extras="dev" ;;
-  gaudi) extras="gaudi,dev" ;;
+  current) extras="dev,app" ;;
+  gaudi) extras="gaudi,dev,app" ;;
   *) echo "unknown stack '$stack' (current or gaudi)" >&2; exit 2 ;;
 esac
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"

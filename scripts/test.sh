@@ -6,6 +6,16 @@ set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 venvs=${LAVCAP_VENVS:-$root/.venvs}
+# The web demo's browser test (tests/test_web_demo.py) drives Debian's chromium; installed once, as root.
+if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    echo "== installing chromium and chromium-driver (the web demo's browser test)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+  else
+    echo "== chromium is missing and needs root and apt-get to install: the browser test will fail" >&2
+  fi
+fi
 for stack in current gaudi; do
   echo "== setting up the $stack stack in $venvs/$stack"
   bash scripts/setup_env.sh "$venvs/$stack" "$stack"

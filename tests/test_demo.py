@@ -8,20 +8,30 @@ import numpy as np
 import pytest
 import torch
 
+from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
 from lavcap_hf.demo import caption_held_out, decode_clips, demo_config, run_demo
-from lavcap_hf.modeling_lavcap import LavCapForConditionalGeneration
-from lavcap_hf.processing_lavcap import LavCapProcessor
 from lavcap_hf.synthetic import score_caption
 from lavcap_hf.testing_utils import word_level_tokenizer
 
 
 @pytest.mark.slow
 def test_short_demo_trains_models_that_beat_an_untrained_one(tmp_path, capsys) -> None:
-    rows = run_demo(str(tmp_path), num_train=60, num_test=15, steps=80, batch_size=12, seed=1)
+    cap, every, patience = 100, 20, 2
+    rows = run_demo(
+        str(tmp_path), 60, 15, cap, batch_size=12, seed=1, num_valid=12, eval_every=every, patience=patience
+    )
     printed = capsys.readouterr().out
     assert "| ot_att |" in printed and "| audio_only |" in printed
     assert (tmp_path / "ot_plan.png").stat().st_size > 0
-    assert json.loads((tmp_path / "results.json").read_text())[0]["fusion_type"] == "ot_att"
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert [r["fusion_type"] for r in results] == ["ot_att", "audio_only"]
+    for row, result in zip(rows, results, strict=True):
+        run = row.training
+        assert result["training"]["steps"] == run.steps and f"| {run.best_step} |" in printed
+        # The kept weights are those of an evaluation; early stopping ends `patience` evaluations after the best.
+        assert run.best_step % every == 0 and 0 < run.best_step <= run.steps <= cap
+        assert run.steps - run.best_step == patience * every if run.converged else run.steps == cap
+        assert not (tmp_path / f"model-{row.fusion_type}" / "checkpoints").exists()
 
     records = [json.loads(line) for line in (tmp_path / "data" / "test.jsonl").read_text().splitlines()]
     for record in records:

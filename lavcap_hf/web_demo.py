@@ -1,0 +1,329 @@
+"""`lavcap app`: a Gradio page (usable as a Hugging Face Space, `app/app.py`) that captions one clip.
+
+Built on `pipeline("audio-visual-captioning")`: the visitor uploads or records a video (or picks one of the clips
+synthesised at start-up) and gets the caption, a picture of the OT plan (frames x audio tokens, the frames as
+thumbnails along their axis), the sampled frames, and the fusion type and decoding settings. Unusable uploads (not
+media, no audio stream, too long) get a message naming the problem; requests wait in a queue.
+
+With no model named it serves the demo's trained model (`lavcap demo`), training it first where it is missing, so
+it runs on a fresh machine with nothing downloaded. Tooling: no model file imports this module.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+# Set before gradio is imported: the page must not report usage anywhere.
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+import gradio as gr  # noqa: E402
+from transformers import pipeline  # noqa: E402
+
+from .media import MediaError, load_media, write_media  # noqa: E402
+from .pipeline_lavcap import TASK  # noqa: E402
+from .plotting import plot_ot_plan  # noqa: E402
+from .synthetic import PLACES, SOUNDS, make_caption, synthesize_scene  # noqa: E402
+
+logger = logging.getLogger(__name__)
+
+DEMO_OUTPUT = "lavcap_demo"
+DEFAULT_MODEL = os.path.join(DEMO_OUTPUT, "model-ot_att")
+MAX_CLIP_SECONDS = 120.0  # longer uploads are refused: decoding and captioning them would hold the queue
+LONG_AUDIO_CHOICES = {"first window only": "truncate", "every window": "windows"}
+QUEUE_CONCURRENCY = 1  # one captioning at a time; the others wait their turn in the queue
+QUEUE_MAX_SIZE = 64
+NUM_EXAMPLES = 6
+DEFAULT_NUM_BEAMS = 1
+DEFAULT_MAX_NEW_TOKENS = 30
+THUMBNAIL_HEIGHT = 160
+
+
+class ClipProblem(ValueError):
+    """An upload that cannot be captioned; the message names the file and the problem, for the page."""
+
+
+@dataclass
+class CaptionView:
+    """What the page shows for one captioned clip."""
+
+    caption: str
+    plan_picture: Image.Image | None
+    frames: list[tuple[Image.Image, str]]
+    settings: str
+    status: str
+
+    def outputs(self) -> tuple[Any, ...]:
+        return self.caption, self.plan_picture, self.frames, self.settings, self.status
+
+
+def resolve_model(model: str | None) -> str:
+    """`model`, or the demo's trained model, trained first (`lavcap demo`'s defaults) where it is missing."""
+    if model:
+        return model
+    if not os.path.isfile(os.path.join(DEFAULT_MODEL, "config.json")):
+        from .demo import run_demo
+
+        print(
+            f"no model given and {DEFAULT_MODEL} is missing: training the demo's models first (a few minutes)"
+        )
+        run_demo(DEMO_OUTPUT)
+    return DEFAULT_MODEL
+
+
+def long_clip_notice(duration: float, window_seconds: float, mode: str, max_seconds: float) -> str:
+    """The status line about a clip's length; raises ClipProblem for a clip longer than `max_seconds`.
+
+    `mode` is the pipeline's `long_audio` ("truncate" or "windows"); a clip longer than the model's audio window
+    gets a line saying which part was captioned and how to caption the rest.
+    """
+    if duration > max_seconds:
+        raise ClipProblem(
+            f"too long: {duration:.1f} s, and this page takes clips of up to {max_seconds:.0f} s. Cut it to at most "
+            f"{max_seconds:.0f} s; each {window_seconds:.2f} s window can then be captioned with 'every window'."
+        )
+    if duration <= window_seconds:
+        return ""
+    if mode == "windows":
+        count = int(np.ceil(duration / window_seconds))
+        return f"The clip is {duration:.2f} s long: captioned as {count} consecutive windows of {window_seconds:.2f} s."
+    return (
+        f"The clip is {duration:.2f} s long and the model hears {window_seconds:.2f} s at a time: this is the caption "
+        f"of the first {window_seconds:.2f} s. Choose 'every window' to caption the whole clip window by window."
+    )
+
+
+def frame_gallery(frames: np.ndarray, duration: float) -> list[tuple[Image.Image, str]]:
+    """The sampled frames (F, H, W, 3) as thumbnails, each labelled with its index and the time it shows."""
+    count = len(frames)
+    gallery = []
+    for index, frame in enumerate(frames):
+        image = Image.fromarray(np.asarray(frame, dtype=np.uint8))
+        width = max(1, round(image.width * THUMBNAIL_HEIGHT / image.height))
+        # Frame i is the one shown at the centre of the i-th of F equal segments of the clip (`load_media`).
+        seconds = (index + 0.5) * duration / count
+        gallery.append((image.resize((width, THUMBNAIL_HEIGHT)), f"frame {index} · {seconds:.2f} s"))
+    return gallery
+
+
+def plan_picture(plan: np.ndarray, frames: np.ndarray | None, title: str) -> Image.Image:
+    """The OT plan (V, A) drawn by `plot_ot_plan`, as an image."""
+    buffer = io.BytesIO()
+    plot_ot_plan(plan, buffer, title=title, frames=frames)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def example_clips(folder: str, count: int = NUM_EXAMPLES, seed: int = 1234) -> list[str]:
+    """Write `count` synthesised clips (3 s, a sound in a place, each pair different) to `folder`; their paths."""
+    os.makedirs(folder, exist_ok=True)
+    places = list(PLACES)
+    paths = []
+    for index, sound in enumerate(list(SOUNDS)[:count]):
+        place = places[index % len(places)]
+        audio, frames = synthesize_scene(sound, place, np.random.default_rng([seed, index]), duration_s=3.0)
+        path = os.path.join(folder, f"{make_caption(sound, place).replace(' ', '_')}.mp4")
+        if not os.path.exists(path):
+            write_media(path, frames, 10, audio, 16000)
+        paths.append(path)
+    return paths
+
+
+class CaptioningApp:
+    """The page's work: one `pipeline("audio-visual-captioning")` and the checks around it.
+
+    Args:
+        model: model folder or Hub id (model + processor).
+        max_seconds: longest clip accepted.
+        device: torch device of the pipeline (default: transformers' choice).
+    """
+
+    def __init__(self, model: str, max_seconds: float = MAX_CLIP_SECONDS, device: str | None = None) -> None:
+        self.model_name = model
+        self.max_seconds = max_seconds
+        self.captioner = pipeline(TASK, model=model, device=device)
+        config = self.captioner.model.config
+        self.fusion_type: str = config.fusion_type
+        self.uses_audio: bool = config.uses_audio
+        self.uses_visual: bool = config.uses_visual
+        # The OT fusion types (named ot_*) compute a transport plan between the frames and the audio tokens.
+        self.has_plan = self.fusion_type.startswith("ot_")
+        extractor = self.captioner.feature_extractor
+        self.sampling_rate: int = extractor.sampling_rate
+        self.num_frames: int = extractor.num_frames
+        self.window_seconds: float = extractor.window_stride / extractor.sampling_rate
+
+    def decode(self, path: str | None) -> Any:
+        """Decode an upload as the pipeline will; ClipProblem naming the file and the problem if it cannot be."""
+        if not path:
+            raise ClipProblem("no clip: upload or record a video first (or pick an example)")
+        name = os.path.basename(path)
+        try:
+            return load_media(
+                path,
+                sampling_rate=self.sampling_rate,
+                num_frames=self.num_frames,
+                need_audio=self.uses_audio,
+                need_frames=self.uses_visual,
+            )
+        except MediaError as error:
+            # The upload's server-side folder means nothing to the visitor: name the file only.
+            raise ClipProblem(f"{name}: {error.problem.replace(path, name)}") from error
+
+    def caption(
+        self,
+        path: str | None,
+        num_beams: int = DEFAULT_NUM_BEAMS,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        long_audio: str = "truncate",
+    ) -> CaptionView:
+        """Caption one uploaded file; ClipProblem for an unusable upload."""
+        if long_audio not in LONG_AUDIO_CHOICES.values():
+            raise ClipProblem(f"long clips: choose one of {list(LONG_AUDIO_CHOICES)}")
+        start = time.perf_counter()
+        media = self.decode(path)
+        name = os.path.basename(path)
+        try:
+            notice = long_clip_notice(media.duration, self.window_seconds, long_audio, self.max_seconds)
+        except ClipProblem as problem:
+            raise ClipProblem(f"{name}: {problem}") from problem
+        results = self.captioner(
+            path,
+            num_beams=int(num_beams),
+            max_new_tokens=int(max_new_tokens),
+            long_audio=long_audio,
+            return_ot_plan=self.has_plan,
+        )
+        windowed = long_audio == "windows" and len(results) > 1
+        if windowed:
+            caption = "\n".join(
+                f"{r['timestamp'][0]:.2f}-{r['timestamp'][1]:.2f} s: {r['caption']}" for r in results
+            )
+        else:
+            caption = results[0]["caption"]
+        picture = None
+        if self.has_plan:
+            picture = self._plan_picture(path, results[0], media, windowed)
+        seconds = time.perf_counter() - start
+        status = f"Captioned **{name}** ({media.duration:.2f} s) in {seconds:.1f} s. {notice}".strip()
+        return CaptionView(
+            caption=caption,
+            plan_picture=picture,
+            frames=frame_gallery(media.frames, media.duration) if media.frames is not None else [],
+            settings=self.settings_table(num_beams, max_new_tokens, long_audio),
+            status=status,
+        )
+
+    def _plan_picture(self, path: str, result: dict[str, Any], media: Any, windowed: bool) -> Image.Image:
+        """The first (or only) window's plan, with the frames that window saw."""
+        frames = media.frames
+        title = f"caption: {result['caption']}"
+        if windowed:
+            span = result["timestamp"]
+            frames = load_media(path, num_frames=self.num_frames, need_audio=False, frame_spans=[span]).frames
+            title = f"{span[0]:.2f}-{span[1]:.2f} s, {title}"
+        return plan_picture(result["ot_plan"], frames, title)
+
+    def settings_table(self, num_beams: int, max_new_tokens: int, long_audio: str) -> str:
+        rows = {
+            "model": f"`{self.model_name}`",
+            "fusion type": f"`{self.fusion_type}`",
+            "audio window": f"{self.window_seconds:.2f} s",
+            "frames": str(self.num_frames) if self.uses_visual else "none (audio only)",
+            "beam size": str(int(num_beams)),
+            "max new tokens": str(int(max_new_tokens)),
+            "long clips": next(k for k, v in LONG_AUDIO_CHOICES.items() if v == long_audio),
+            "device": str(self.captioner.device),
+        }
+        return "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows.items())
+
+    def handle(self, path: str | None, num_beams: int, max_new_tokens: int, long_audio_choice: str) -> tuple:
+        """The page's event: `caption` with its problems shown as messages; nothing escapes to the server."""
+        try:
+            mode = LONG_AUDIO_CHOICES.get(long_audio_choice, long_audio_choice)
+            return self.caption(path, num_beams, max_new_tokens, mode).outputs()
+        except ClipProblem as problem:
+            raise gr.Error(str(problem), title="This clip cannot be captioned") from problem
+        except Exception as error:  # a bug or a resource problem: log it, tell the visitor, keep serving
+            logger.exception("captioning %s failed", path)
+            raise gr.Error(f"captioning failed: {type(error).__name__}: {error}", title="Error") from error
+
+
+def build_demo(app: CaptioningApp, examples_dir: str | None = None) -> gr.Blocks:
+    """The page, with its queue set: `QUEUE_CONCURRENCY` captioning at a time, up to `QUEUE_MAX_SIZE` waiting."""
+    examples_dir = examples_dir or tempfile.mkdtemp(prefix="lavcap-app-examples-")
+    with gr.Blocks(title="LAVCap audio-visual captioning") as demo:
+        gr.Markdown(
+            "# LAVCap: audio-visual captioning\n"
+            "Upload or record a video: the model captions its **sound**, using the frames as context. The OT plan "
+            "shows how the frames (rows) were matched to the audio tokens (columns, in time order)."
+        )
+        with gr.Row():
+            with gr.Column():
+                video = gr.Video(label="Video", sources=["upload", "webcam"], height=320, elem_id="clip")
+                with gr.Accordion("Decoding", open=True):
+                    num_beams = gr.Slider(
+                        1, 8, value=DEFAULT_NUM_BEAMS, step=1, label="Beam size", elem_id="beams"
+                    )
+                    max_new_tokens = gr.Slider(
+                        4, 200, value=DEFAULT_MAX_NEW_TOKENS, step=1, label="Max new tokens", elem_id="tokens"
+                    )
+                    long_audio = gr.Radio(
+                        list(LONG_AUDIO_CHOICES),
+                        value="first window only",
+                        label=f"Clips longer than the model's {app.window_seconds:.2f} s window",
+                        elem_id="long-audio",
+                    )
+                run = gr.Button("Caption", variant="primary", elem_id="caption-button")
+                gr.Examples(
+                    [[path] for path in example_clips(examples_dir)],
+                    inputs=[video],
+                    label="Synthesised clips (made at start-up, not in the training set)",
+                )
+            with gr.Column():
+                caption = gr.Textbox(label="Caption", lines=2, elem_id="caption", interactive=False)
+                status = gr.Markdown(elem_id="status")
+                picture = gr.Image(label="OT plan (frames x audio tokens)", type="pil", elem_id="ot-plan")
+                frames = gr.Gallery(label="Sampled frames", columns=4, height="auto", elem_id="frames")
+                settings = gr.Markdown(
+                    app.settings_table(DEFAULT_NUM_BEAMS, DEFAULT_MAX_NEW_TOKENS, "truncate"),
+                    elem_id="settings",
+                )
+        run.click(
+            app.handle,
+            inputs=[video, num_beams, max_new_tokens, long_audio],
+            outputs=[caption, picture, frames, settings, status],
+            api_name="caption",
+        )
+    demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
+    return demo
+
+
+def create_demo(model: str | None = None, device: str | None = None) -> gr.Blocks:
+    """The page for `model` (default: the demo's trained model, trained first if missing)."""
+    return build_demo(CaptioningApp(resolve_model(model), device=device))
+
+
+def serve(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False) -> None:
+    """Serve the page until interrupted (host/port: gradio's defaults, or GRADIO_SERVER_NAME/PORT, when None)."""
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        show_error=True,
+        max_file_size="200mb",
+    )
+
+
+def run_app_command(args: Any) -> int:
+    """`lavcap app`."""
+    serve(create_demo(args.model, args.device), args.host, args.port, args.share)
+    return 0
