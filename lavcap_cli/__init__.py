@@ -1,4 +1,4 @@
-"""The `lavcap` command: caption, demo, train, evaluate, convert, push-to-hub.
+"""The `lavcap` command: caption, demo, train, evaluate, convert, app, fetch-corenlp, push-to-hub.
 
 Parsing imports neither torch nor transformers, so `lavcap --help` (and any subcommand's `--help`) answers at
 once; a subcommand imports `lavcap_hf` only when it runs. The choices the parsers offer are copied from
@@ -39,7 +39,11 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
         "paths", nargs="+", help="media files, folders (searched recursively) or glob patterns"
     )
     parser.add_argument("--model", required=True, help="model folder or Hub id (model + processor)")
-    parser.add_argument("--output", help="write JSONL (.jsonl) or CSV (.csv) here instead of JSONL to stdout")
+    parser.add_argument(
+        "--output",
+        help="write JSONL (.jsonl) or CSV (.csv) here instead of JSONL to stdout; needed under `accelerate launch`: "
+        "each process writes OUTPUT.part-R-of-N, merged into OUTPUT at the end; a rerun resumes from the parts",
+    )
     parser.add_argument(
         "--format", choices=("jsonl", "csv"), help="output format (default: from --output, else jsonl)"
     )
@@ -47,7 +51,19 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument(
-        "--device", default=None, help="torch device, e.g. cpu or cuda:0 (default: cuda if present)"
+        "--num-workers",
+        type=int,
+        default=0,
+        help="DataLoader processes decoding and featurising media (0: none)",
+    )
+    parser.add_argument(
+        "--no-resume", action="store_true", help="start afresh: delete the part files an interrupted run left"
+    )
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device, e.g. cpu or cuda:0 (default: this process's GPU under accelerate launch, else cuda "
+        "if present)",
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--plot-ot", metavar="DIR", help="save a picture of each clip's OT plan in DIR")
@@ -59,9 +75,34 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output", default="lavcap_demo", help="folder for data, models and the report")
     parser.add_argument("--num-train", type=int, default=150)
     parser.add_argument("--num-test", type=int, default=60)
-    parser.add_argument("--steps", type=int, default=300, help="training steps per model")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=1000,
+        help="most training steps per model (the learning rate anneals over them); each stops earlier once its "
+        "validation loss stops improving",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--num-valid", type=int, default=30, help="validation clips for the early stopping")
+    parser.add_argument("--eval-every", type=int, default=50, help="steps between validation losses")
+    parser.add_argument(
+        "--patience", type=int, default=4, help="validation losses without a new best before training stops"
+    )
+
+
+def add_app_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of `lavcap app`."""
+    parser.add_argument(
+        "--model",
+        help="model folder or Hub id (default: lavcap_demo/model-ot_att, trained by `lavcap demo` if missing)",
+    )
+    parser.add_argument(
+        "--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)"
+    )
+    parser.add_argument("--port", type=int, help="port (default 7860, or the next free one)")
+    parser.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
+    parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if present)")
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,6 +244,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_convert_arguments(convert)
     convert.set_defaults(run=_run_convert)
+    app = commands.add_parser(
+        "app", help="serve a web page (Gradio) that captions uploaded or recorded clips"
+    )
+    add_app_arguments(app)
+    app.set_defaults(run=_run_app)
+    corenlp = commands.add_parser(
+        "fetch-corenlp",
+        help="download Stanford CoreNLP 3.6.0 for SPICE / SPIDEr (about 390 MB; never done without this command)",
+    )
+    corenlp.add_argument(
+        "--lib-dir", help="where SPICE looks for its jars (default: pycocoevalcap's spice/lib)"
+    )
+    corenlp.add_argument("--url", help="the CoreNLP 3.6.0 zip, e.g. a mirror (default: nlp.stanford.edu)")
+    corenlp.set_defaults(run=_run_fetch_corenlp)
     push = commands.add_parser("push-to-hub", help="upload a model folder with its code and a model card")
     add_push_arguments(push)
     push.set_defaults(run=_run_push)
@@ -213,6 +268,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _run_caption(args: argparse.Namespace) -> int:
+    if args.output:  # through per-process part files: resumable, any number of processes (accelerate launch)
+        from lavcap_hf.distributed_captioning import caption_corpus
+
+        return caption_corpus(args)
     from lavcap_hf.batch_captioning import run_caption
 
     return run_caption(args)
@@ -243,6 +302,18 @@ def _run_convert(args: argparse.Namespace) -> int:
 
     run_convert(args)
     return 0
+
+
+def _run_app(args: argparse.Namespace) -> int:
+    from lavcap_hf.web_demo import run_app_command
+
+    return run_app_command(args)
+
+
+def _run_fetch_corenlp(args: argparse.Namespace) -> int:
+    from lavcap_hf.corenlp import run_fetch_corenlp
+
+    return run_fetch_corenlp(args.lib_dir, args.url)
 
 
 def _run_push(args: argparse.Namespace) -> int:

@@ -8,13 +8,16 @@ import glob
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import IO, Any
 
+import torch
 from tqdm.auto import tqdm
+from transformers.pipelines.base import no_collate_fn, pad_collate_fn
+from transformers.pipelines.pt_utils import PipelinePackIterator
 
-from .media import MEDIA_EXTENSIONS, load_media
+from .media import MEDIA_EXTENSIONS
 from .pipeline_lavcap import AudioVisualCaptioningPipeline
 
 
@@ -54,30 +57,113 @@ def expand_media_paths(patterns: Iterable[str]) -> tuple[list[str], list[tuple[s
     return list(dict.fromkeys(files)), failures
 
 
-def _decoded_inputs(
-    pipe: AudioVisualCaptioningPipeline, paths: list[str], report: CaptioningReport
-) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(path, pipeline input dict) per readable file; unreadable files go to `report.failures`."""
-    processor = pipe.processor
-    extractor = processor.feature_extractor
-    for path in paths:
-        try:
-            media = load_media(
-                path,
-                sampling_rate=extractor.sampling_rate,
-                num_frames=extractor.num_frames,
-                need_audio=pipe.model.config.uses_audio,
-                # Not the video placeholder count: channel concatenation and cross-attention use the frames
-                # without giving them tokens of their own.
-                need_frames=pipe.model.config.uses_visual,
-            )
-        except ValueError as error:
-            report.failures.append((path, str(error)))
-            continue
-        inputs = {"audio": media.audio, "sampling_rate": media.sampling_rate}
-        if media.frames is not None:
-            inputs["frames"] = media.frames
-        yield path, inputs
+def batch_windows(count: int, batch_size: int) -> list[list[int]]:
+    """Indices 0..count-1 cut into consecutive windows of `batch_size`: the batches of a corpus, whoever runs them."""
+    return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+
+
+class FeaturisedWindows(torch.utils.data.Dataset):
+    """Item `k`: each file of window `k` as (path, model inputs of its chunks) or (path, reason it cannot be read).
+
+    Decoding (`load_media`) and feature extraction (the processor) run here, in the DataLoader workers, through the
+    pipeline's own `preprocess`; the model is not used.
+    """
+
+    def __init__(
+        self,
+        pipe: AudioVisualCaptioningPipeline,
+        paths: Sequence[str],
+        windows: Sequence[Sequence[int]],
+        preprocess_params: dict[str, Any],
+    ) -> None:
+        self.pipe = pipe
+        self.paths = paths
+        self.windows = windows
+        self.preprocess_params = preprocess_params
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, k: int) -> list[tuple[str, list[dict[str, Any]] | str]]:
+        items: list[tuple[str, list[dict[str, Any]] | str]] = []
+        for index in self.windows[k]:
+            path = self.paths[index]
+            try:
+                items.append((path, list(self.pipe.preprocess(path, **self.preprocess_params))))
+            except (ValueError, OSError) as error:
+                items.append((path, str(error)))
+        return items
+
+
+def pipeline_parameters(
+    pipe: AudioVisualCaptioningPipeline, **kwargs: Any
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The (preprocess, forward, postprocess) parameters that `pipe(inputs, **kwargs)` would use."""
+    preprocess, forward, postprocess = pipe._sanitize_parameters(**kwargs)
+    return (
+        {**pipe._preprocess_params, **preprocess},
+        {**pipe._forward_params, **forward},
+        {**pipe._postprocess_params, **postprocess},
+    )
+
+
+def _unbatched(item: Any) -> Any:
+    """DataLoader collate_fn for a dataset whose items are whole windows."""
+    return item
+
+
+def caption_windows(
+    pipe: AudioVisualCaptioningPipeline,
+    paths: Sequence[str],
+    windows: Sequence[Sequence[int]],
+    batch_size: int = 8,
+    num_workers: int = 0,
+    return_ot_plan: bool = False,
+    **generate_kwargs: Any,
+) -> Iterator[list[dict[str, Any]]]:
+    """Caption the files of each window (indices into `paths`), one window after another.
+
+    `num_workers` DataLoader processes decode and featurise the next windows while the model captions this one.
+    Yields, per window, one record per file in window order: `{"path", "caption"}` (plus `"ot_plan"` (V, A) on
+    request) or `{"path", "error"}` for a file that cannot be read.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
+    preprocess, forward, postprocess = pipeline_parameters(
+        pipe, return_ot_plan=return_ot_plan, **generate_kwargs
+    )
+    loader = torch.utils.data.DataLoader(
+        FeaturisedWindows(pipe, paths, windows, preprocess),
+        batch_size=None,
+        num_workers=num_workers,
+        collate_fn=_unbatched,
+    )
+    for items in loader:
+        readable = [chunks for _, chunks in items if not isinstance(chunks, str)]
+        results = iter(generate_captions(pipe, readable, batch_size, forward, postprocess))
+        records = []
+        for path, chunks in items:
+            if isinstance(chunks, str):
+                records.append({"path": path, "error": chunks})
+            else:
+                records.append({"path": path, **next(results)[0]})
+        yield records
+
+
+def generate_captions(
+    pipe: AudioVisualCaptioningPipeline,
+    clips: list[list[dict[str, Any]]],
+    batch_size: int,
+    forward_params: dict[str, Any],
+    postprocess_params: dict[str, Any],
+) -> list[list[dict[str, Any]]]:
+    """The pipeline's results for featurised clips (a list of chunk inputs each), batched as `pipe(...)` batches."""
+    chunks = [chunk for clip in clips for chunk in clip]
+    if not chunks:
+        return []
+    collate = no_collate_fn if batch_size == 1 else pad_collate_fn(pipe.tokenizer, pipe.feature_extractor)
+    loader = torch.utils.data.DataLoader(chunks, batch_size=batch_size, collate_fn=collate)
+    packed = PipelinePackIterator(loader, pipe.forward, forward_params, loader_batch_size=batch_size)
+    return [pipe.postprocess(outputs, **postprocess_params) for outputs in packed]
 
 
 def caption_files(
@@ -86,33 +172,22 @@ def caption_files(
     batch_size: int = 8,
     return_ot_plan: bool = False,
     progress: bool = True,
+    num_workers: int = 0,
     **generate_kwargs: Any,
 ) -> CaptioningReport:
     """Caption `paths` in batches; a file that cannot be read is reported and the others are captioned."""
     report = CaptioningReport()
-    batch: list[tuple[str, dict[str, Any]]] = []
-    bar = tqdm(total=len(paths), desc="captioning", unit="clip", disable=not progress)
-
-    def flush() -> None:
-        outputs = pipe(
-            [inputs for _, inputs in batch],
-            batch_size=batch_size,
-            return_ot_plan=return_ot_plan,
-            **generate_kwargs,
-        )
-        for (path, _), output in zip(batch, outputs, strict=True):
-            report.captions.append({"path": path, **output[0]})
-        bar.update(len(batch))
-        batch.clear()
-
-    for item in _decoded_inputs(pipe, paths, report):
-        batch.append(item)
-        if len(batch) == batch_size:
-            flush()
-    if batch:
-        flush()
-    bar.update(len(report.failures))
-    bar.close()
+    windows = batch_windows(len(paths), batch_size)
+    with tqdm(total=len(paths), desc="captioning", unit="clip", disable=not progress) as bar:
+        for records in caption_windows(
+            pipe, paths, windows, batch_size, num_workers, return_ot_plan, **generate_kwargs
+        ):
+            for record in records:
+                if "error" in record:
+                    report.failures.append((record["path"], record["error"]))
+                else:
+                    report.captions.append(record)
+            bar.update(len(records))
     return report
 
 
@@ -120,8 +195,6 @@ def load_captioning_pipeline(
     model: str, device: str | None = None, dtype: str = "float32", trust_remote_code: bool = False
 ) -> AudioVisualCaptioningPipeline:
     """An `AudioVisualCaptioningPipeline` for a saved model folder or Hub id (model and processor)."""
-    import torch
-
     from .modeling_lavcap import LavCapForConditionalGeneration
     from .processing_lavcap import LavCapProcessor
 
@@ -135,25 +208,38 @@ def load_captioning_pipeline(
 # `lavcap caption`
 
 
-def _write_rows(rows: list[dict[str, Any]], output: str | None, fmt: str | None) -> None:
-    fmt = fmt or ("csv" if output and output.endswith(".csv") else "jsonl")
-    stream = open(output, "w", newline="", encoding="utf-8") if output else sys.stdout
-    try:
-        if fmt == "csv":
-            writer = csv.DictWriter(stream, fieldnames=["path", "caption"])
-            writer.writeheader()
-            writer.writerows({"path": r["path"], "caption": r["caption"]} for r in rows)
-        else:
-            for row in rows:
-                stream.write(json.dumps({"path": row["path"], "caption": row["caption"]}) + "\n")
-    finally:
-        if output:
-            stream.close()
+def output_format(output: str | None, fmt: str | None) -> str:
+    """`--format`, else csv for a `.csv` output, else jsonl."""
+    return fmt or ("csv" if output and output.endswith(".csv") else "jsonl")
+
+
+def write_rows(rows: Iterable[dict[str, Any]], stream: IO[str], fmt: str) -> None:
+    """The `path, caption` of each row as CSV (with a header) or JSONL."""
+    if fmt == "csv":
+        writer = csv.DictWriter(stream, fieldnames=["path", "caption"])
+        writer.writeheader()
+        writer.writerows({"path": r["path"], "caption": r["caption"]} for r in rows)
+    else:
+        for row in rows:
+            stream.write(json.dumps({"path": row["path"], "caption": row["caption"]}) + "\n")
+
+
+def generate_kwargs_of(args: argparse.Namespace) -> dict[str, Any]:
+    """The generation settings of `lavcap caption`."""
+    return {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
 
 
 def run_caption(args: argparse.Namespace) -> int:
+    """`lavcap caption` without `--output`: captions to stdout from this one process (with `--output`,
+    `lavcap_hf.distributed_captioning.caption_corpus` runs instead)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        print(
+            "lavcap caption: give --output when several processes caption (accelerate launch)",
+            file=sys.stderr,
+        )
+        return 2
     paths, failures = expand_media_paths(args.paths)
-    report = None
+    captions: list[dict[str, Any]] = []
     if paths:
         pipe = load_captioning_pipeline(args.model, args.device, args.dtype, args.trust_remote_code)
         report = caption_files(
@@ -162,23 +248,29 @@ def run_caption(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
             return_ot_plan=bool(args.plot_ot),
             progress=not args.quiet,
-            num_beams=args.num_beams,
-            max_new_tokens=args.max_new_tokens,
+            num_workers=args.num_workers,
+            **generate_kwargs_of(args),
         )
-        failures += report.failures
-        _write_rows(report.captions, args.output, args.format)
+        captions, failures = report.captions, failures + report.failures
+        write_rows(captions, sys.stdout, output_format(None, args.format))
         if args.plot_ot:
-            _plot_plans(report.captions, args.plot_ot)
-    captioned = len(report.captions) if report else 0
+            plot_plans(captions, args.plot_ot)
+    print_summary(len(captions), failures)
+    return 0 if captions else 1
+
+
+def print_summary(captioned: int, failures: Sequence[tuple[str, str]], resumed: int = 0) -> None:
+    """The bad files with their reasons, then the count, on stderr."""
     if failures:
         print(f"\n{len(failures)} file(s) could not be captioned:", file=sys.stderr)
         for path, reason in failures:
             print(f"  {path}: {reason.removeprefix(path + ': ')}", file=sys.stderr)
-    print(f"captioned {captioned} of {captioned + len(failures)} file(s)", file=sys.stderr)
-    return 0 if captioned else 1
+    earlier = f" ({resumed} by an earlier, interrupted run)" if resumed else ""
+    print(f"captioned {captioned} of {captioned + len(failures)} file(s){earlier}", file=sys.stderr)
 
 
-def _plot_plans(rows: list[dict[str, Any]], folder: str) -> None:
+def plot_plans(rows: list[dict[str, Any]], folder: str) -> None:
+    """A picture of each row's OT plan, `folder/<file name>.png`."""
     from .plotting import plot_ot_plan
 
     os.makedirs(folder, exist_ok=True)

@@ -48,6 +48,8 @@ def test_readme_command_parses(command: str) -> None:
 
 def parse_readme_command(command: str) -> None:
     words = shlex.split(command)
+    if "lavcap_hf.cli" in words:  # accelerate launch ... -m lavcap_hf.cli <lavcap arguments>
+        words = ["lavcap", *words[words.index("lavcap_hf.cli") + 1 :]]
     if words[0] == "lavcap":
         args = parse_command_line(words[1:])
         if args.command == "train":
