@@ -4,9 +4,12 @@ The variants share the weights and the inputs; all use beam search with the KV c
 `--max-new-tokens` tokens (min = max, so EOS cannot end a run early and every variant does the same work):
 
 - `cached`: the package as it is. `generate()` runs the encoders, the OT fusion and the projector once per call,
-  on the B clips, and the language model decodes from the fused prompt embeddings, which `generate()` repeats for
-  the beams (the released code does the same); the prefill computes the logits of the last position only
-  (`logits_to_keep=1`, which `generate()` passes because `forward` takes it).
+  on the B clips, and reads each prompt into the KV cache once per clip (all but its last token), then repeats the
+  cache for the beams; the first step computes the logits of the last position only (`logits_to_keep=1`).
+- `per-beam-prefill`: the same, except that the prompt is read once per beam (`share_prefill=False`): the
+  fused vectors are repeated for the beams and the decoder reads B * num_beams prompts, as the released code does.
+- `compiled` (CUDA only, by default): `generate(compile_decoding=True)`: a static cache and the decoding step
+  compiled as one graph with CUDA graphs; its first (warm-up) call pays the compilation.
 - `beam-copies`: encoding once per call, but after `generate()` has repeated the media for the beams: the
   encoders run on B * num_beams clips on the prefill step (`GenerationMixin.generate` called with the media,
   which `prepare_inputs_for_generation` passes on the prefill step only). The package did this before.
@@ -41,9 +44,12 @@ import transformers
 from measure import (
     CLOCKS,
     add_clock_argument,
+    add_peak_arguments,
     build_model,
     check_clock,
     cpu_name,
+    device_peaks,
+    format_limit,
     peak_memory_mib,
     synchronize,
 )
@@ -57,7 +63,9 @@ from lavcap_hf.testing_utils import (
     word_level_tokenizer,
 )
 
-VARIANTS = ("cached", "beam-copies", "naive")
+VARIANTS = ("cached", "per-beam-prefill", "beam-copies", "naive", "compiled")
+CUDA_ONLY_VARIANTS = ("compiled",)
+"""Left out by default elsewhere: the library compiles generation on accelerators only."""
 LLAMA_VOCAB = 32000
 # The word-level prompt tokenizer has ~100 ids; the decoder keeps LLaMA's 32000-entry vocabulary so that the
 # LM head and the beam search over it cost what they cost in the real model.
@@ -65,7 +73,7 @@ LLAMA_VOCAB = 32000
 PROFILES: dict[str, dict[str, Any]] = {
     "small": {"batch_sizes": [1, 8, 32], "naive_batch_sizes": [1, 8], "max_new_tokens": 16, "repeats": 3},
     "quick": {"batch_sizes": [1, 2], "naive_batch_sizes": [2], "max_new_tokens": 3, "repeats": 1},
-    "paper": {"batch_sizes": [1], "naive_batch_sizes": [1], "max_new_tokens": 16, "repeats": 5},
+    "paper": {"batch_sizes": [1, 32], "naive_batch_sizes": [1], "max_new_tokens": 16, "repeats": 5},
 }
 
 
@@ -115,10 +123,11 @@ def reencoding_each_step(model: LavCapForConditionalGeneration) -> Iterator[None
 
     @functools.wraps(forward)
     def reencoding_forward(*args: Any, **kwargs: Any) -> Any:
-        if model._has_cache(kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if cache is not None and cache.get_seq_length() > 0:
             # A decoding step: the naive cost. The prompt's fused vectors are in the KV cache already and the
             # input is the new token only, so the re-computed vectors have nowhere to go.
-            model.model(*(kwargs.pop(key, None) for key in media_keys))
+            model.get_multimodal_features(*(kwargs.pop(key, None) for key in media_keys))
         return forward(*args, **kwargs)
 
     model.forward, model.prepare_inputs_for_generation = reencoding_forward, prepare_every_step
@@ -146,6 +155,10 @@ def variant_call(
                 return GenerationMixin.generate(model, **inputs, **generate_kwargs)
 
         return naive
+    if variant == "compiled":
+        return functools.partial(model.generate, **inputs, **generate_kwargs, compile_decoding=True)
+    if variant == "per-beam-prefill":
+        return functools.partial(model.generate, **inputs, **generate_kwargs, share_prefill=False)
     return functools.partial(model.generate, **inputs, **generate_kwargs)
 
 
@@ -153,23 +166,26 @@ def variant_call(
 
 
 class EncoderTimer:
-    """Time on `clock` spent inside `LavCapModel.forward` (encoders + fusion + projector), through forward hooks."""
+    """Time on `clock` spent in `LavCapModel.get_multimodal_features` (encoders + fusion + projector): the method
+    is wrapped on the instance, so every caller (`forward`, `generate`) goes through the timer."""
 
-    def __init__(self, module: torch.nn.Module, device: torch.device, clock: Callable[[], float]) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, clock: Callable[[], float]) -> None:
         self.device = device
         self.clock = clock
         self.seconds = 0.0
-        self._start = 0.0
-        module.register_forward_pre_hook(self._enter)
-        module.register_forward_hook(self._exit)
+        encode = model.get_multimodal_features
 
-    def _enter(self, *_: Any) -> None:
-        synchronize(self.device)
-        self._start = self.clock()
+        @functools.wraps(encode)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            synchronize(self.device)
+            start = self.clock()
+            try:
+                return encode(*args, **kwargs)
+            finally:
+                synchronize(self.device)
+                self.seconds += self.clock() - start
 
-    def _exit(self, *_: Any) -> None:
-        synchronize(self.device)
-        self.seconds += self.clock() - self._start
+        model.get_multimodal_features = timed
 
 
 def measure(
@@ -200,8 +216,10 @@ def measure(
 # -- report -------------------------------------------------------------------------------------------------------
 
 
-def param_count(module: torch.nn.Module | None) -> str:
-    return f"{sum(p.numel() for p in module.parameters()):,}" if module is not None else "-"
+def param_count(*modules: torch.nn.Module | None) -> str:
+    """Parameters of the given modules together, with thousands separators; "-" when there is none."""
+    present = [module for module in modules if module is not None]
+    return f"{sum(p.numel() for m in present for p in m.parameters()):,}" if present else "-"
 
 
 def describe(config: LavCapConfig, model: LavCapForConditionalGeneration, prompt_length: int) -> str:
@@ -214,27 +232,64 @@ def describe(config: LavCapConfig, model: LavCapForConditionalGeneration, prompt
         f"{frame_tokens} tokens each, {vision.hidden_size}-d x {vision.num_hidden_layers} layers "
         f"({param_count(model.model.vision_tower)} params)\n"
         f"LLaMA: {text.hidden_size}-d x {text.num_hidden_layers} layers, vocab {text.vocab_size} "
-        f"({param_count(model.language_model)} params)\n"
+        f"({param_count(model.language_model, model.lm_head)} params)\n"
         f"fused tokens per clip: {sum(config.placeholder_counts)}; prompt: {prompt_length} tokens"
     )
 
 
 TABLE_HEADER = (
-    "| variant | batch | latency (ms) | captions/s | encoders' share | peak MiB | captions = cached |\n"
-    "|---|---:|---:|---:|---:|---:|---|"
+    "| variant | batch | latency (ms) | captions/s | encoders' share | peak MiB | captions = cached "
+    "| limit (ms) | latency / limit |\n"
+    "|---|---:|---:|---:|---:|---:|---|---:|---:|"
 )
 
 
-def print_row(row: dict[str, Any]) -> None:
+def print_row(row: dict[str, Any], limit: float | None) -> None:
+    limit_ms, ratio = format_limit(limit, row["latency"])
     print(
         f"| {row['variant']} | {row['batch']} | {1e3 * row['latency']:.1f} | "
         f"{row['batch'] / row['latency']:.2f} | {100 * row['encoder_share']:.0f}% | {row['peak_mib']:.0f} | "
-        f"{row['same']} |",
+        f"{row['same']} | {limit_ms} | {ratio} |",
         flush=True,
     )
 
 
-RATIOS = (("naive", "cached"), ("beam-copies", "cached"))
+def memory_bound_seconds(
+    model: LavCapForConditionalGeneration,
+    config: LavCapConfig,
+    clips: int,
+    beams: int,
+    prompt_length: int,
+    new_tokens: int,
+    bandwidth: float | None,
+) -> float | None:
+    """The least time one `generate()` call can take when every weight and cached key/value is read from memory
+    once per decoding step at `bandwidth` bytes/s: the encoders' weights once, the decoder's weights on the prefill
+    and on each of the `new_tokens - 1` later steps, and the KV cache of B * beams rows as it grows. Compute, the
+    encoders' activations and the logits are left out, so real runs stay above it."""
+    if bandwidth is None:
+        return None
+
+    def weight_bytes(*modules: torch.nn.Module | None) -> int:
+        return sum(p.numel() * p.element_size() for m in modules if m is not None for p in m.parameters())
+
+    text = config.text_config
+    itemsize = model.lm_head.weight.element_size()
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    kv_per_token = 2 * text.num_hidden_layers * text.num_key_value_heads * head_dim * itemsize
+    steps = range(prompt_length, prompt_length + new_tokens - 1)  # cached lengths read by the later steps
+    kv_bytes = clips * beams * kv_per_token * sum(steps)
+    encoders = weight_bytes(model.model.audio_tower, model.model.vision_tower, model.model.fusion)
+    decoder = weight_bytes(model.language_model, model.lm_head)
+    return (encoders + new_tokens * decoder + kv_bytes) / bandwidth
+
+
+RATIOS = (
+    ("naive", "cached"),
+    ("beam-copies", "cached"),
+    ("per-beam-prefill", "cached"),
+    ("cached", "compiled"),
+)
 """(slower, faster) pairs whose latency ratio is printed per batch."""
 
 
@@ -268,15 +323,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--batch-sizes", type=int, nargs="+")
     parser.add_argument("--naive-batch-sizes", type=int, nargs="*", help="batch sizes that also run `naive`")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=VARIANTS,
+        help=f"default: all ({', '.join(CUDA_ONLY_VARIANTS)} on CUDA only)",
+    )
     parser.add_argument("--num-beams", type=int, default=4)
     parser.add_argument("--max-new-tokens", type=int)
     parser.add_argument("--repeats", type=int)
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     add_clock_argument(parser)
+    add_peak_arguments(parser)
     args = parser.parse_args(argv)
     check_clock(parser, args.clock, args.device)
     args.profile = "paper" if args.paper_size else "quick" if args.quick else "small"
+    if args.variants is None:
+        on_cuda = torch.device(args.device).type == "cuda"
+        args.variants = [v for v in VARIANTS if on_cuda or v not in CUDA_ONLY_VARIANTS]
     for key, value in PROFILES[args.profile].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -353,12 +417,21 @@ def main(argv: list[str] | None = None) -> None:
         "pad_token_id": tokenizer.pad_token_id,
     }
     rows = []
+    bandwidth, _ = device_peaks(device, args.peak_bandwidth, args.peak_tflops)
+    print(
+        "limit: every weight and cached key/value read once per step at "
+        + (f"{bandwidth / 1e12:.2f} TB/s" if bandwidth else "an unknown bandwidth (give --peak-bandwidth)")
+        + "\n"
+    )
     print(TABLE_HEADER)
     for batch in args.batch_sizes:
         inputs = build_inputs(config, tokenizer, batch, device)
         variants = [v for v in args.variants if v != "naive" or batch in args.naive_batch_sizes]
+        limit = memory_bound_seconds(
+            model, config, batch, args.num_beams, prompt_length, args.max_new_tokens, bandwidth
+        )
         for row in benchmark_batch(model, inputs, variants, generate_kwargs, timer, args.repeats):
-            print_row(row)
+            print_row(row, limit)
             rows.append(row)
         del inputs
     print()

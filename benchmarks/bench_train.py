@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from measure import build_model, status_mib, synchronize
+from measure import add_peak_arguments, build_model, device_peaks, format_limit, status_mib, synchronize
 from transformers import TrainerCallback, TrainingArguments
 
 from lavcap_hf import LavCapConfig, LavCapProcessor
@@ -146,6 +146,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers featurising the clips")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (CPU)")
     parser.add_argument("--gradient-checkpointing", action="store_true")
+    add_peak_arguments(parser)
     args = parser.parse_args(argv)
     if not 1 <= args.warmup < args.steps:
         parser.error("--warmup must be at least 1 and below --steps")
@@ -177,6 +178,11 @@ def main(argv: list[str] | None = None) -> None:
         load_visual=True,
     )
     timer = StepTimer()
+    decoder_tokens: list[int] = []  # tokens the decoder reads per forward: batch x sequence length
+    model.get_base_model().language_model.register_forward_pre_hook(
+        lambda module, args, kwargs: decoder_tokens.append(kwargs["inputs_embeds"].shape[:2].numel()),
+        with_kwargs=True,
+    )
     with tempfile.TemporaryDirectory() as output_dir:
         training_args = TrainingArguments(
             output_dir=output_dir,
@@ -205,7 +211,15 @@ def main(argv: list[str] | None = None) -> None:
     seconds = timer.ends[-1] - timer.ends[args.warmup - 1]
     steps = len(timer.ends) - args.warmup
     throughput = steps * args.batch_size / seconds
-    step_ms = 1e3 * statistics.median(np.diff(timer.ends[args.warmup - 1 :]))
+    step_times = np.diff(timer.ends[args.warmup - 1 :])
+    step_ms, mean_ms = 1e3 * statistics.median(step_times), 1e3 * float(np.mean(step_times))
+    _, peak_flops = device_peaks(torch.device(args.device), args.peak_bandwidth, args.peak_tflops)
+    limit = (
+        step_flops(model, config, args, statistics.median(decoder_tokens)) / peak_flops
+        if peak_flops
+        else None
+    )
+    limit_ms, over_limit = format_limit(limit, step_ms / 1e3)
     ot_ms = ot_module_ms(fusion_inputs, dtype)
     if args.device == "cuda":
         memory = f"peak allocated {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB ({torch.cuda.get_device_name()})"
@@ -213,15 +227,44 @@ def main(argv: list[str] | None = None) -> None:
         memory = f"peak RSS {status_mib('VmHWM') / 1024:.2f} GiB (RSS after building the model {built_rss:.2f} GiB)"
     checkpointing = ", gradient checkpointing" if args.gradient_checkpointing else ""
     print(
-        "| config | visual | device | dtype | batch | steps timed | samples/s | median step (ms) "
-        "| OT module (ms) | OT share | memory |"
+        "| config | visual | device | dtype | batch | steps timed | samples/s | median step (ms) | mean / median "
+        "| limit (ms) | median / limit | OT module (ms) | OT share | memory |"
     )
-    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
     print(
         f"| {args.config} ({trainable / 1e6:.2f} M trainable of {total / 1e6:.1f} M{checkpointing}) | "
         f"{args.visual} | {args.device} ({torch.get_num_threads()} threads) | {str(dtype)[6:]} | {args.batch_size} "
-        f"| {steps} | {throughput:.2f} | {step_ms:.1f} | {ot_ms:.2f} | {100 * ot_ms / step_ms:.1f}% | {memory} |"
+        f"| {steps} | {throughput:.2f} | {step_ms:.1f} | {mean_ms / step_ms:.2f} | {limit_ms} | {over_limit} "
+        f"| {ot_ms:.2f} | {100 * ot_ms / step_ms:.1f}% | {memory} |"
     )
+    print(
+        "limit: the step's matrix products at the device's dense bf16 peak"
+        + ("" if peak_flops else " (unknown here: give --peak-tflops)")
+        + "; the decoder's and CED's weights are frozen (LoRA), so the backward costs about one more forward"
+    )
+
+
+def step_flops(
+    model: torch.nn.Module, config: LavCapConfig, args: argparse.Namespace, decoder_tokens: float
+) -> float:
+    """Multiply-adds x 2 of one training step: 2 FLOPs per weight and token forward, twice that with the backward
+    through the activations (decoder and CED, which carry the adapters); CLIP, when the frames go through it,
+    runs forward only (frozen, outside the backward)."""
+    base = model.get_base_model()
+
+    def weights(module: torch.nn.Module | None) -> int:
+        return sum(p.numel() for p in module.parameters()) if module is not None else 0
+
+    decoder = weights(base.language_model) + weights(base.lm_head)
+    audio_tokens = args.batch_size * config.audio_config.freq_patches * config.audio_config.time_patches
+    flops = 4 * decoder * decoder_tokens + 4 * weights(base.model.audio_tower) * audio_tokens
+    if args.visual == "frames":
+        vision = config.vision_config
+        frame_tokens = (
+            args.batch_size * config.num_frames * ((vision.image_size // vision.patch_size) ** 2 + 1)
+        )
+        flops += 2 * weights(base.model.vision_tower) * frame_tokens
+    return flops
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 # The paper-sized GPU figures of benchmarks/README.md in one run of about five minutes on one H100 / H200:
 # training throughput, peak memory and the OT module's share of a step at batch 4 (precomputed CLIP embeddings as
 # in the paper's recipe, then with gradient checkpointing, then with frames through the frozen CLIP tower),
-# captioning latency of one 10 s clip, and the OT module against the per-sample loop on the GPU.
+# captioning latency of one 10 s clip and of 32 (shared prefill, per-beam prefill, compiled decoding step), each
+# beside its hardware limit, and the OT module against the per-sample loop on the GPU.
 # Random weights, nothing downloaded. Logs go to the folder given as $1 (default benchmarks/gpu-results). Exits with
 # status 1 if any benchmark failed (the others still run).
 #
@@ -29,7 +30,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 "$python" -c "import sys, torch, transformers, peft; print(sys.version.split()[0], torch.__version__, transformers.__version__, peft.__version__)"
 train=(benchmarks/bench_train.py --config paper --device cuda --batch-size 4 --steps 25 --warmup 5)
 run train_embeds 150 "${train[@]}" --workers 4
-run generate 150 benchmarks/bench_generate.py --paper-size
+run generate 300 benchmarks/bench_generate.py --paper-size  # with the compiled variant (one compilation per batch size)
 run ot 150 benchmarks/bench_ot.py --device cuda --repeats 10
 run train_embeds_checkpointing 120 "${train[@]}" --workers 4 --gradient-checkpointing
 run train_frames 150 "${train[@]}" --workers 12 --visual frames

@@ -107,3 +107,45 @@ def peak_memory_mib(fn: Callable[[], Any], device: torch.device) -> tuple[Any, f
     baseline = reset_peak_rss()
     result = fn()
     return result, peak_rss_growth(baseline)
+
+
+# -- hardware limits ----------------------------------------------------------------------------------------------
+
+GPU_PEAKS = {
+    # name fragment: (memory bandwidth in TB/s, dense bf16 tensor TFLOP/s), from the vendors' data sheets (SXM).
+    "H200": (4.8, 989.0),
+    "H100": (3.35, 989.0),
+    "A100": (2.04, 312.0),
+    "L40S": (0.864, 362.0),
+}
+"""Peaks the limits are computed from, by a fragment of `torch.cuda.get_device_name()`."""
+
+
+def add_peak_arguments(parser: argparse.ArgumentParser) -> None:
+    """`--peak-bandwidth` / `--peak-tflops`: the device's peaks, where `GPU_PEAKS` does not know it (e.g. a CPU)."""
+    parser.add_argument(
+        "--peak-bandwidth", type=float, help="memory bandwidth in TB/s (default: by GPU name)"
+    )
+    parser.add_argument("--peak-tflops", type=float, help="dense bf16 TFLOP/s (default: by GPU name)")
+
+
+def device_peaks(
+    device: torch.device, bandwidth: float | None, tflops: float | None
+) -> tuple[float | None, float | None]:
+    """(bytes/s, FLOP/s) of `device`: as given, else from `GPU_PEAKS` for a known CUDA GPU, else None."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        known = next((peaks for fragment, peaks in GPU_PEAKS.items() if fragment in name), (None, None))
+        bandwidth = bandwidth if bandwidth is not None else known[0]
+        tflops = tflops if tflops is not None else known[1]
+    return (
+        bandwidth * 1e12 if bandwidth is not None else None,
+        tflops * 1e12 if tflops is not None else None,
+    )
+
+
+def format_limit(seconds: float | None, measured: float) -> tuple[str, str]:
+    """(limit in ms, measured / limit) as printed; "-" where the limit is unknown."""
+    if seconds is None or seconds <= 0:
+        return "-", "-"
+    return f"{1e3 * seconds:.1f}", f"{measured / seconds:.1f}x"

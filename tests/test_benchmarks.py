@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import functools
 import os
 import re
 import subprocess
@@ -21,6 +22,7 @@ from lavcap_hf.modeling_ced import CedBlock
 from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import bench_caption  # noqa: E402
 import bench_features  # noqa: E402
 import bench_generate  # noqa: E402
 import bench_ot  # noqa: E402
@@ -68,9 +70,11 @@ def test_bench_ot_tables_agree_with_the_per_sample_loop(capsys):
 
 @pytest.mark.parametrize("visual", ["embeds", "frames"])
 def test_bench_train_small_reports_throughput_and_the_ot_share(visual, capsys):
+    # A CPU has no known peak: the limit column reads "-" unless a peak is given (here for the frames case).
+    peak = ["--peak-tflops", "0.01"] if visual == "frames" else []
     bench_train.main(
         ["--config", "small", "--device", "cpu", "--steps", "3", "--warmup", "1", "--batch-size", "2"]
-        + ["--threads", "1", "--visual", visual]
+        + ["--threads", "1", "--visual", visual, *peak]
     )
     (row,) = markdown_rows(capsys.readouterr().out, "| config | visual |")
     assert row["visual"] == visual and row["dtype"] == "float32" and row["steps timed"] == "2"
@@ -78,6 +82,13 @@ def test_bench_train_small_reports_throughput_and_the_ot_share(visual, capsys):
     ot_ms, step_ms = float(row["OT module (ms)"]), float(row["median step (ms)"])
     assert 0 < ot_ms < step_ms
     assert float(row["OT share"].rstrip("%")) == pytest.approx(100 * ot_ms / step_ms, abs=0.1)
+    assert float(row["mean / median"]) > 0
+    if not peak:
+        assert row["limit (ms)"] == row["median / limit"] == "-"
+        return
+    limit_ms = float(row["limit (ms)"])
+    assert limit_ms > 0
+    assert float(row["median / limit"].rstrip("x")) == pytest.approx(step_ms / limit_ms, rel=0.05, abs=0.05)
 
 
 GPU_SCRIPT_RUNS = ("train_embeds", "generate", "ot", "train_embeds_checkpointing", "train_frames")
@@ -145,7 +156,8 @@ def test_bench_generate_quick_prints_every_variant_and_batch(capsys):
     bench_generate.main(args)
     out = capsys.readouterr().out
     rows = markdown_rows(out, "| variant |")
-    expected = {(v, b) for v in bench_generate.VARIANTS for b in (1, 2)} - {("naive", 1)}
+    cpu_variants = [v for v in bench_generate.VARIANTS if v not in bench_generate.CUDA_ONLY_VARIANTS]
+    expected = {(v, b) for v in cpu_variants for b in (1, 2)} - {("naive", 1)}
     assert {(row["variant"], int(row["batch"])) for row in rows} == expected
     for row in rows:
         # captions/s = batch / latency, within the rounding of the two printed figures, at any machine speed.
@@ -182,17 +194,24 @@ def _tiny_generation_setup():
     "variant, expected_calls",
     [
         ("cached", [2]),  # once, on the 2 clips before beam expansion
+        ("per-beam-prefill", [2]),  # the same encoding; only the prompt is read once per beam
         ("beam-copies", [6]),  # once, on batch * beams = 2 * 3 clips
         ("naive", [6, 6, 6, 6]),  # prefill + every one of the 3 later steps
     ],
 )
 def test_encoder_calls_per_variant(variant, expected_calls):
-    """The baselines do what the benchmark says: count `LavCapModel.forward` calls and their batch sizes."""
+    """The baselines do what the benchmark says: count the media encodings (`get_multimodal_features`) and their
+    batch sizes."""
     model, inputs, kwargs = _tiny_generation_setup()
     calls = []
-    model.model.register_forward_hook(
-        lambda module, args, output: calls.append(output.multimodal_embeds.shape[0])
-    )
+    encode = model.model.get_multimodal_features
+
+    def counted_encode(*args, **kwargs):
+        output = encode(*args, **kwargs)
+        calls.append(output.multimodal_embeds.shape[0])
+        return output
+
+    model.model.get_multimodal_features = counted_encode
     sequences = bench_generate.variant_call(variant, model, inputs, **kwargs)()
     assert calls == expected_calls
     assert sequences.shape[0] == 2
@@ -209,6 +228,24 @@ def test_baseline_variants_match_generate():
         assert torch.equal(bench_generate.variant_call(variant, model, inputs, **kwargs)(), reference), (
             variant
         )
+
+
+def test_memory_bound_of_one_paper_sized_clip_matches_the_estimate_by_hand():
+    """One clip, beam 4, 16 new tokens, bf16 at the H200's 4.8 TB/s: the decoder's 6.7 G parameters are 13.5 GB,
+    read 16 times (prefill + 15 steps): 45 ms; the towers (CLIP ViT-L/14, CED-base) and a KV cache of 4 rows of
+    about 120 tokens add about 1 ms. The bound must land there, and grow with the batch by the KV cache only."""
+    tokenizer = word_level_tokenizer([])
+    config = bench_generate.build_config("paper", tokenizer)
+    model = bench_generate.build_model(config, "meta", torch.bfloat16)
+    bound = functools.partial(bench_generate.memory_bound_seconds, model, config, beams=4, new_tokens=16)
+    one = bound(clips=1, prompt_length=120, bandwidth=4.8e12)
+    assert 0.045 < one < 0.048
+    thirty_two = bound(clips=32, prompt_length=120, bandwidth=4.8e12)
+    kv_per_row = (thirty_two - one) / (31 * 4)  # seconds of KV reads per beam row
+    layers, kv_width = 32, 2 * 32 * 128 * 2  # K and V, 32 heads of 128, bf16
+    expected = layers * kv_width * sum(range(120, 135)) / 4.8e12
+    assert kv_per_row == pytest.approx(expected, rel=1e-6)
+    assert bench_generate.memory_bound_seconds(model, config, 1, 4, 120, 16, None) is None
 
 
 def test_paper_size_builds_on_meta_and_fails_clearly_without_gpu(capsys):
@@ -240,6 +277,31 @@ def test_bench_features_quick_prints_stages_and_loader_rows(capsys, tmp_path):
     }
     assert all(float(row["clips/s"]) > 0 and float(row["CPU ms per clip"]) > 0 for row in loader)
     assert len(list(tmp_path.glob("train/*.mp4"))) == 2
+
+
+# -- bench_caption --------------------------------------------------------------------------------------------------
+
+
+def test_bench_caption_quick_prints_the_bound_and_a_row_per_worker_count(capsys, tmp_path):
+    bench_caption.main(["--quick", "--num-clips", "3", "--workers", "0", "2", "--clips-dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    rows = markdown_rows(out, "| pipeline |")
+    assert [(row["pipeline"], row["workers"]) for row in rows] == [
+        ("decode + featurise only", "-"),
+        ("model only (media pre-featurised)", "-"),
+        ("lavcap caption", "0"),
+        ("lavcap caption", "2"),
+    ]
+    rates = [float(row["clips/s"]) for row in rows]
+    assert all(rate > 0 for rate in rates)
+    bound = rates[1]
+    for row, rate in zip(rows[2:], rates[2:], strict=True):
+        # "of the bound" = rate / model-only rate, within the rounding of the printed rates.
+        low, high = (rate - 0.005) / (bound + 0.005), (rate + 0.005) / (bound - 0.005)
+        assert round(100 * low) - 1 <= int(row["of the bound"].rstrip("%")) <= round(100 * high) + 1
+    serial = float(re.search(r"serial expectation without workers: ([\d.]+) clips/s", out).group(1))
+    assert serial == pytest.approx(1 / (1 / rates[0] + 1 / bound), rel=0.02)
+    assert "3 clips" in out and "batch 2, beam 4" in out
 
 
 # -- gradient checkpointing -----------------------------------------------------------------------------------------
