@@ -32,7 +32,7 @@ from ._compat import processor_kwarg
 from .collator import LavCapDataCollator
 from .data import Clip, LavCapDataset
 from .media import load_media
-from .metrics import compute_caption_metrics
+from .metrics import score_captions
 from .pipeline_lavcap import TASK
 from .plotting import plot_ot_plan
 from .processing_lavcap import AUDIO_TOKEN, VIDEO_TOKEN
@@ -201,7 +201,7 @@ def evaluate_row(
     fusion_type: str, captions: list[str], records: list[dict[str, Any]], training: TrainingRun
 ) -> DemoRow:
     judged = [score_caption(c, r["sound"], r["place"]) for c, r in zip(captions, records, strict=True)]
-    scores = compute_caption_metrics(captions, [[r["caption"]] for r in records])
+    scores = score_captions(captions, [[r["caption"]] for r in records])
     return DemoRow(
         fusion_type=fusion_type,
         sound_accuracy=float(np.mean([j["sound_correct"] for j in judged])),
