@@ -212,7 +212,7 @@ def test_browser_captions_an_upload_and_names_a_broken_one(app_url, tiny_model, 
         assert "scene.mp4" in driver.find_element("id", "status").text
 
         caption_in_page(driver, app_url, media["not_media.mp4"])
-        message = wait_for_error(driver)
+        message = wait_for_error(driver, containing="not_media.mp4")
         assert "not_media.mp4: not a readable media file" in message, message
 
 

@@ -137,13 +137,16 @@ def wait_for_caption(driver, timeout: float = 180) -> str:
     return WebDriverWait(driver, timeout).until(caption)
 
 
-def wait_for_error(driver, timeout: float = 180) -> str:
-    """The text of the page's error messages once one shows."""
+def wait_for_error(driver, containing: str = "", timeout: float = 180) -> str:
+    """The text of the page's error messages once one holding `containing` shows. The browser's own video
+    preview may raise a toast of its own first ("Video not playable") for a file that is not media: that one does
+    not end the wait."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     def errors(d) -> str | bool:
-        return "\n".join(e.text for e in d.find_elements(By.CSS_SELECTOR, ".toast-body.error")) or False
+        text = "\n".join(e.text for e in d.find_elements(By.CSS_SELECTOR, ".toast-body.error"))
+        return text if text and containing in text else False
 
     return WebDriverWait(driver, timeout).until(errors)
 
