@@ -134,6 +134,24 @@ CACHE_ARGUMENT = _generation_cache_name()
 """What `generate()` calls the key/value cache it hands to `forward`: `cache` in late 5.x, `past_key_values` before."""
 
 
+def _generation_flags_first_step() -> bool:
+    from transformers import GenerationMixin
+
+    return "is_first_iteration" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+
+
+_FIRST_STEP_FLAGGED = _generation_flags_first_step()
+
+
+def is_first_generation_step(kwargs: dict[str, Any]) -> bool:
+    """Whether `prepare_inputs_for_generation` prepares a batch's first forward: 5.x says so with
+    `is_first_iteration`; in 4.x that forward starts at cache position 0."""
+    if _FIRST_STEP_FLAGGED:
+        return bool(kwargs.get("is_first_iteration", False))
+    cache_position = kwargs.get("cache_position")
+    return cache_position is None or bool(cache_position[0] == 0)
+
+
 def accept_old_cache_name(forward: Any) -> Any:
     """Where the cache is called `cache`, let `forward` also take it as `past_key_values`, with the library's
     deprecation warning (as its own models do); elsewhere `forward` is returned as it is."""

@@ -4,7 +4,6 @@ The layout of transformers' multimodal models (llava, qwen2_audio): `LavCapModel
 the fusion, the projector and the decoder, and takes `input_ids`; `LavCapForConditionalGeneration` adds the LM head.
 """
 
-import inspect
 import os
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Unpack
@@ -29,6 +28,7 @@ from ._compat import (
     accept_old_cache_name,
     decoder_cache_kwargs,
     init,
+    is_first_generation_step,
     multimodal_output_bases,
     register_key_renames,
 )
@@ -803,7 +803,7 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         cache; the decoding steps of a cached run read the prompt from the cache."""
         media = {key: kwargs.pop(key, None) for key in MEDIA_INPUTS}
         model_inputs = super().prepare_inputs_for_generation(input_ids, inputs_embeds=inputs_embeds, **kwargs)
-        if not kwargs.get("use_cache", True) or _is_first_step(kwargs):
+        if not kwargs.get("use_cache", True) or is_first_generation_step(kwargs):
             model_inputs.update(media)
         return model_inputs
 
@@ -821,16 +821,3 @@ def _compiled_decoding(kwargs: dict[str, Any]) -> dict[str, Any]:
 
 def _given_cache(kwargs: dict[str, Any]) -> bool:
     return kwargs.get("cache", kwargs.get("past_key_values")) is not None
-
-
-def _is_first_step(kwargs: dict[str, Any]) -> bool:
-    if _GENERATION_FLAGS_FIRST_STEP:
-        return bool(kwargs.get("is_first_iteration", False))
-    cache_position = kwargs.get("cache_position")
-    return cache_position is None or bool(cache_position[0] == 0)
-
-
-# 5.x tells `prepare_inputs_for_generation` which call is a batch's first (`is_first_iteration`); 4.x does not.
-_GENERATION_FLAGS_FIRST_STEP = (
-    "is_first_iteration" in inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
-)
