@@ -5,6 +5,7 @@ the fusion, the projector and the decoder, and takes `input_ids`; `LavCapForCond
 """
 
 import os
+import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Unpack
 
@@ -49,6 +50,23 @@ KEY_RENAMES_FROM_SEPARATE_LM = {
     r"^language_model\.lm_head\.": "lm_head.",
 }
 _KEY_MAPPING_4X = register_key_renames(LavCapConfig.model_type, KEY_RENAMES_FROM_SEPARATE_LM)
+
+
+def _rename_older_layout_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """`load_state_dict` pre-hook: rename, in place, the keys under `prefix` that are in the older layout.
+
+    `from_pretrained` renames them itself; this covers the loads that read a saved file straight into the module,
+    as the Trainer does when it restores its best checkpoint or resumes a run (5.x saved those files in the older
+    layout).
+    """
+    for key in [key for key in state_dict if key.startswith(prefix)]:
+        local = key[len(prefix) :]
+        for pattern, replacement in KEY_RENAMES_FROM_SEPARATE_LM.items():
+            renamed = re.sub(pattern, replacement, local)
+            if renamed != local:
+                state_dict[prefix + renamed] = state_dict.pop(key)
+                break
+
 
 _BaseOutput, _CausalLMOutput = multimodal_output_bases()
 
@@ -551,6 +569,7 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         super().__init__(config)
         self.model = LavCapModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.register_load_state_dict_pre_hook(_rename_older_layout_keys)
         self.post_init()
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:

@@ -138,6 +138,27 @@ def test_a_folder_in_the_older_layout_loads_with_every_tensor(model, batch, tmp_
     assert torch.equal(greedy(loaded.eval(), batch), greedy(model, batch))
 
 
+@pytest.mark.parametrize("layout", ["as saved", "older"])
+def test_a_saved_file_loads_straight_into_the_module(model, tmp_path, layout) -> None:
+    """The Trainer restores its best checkpoint and resumes a run with `module.load_state_dict(load_file(...))`,
+    not `from_pretrained`: every tensor of the file must land, whatever layout it was saved in (5.x saves in the
+    older one), and under a wrapper's prefix too."""
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    if layout == "older":
+        saved = {old_layout_name(k): v for k, v in saved.items()}
+        assert "language_model.lm_head.weight" in saved
+    torch.manual_seed(11)
+    fresh = LavCapForConditionalGeneration(model.config)
+    assert fresh.load_state_dict(dict(saved), strict=True)  # a missing or unexpected key raises
+    for key, tensor in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], tensor), key
+
+    wrapper = torch.nn.ModuleDict({"inner": LavCapForConditionalGeneration(model.config)})
+    wrapper.load_state_dict({f"inner.{k}": v for k, v in saved.items()}, strict=True)
+    assert torch.equal(wrapper["inner"].lm_head.weight, model.lm_head.weight)
+
+
 def test_static_cache_and_a_compiled_decoding_step_give_the_eager_tokens(model, batch) -> None:
     """The decoding step compiles as one graph (`fullgraph=True`: a graph break is an error) over a static cache.
     The graphs run through a recording backend (dynamo's capture without code generation, to stay fast on a CPU)."""

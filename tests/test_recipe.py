@@ -270,6 +270,48 @@ def test_caption_metric_as_best_metric_generates_captions(workspace, tmp_path, m
     assert len(trainer.last_eval_predictions) == 4
 
 
+class FirstEvaluationIsBest(TrainerCallback):
+    """Makes the first evaluation the best one (the metrics dict is the one the Trainer then compares), so that
+    restoring the best checkpoint must change the weights the run ended with."""
+
+    def __init__(self) -> None:
+        self.evaluations = 0
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs) -> None:
+        metrics["eval_token_accuracy"] = 1.0 if self.evaluations == 0 else 0.0
+        self.evaluations += 1
+
+
+def test_a_full_model_run_ends_on_its_best_checkpoint(workspace, tmp_path) -> None:
+    """Trained without LoRA (as the demo's small models are), the run ends with every weight of its best checkpoint:
+    the Trainer reads that checkpoint's file straight into the model, and 5.x saved it in the older key layout."""
+    model = LavCapForConditionalGeneration.from_pretrained(workspace / "model")
+    processor = LavCapProcessor.from_pretrained(workspace / "model")
+    dataset = LavCapDataset(group_clips(load_manifest(workspace / "data" / "test.jsonl")), num_frames=4)
+    output = tmp_path / "run"
+    args = TrainingArguments(
+        output_dir=str(output), use_cpu=True, report_to="none", remove_unused_columns=False, max_steps=3,
+        per_device_train_batch_size=2, per_device_eval_batch_size=4, learning_rate=5e-2, eval_strategy="steps",
+        eval_steps=1, save_strategy="steps", save_steps=1, load_best_model_at_end=True,
+        metric_for_best_model="token_accuracy", seed=SEED, disable_tqdm=True,
+    )  # fmt: skip
+    trainer = LavCapTrainer(
+        model=model, args=args, processing_class=processor, train_dataset=dataset, eval_dataset=dataset,
+        data_collator=LavCapDataCollator(processor, spec_augment=False), caption_metrics=False,
+        callbacks=[FirstEvaluationIsBest()],
+    )  # fmt: skip
+    trainer.train()
+    assert trainer.state.best_model_checkpoint == str(output / "checkpoint-1")
+    best = LavCapForConditionalGeneration.from_pretrained(output / "checkpoint-1").state_dict()
+    last = LavCapForConditionalGeneration.from_pretrained(output / "checkpoint-3").state_dict()
+    ended = trainer.model.state_dict()
+    assert best.keys() == ended.keys()
+    for name, tensor in best.items():
+        assert torch.equal(ended[name], tensor), name
+    changed = [name for name in best if not torch.equal(best[name], last[name])]
+    assert any(name.startswith("model.language_model.") for name in changed) and "lm_head.weight" in changed
+
+
 # -- the example config ------------------------------------------------------------------------------------------
 
 
