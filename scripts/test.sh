@@ -27,7 +27,7 @@ echo "== test order: --randomly-seed=$seed"
 status=0
 for stack in current gaudi; do
   other=gaudi; [ "$stack" = gaudi ] && other=current
-  echo "== tests on the $stack stack"
+  echo "== tests on the $stack stack (--randomly-seed=$seed)"
   LAVCAP_OTHER_STACK_PYTHON="$venvs/$other/bin/python" \
     "$venvs/$stack/bin/python" -m pytest -q -p no:cacheprovider --randomly-seed="$seed" "$@" || status=1
 done
