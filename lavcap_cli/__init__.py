@@ -141,7 +141,11 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "--no-resume", action="store_true", help="start afresh: delete this run's predictions in --output-dir"
     )
     parser.add_argument("--num-workers", type=int, default=0, help="DataLoader processes decoding media")
-    parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if present)")
+    parser.add_argument(
+        "--device",
+        help="torch device, e.g. cpu or cuda:0 (default: this process's GPU under accelerate launch, else cuda "
+        "if present)",
+    )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

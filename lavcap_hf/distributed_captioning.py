@@ -151,16 +151,18 @@ def _rows_text(rows: list[dict[str, Any]], fmt: str) -> str:
     return buffer.getvalue()
 
 
-def _fault_after() -> tuple[int, int] | None:
-    """(rank, batches) of the fault-injection hook, or None."""
-    value = os.environ.get(FAULT_ENV)
+def fault_after(variable: str = FAULT_ENV) -> tuple[int, int] | None:
+    """(rank, batches) of a fault-injection variable set to `RANK:BATCHES`, or None when unset."""
+    value = os.environ.get(variable)
     if not value:
         return None
     rank, batches = value.split(":")
     return int(rank), int(batches)
 
 
-def _runs_on_cpu(device: str | None) -> bool:
+def runs_on_cpu(device: str | None) -> bool:
+    """Whether this process computes on the CPU (`accelerate.PartialState(cpu=...)`): `--device cpu`, accelerate's
+    `--cpu`, or no device asked for and no GPU."""
     import torch
 
     forced = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
@@ -173,7 +175,7 @@ def caption_corpus(args: argparse.Namespace) -> int:
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
-    state = PartialState(cpu=_runs_on_cpu(args.device))
+    state = PartialState(cpu=runs_on_cpu(args.device))
     rank, world_size = state.process_index, state.num_processes
     paths, missing = expand_media_paths(args.paths)
     output, settings = args.output, run_settings(args)
@@ -221,7 +223,7 @@ def _caption_pending(
     distributed = state.num_processes > 1
     # Every process takes part in the same number of progress gathers, however uneven the shards.
     steps = max(gather_object([len(pending)])) if distributed else len(pending)
-    fault = _fault_after()
+    fault = fault_after()
     bar = tqdm(
         total=len(paths),
         initial=resumed,

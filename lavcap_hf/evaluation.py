@@ -22,6 +22,18 @@ order, and a window is regenerated whole when any of its clips is missing, so a 
 an uninterrupted one (same batch size) and writes the same predictions. A clip recorded as unreadable stays so on
 resume; `resume=False` starts afresh.
 
+Across processes (`accelerate launch ... -m lavcap_hf.cli evaluate`, `state` an `accelerate.PartialState`): for each
+condition the windows still to caption are cut into N contiguous runs (`lavcap_hf.distributed_captioning.shard`),
+one per process, so that every batch holds the clips a one-process run gives it. The main process appends its
+windows to the predictions file as above, process r > 0 to its own part file next to it,
+`predictions.jsonl.part-0000r-of-0000N`, batch by batch in the same way. When all are done, the main process merges
+the parts into the predictions file in split order (written whole, then renamed over it) and removes them; every
+process then reads the merged file, and the main one alone scores and writes `scores.json` / `scores.md`: the files
+are byte for byte those of a one-process run. A rerun with any number of processes resumes from the predictions file
+and the part files there are. Every process makes the same collective calls whatever its share (none included).
+Fault injection, for tests: `LAVCAP_EVALUATE_EXIT_AFTER=RANK:BATCHES` makes process RANK exit at once (`os._exit`,
+status 75) after writing its BATCHES-th batch, counted over all conditions.
+
 Modality test (`modality_test=True`), run on the clips evaluated with the full input, each with its drop
 (full minus condition) per metric:
 - `no_visual`: every frame embedding set to zero (given as `video_embeds`, in place of the CLIP output);
@@ -42,7 +54,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -53,17 +65,22 @@ from .caption_generation import decode_captions, generate_caption_ids
 from .collator import LavCapDataCollator
 from .configuration_lavcap import LavCapConfig
 from .data import DEFAULT_COLUMNS, Clip, LavCapDataset, group_clips, load_clips
+from .distributed_captioning import FAULT_EXIT_STATUS, fault_after, part_files, part_path, runs_on_cpu, shard
 from .feature_extraction_lavcap import LavCapFeatureExtractor
 from .metrics import CAPTION_METRICS, format_metrics_table, score_captions
 from .modeling_lavcap import LavCapForConditionalGeneration
 from .processing_lavcap import LavCapProcessor
 from .record_files import append_records, changed_settings, drop_incomplete_line, read_records, write_atomic
 
+if TYPE_CHECKING:
+    from accelerate import PartialState
+
 PREDICTIONS_FILE = "predictions.jsonl"
 SCORES_FILE = "scores.json"
 TABLE_FILE = "scores.md"
 RUN_FILE = "run.json"
 FULL = "full"
+FAULT_ENV = "LAVCAP_EVALUATE_EXIT_AFTER"
 
 
 @dataclass(frozen=True)
@@ -113,6 +130,7 @@ def evaluate_model(
     seed: int = 0,
     num_workers: int = 0,
     progress: bool = True,
+    state: PartialState | None = None,
 ) -> EvaluationResult:
     """Caption and score a split; see the module docstring for the files written and how resuming works.
 
@@ -129,7 +147,9 @@ def evaluate_model(
         instruction: prompt instruction (the processor's default, "Please describe the audio.", when None).
         seed: seed of the shuffled-visual derangement.
         num_workers: DataLoader processes decoding the media (0: in this process).
-        progress: show a progress bar per condition.
+        progress: show a progress bar per condition (on the main process).
+        state: this process among those of `accelerate launch`, which share the clips (module docstring); None: this
+            process alone. Every process returns the same result.
 
     Raises:
         ValueError: bad settings, a clip without references, no readable clip, or `output_dir` holding a run with
@@ -146,9 +166,14 @@ def evaluate_model(
     _check_references(clips)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    _prepare_run(
-        output_dir, _run_settings(model, clips, num_beams, max_new_tokens, instruction, seed), resume
-    )
+    processes = _Processes(state)
+    settings = _run_settings(model, clips, num_beams, max_new_tokens, instruction, seed)
+    # Every process reads the same files, so all refuse a run together or none does.
+    _check_run(output_dir, settings, resume)
+    processes.wait_for_everyone()
+    if processes.is_main:
+        _start_run(output_dir, settings, resume)
+    processes.wait_for_everyone()
 
     runner = _ConditionRunner(
         model,
@@ -161,7 +186,8 @@ def evaluate_model(
         },
         batch_size=batch_size,
         num_workers=num_workers,
-        progress=progress,
+        progress=progress and processes.is_main,
+        processes=processes,
     )
     config = model.config
     dataset = _dataset(clips, processor, config)
@@ -172,18 +198,25 @@ def evaluate_model(
         reasons = "; ".join(f"{u['id']}: {u['reason']}" for u in unreadable[:3])
         raise ValueError(f"none of the {len(clips)} clips could be read ({reasons})")
 
-    scores = _score(records, evaluated)
-    scores.update(
-        clips={"total": len(clips), "readable": len(evaluated), "evaluated": scores["num_clips"]},
-        unreadable=unreadable,
-        generation={"num_beams": num_beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
-    )
     if modality_test:
-        scores["modality_test"] = _modality_test(
-            runner, evaluated, processor, config, output_dir, records, scores, seed
+        condition_records, skipped = _run_modality_conditions(
+            runner, evaluated, processor, config, output_dir, seed
         )
-    write_atomic(output_dir / SCORES_FILE, json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
-    write_atomic(output_dir / TABLE_FILE, format_evaluation_table(scores) + "\n")
+    scores = None
+    if processes.is_main:
+        scores = _score(records, evaluated)
+        scores.update(
+            clips={"total": len(clips), "readable": len(evaluated), "evaluated": scores["num_clips"]},
+            unreadable=unreadable,
+            generation={"num_beams": num_beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
+        )
+        if modality_test:
+            scores["modality_test"] = _score_modality_test(
+                evaluated, condition_records, skipped, records, scores
+            )
+        write_atomic(output_dir / SCORES_FILE, json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(output_dir / TABLE_FILE, format_evaluation_table(scores) + "\n")
+    scores = processes.share(scores)
     predictions = {clip.id: records[clip.id]["prediction"] for clip in evaluated}
     return EvaluationResult(scores=scores, predictions=predictions, output_dir=output_dir)
 
@@ -233,11 +266,21 @@ def _predictions_name(condition: str) -> str:
     return PREDICTIONS_FILE if condition == FULL else f"predictions_{condition}.jsonl"
 
 
-def _prepare_run(output_dir: Path, settings: dict[str, Any], resume: bool) -> None:
-    """Check (resume) or reset the run recorded in `output_dir`, then record `settings`."""
+def _existing_prediction_files(output_dir: Path) -> list[Path]:
+    """The prediction files in `output_dir` and their part files (of a run across processes, unfinished)."""
+    found = []
+    for path in _prediction_files(output_dir):
+        found += [path] if path.exists() else []
+        found += [Path(part) for part in part_files(str(path))]
+    return found
+
+
+def _check_run(output_dir: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Refuse to resume a run with other settings, or prediction files that no run recorded."""
+    if not resume:
+        return
     run_file = output_dir / RUN_FILE
-    existing = [path for path in _prediction_files(output_dir) if path.exists()]
-    if resume and run_file.is_file():
+    if run_file.is_file():
         recorded = json.loads(run_file.read_text(encoding="utf-8"))
         details = changed_settings(recorded, settings)
         if details:
@@ -246,12 +289,21 @@ def _prepare_run(output_dir: Path, settings: dict[str, Any], resume: bool) -> No
                 "or start afresh (resume=False / --no-resume)"
             )
         return
-    if resume and existing:
+    existing = _existing_prediction_files(output_dir)
+    if existing:
         raise ValueError(
             f"{output_dir} holds prediction files ({', '.join(p.name for p in existing)}) but no {RUN_FILE}: they "
             "are not from an evaluation run that can be resumed; use another output folder"
         )
-    for path in existing + [output_dir / SCORES_FILE, output_dir / TABLE_FILE]:
+
+
+def _start_run(output_dir: Path, settings: dict[str, Any], resume: bool) -> None:
+    """Record `settings` for a new run (`resume=False`: after deleting the files of the earlier one); a run being
+    resumed is left as it is."""
+    run_file = output_dir / RUN_FILE
+    if resume and run_file.is_file():
+        return
+    for path in _existing_prediction_files(output_dir) + [output_dir / SCORES_FILE, output_dir / TABLE_FILE]:
         path.unlink(missing_ok=True)
     write_atomic(run_file, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
 
@@ -265,6 +317,71 @@ def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
         ValueError: a complete line that is not a JSON record with an `id` and a `prediction` or an `error`.
     """
     return {record["id"]: record for record in read_records(path, "id", ("prediction", "error"))}
+
+
+# -- across processes ----------------------------------------------------------------------------------------------
+
+
+def _recorded(path: Path) -> dict[str, dict[str, Any]]:
+    """The records of a predictions file and of its part files, {clip id: record}; a clip's record in the predictions
+    file comes first."""
+    records: dict[str, dict[str, Any]] = {}
+    for file in [path, *map(Path, part_files(str(path)))]:
+        if file.exists():
+            for clip_id, record in read_predictions(file).items():
+                records.setdefault(clip_id, record)
+    return records
+
+
+def _merge_parts(path: Path, ids: Sequence[str]) -> None:
+    """Rewrite `path` whole with one record per clip of `ids`, in that order, from `path` and its part files; then
+    remove the parts.
+
+    Raises:
+        RuntimeError: a clip that no file has a record of (the parts are kept).
+    """
+    records = _recorded(path)
+    lost = [clip_id for clip_id in ids if clip_id not in records]
+    if lost:
+        raise RuntimeError(
+            f"{len(lost)} clip(s) have no record in {path} or its part files (first: {lost[0]}); the parts are "
+            "kept: rerun the command to caption them"
+        )
+    # The lines of `append_records`, so that the merged file is the one a single process appends.
+    write_atomic(path, "".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in ids))
+    for part in part_files(str(path)):
+        os.remove(part)
+
+
+class _Processes:
+    """This process among the run's processes (an `accelerate.PartialState`; None: one process) and the collective
+    calls of a run, each a no-op for one process. Every process makes the same calls in the same order."""
+
+    def __init__(self, state: PartialState | None) -> None:
+        self.state = state if state is not None and state.num_processes > 1 else None
+        self.rank = self.state.process_index if self.state else 0
+        self.count = self.state.num_processes if self.state else 1
+        self.is_main = self.rank == 0
+
+    def wait_for_everyone(self) -> None:
+        if self.state is not None:
+            self.state.wait_for_everyone()
+
+    def gather(self, value: int) -> list[int]:
+        """`value` of every process, in rank order."""
+        if self.state is None:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
+
+    def share(self, value: Any) -> Any:
+        """The main process's `value`, on every process."""
+        if self.state is None:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
 
 
 # -- generation ----------------------------------------------------------------------------------------------------
@@ -331,7 +448,8 @@ def _unbatched(item: Any) -> Any:
 
 
 class _ConditionRunner:
-    """Runs one input condition over a list of clips, appending to its predictions file, resumable."""
+    """Runs one input condition over a list of clips, this process's share of them, appending to its predictions
+    file (the main process) or part file (the others), resumable."""
 
     def __init__(
         self,
@@ -341,6 +459,7 @@ class _ConditionRunner:
         batch_size: int,
         num_workers: int,
         progress: bool,
+        processes: _Processes,
     ) -> None:
         self.model = model
         self.collator = collator
@@ -348,6 +467,9 @@ class _ConditionRunner:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.progress = progress
+        self.processes = processes
+        self.fault = fault_after(FAULT_ENV)
+        self.batches_written = 0
 
     def run(
         self,
@@ -357,41 +479,80 @@ class _ConditionRunner:
         overrides: Mapping[str, np.ndarray] | None = None,
         extra: Sequence[dict[str, Any]] | None = None,
     ) -> dict[str, dict[str, Any]]:
-        """Caption the clips of `dataset` that `path` lacks; returns every clip's record, {id: record}."""
-        records: dict[str, dict[str, Any]] = {}
-        if path.exists():
-            drop_incomplete_line(path)
-            records = read_predictions(path)
+        """Caption the clips of `dataset` that `path` and its part files lack; returns every clip's record,
+        {id: record}, read from `path` once every process is done and their parts are merged into it."""
+        processes = self.processes
+        own = path if processes.is_main else Path(part_path(str(path), processes.rank, processes.count))
+        drop_incomplete_line(own)
+        done = set(_recorded(path))
+        processes.wait_for_everyone()  # everyone has read the records before anyone appends
         ids = [clip.id for clip in dataset.clips]
-        references = {clip.id: list(clip.references) for clip in dataset.clips}
         windows = batch_windows(len(ids), self.batch_size)
-        pending = [w for w in windows if any(ids[i] not in records for i in w)]
-        loader = torch.utils.data.DataLoader(
-            _WindowDataset(dataset, pending, self.collator, overrides or {}, extra),
-            batch_size=None,
-            num_workers=self.num_workers,
-            collate_fn=_unbatched,
-        )
-        done = sum(clip_id in records for clip_id in ids)
+        pending = [w for w in windows if any(ids[i] not in done for i in w)]
+        own_windows = shard(pending, processes.rank, processes.count)
         bar = tqdm(
             total=len(ids),
-            initial=done,
+            initial=sum(clip_id in done for clip_id in ids),
             desc=f"evaluating ({condition})",
             unit="clip",
             disable=not self.progress,
         )
+        with open(own, "a", encoding="utf-8") as file, bar:
+            self._caption(dataset, own_windows, file, done, bar, overrides or {}, extra)
+        processes.wait_for_everyone()
+        if processes.is_main and part_files(str(path)):
+            _merge_parts(path, ids)
+        processes.wait_for_everyone()
+        return read_predictions(path)
+
+    def _caption(
+        self,
+        dataset: LavCapDataset,
+        windows: list[list[int]],
+        file: IO[str],
+        done: set[str],
+        bar: tqdm,
+        overrides: Mapping[str, np.ndarray],
+        extra: Sequence[dict[str, Any]] | None,
+    ) -> None:
+        """Caption `windows` (dataset indices), appending the clips not `done` to `file`; `bar` counts every
+        process's clips."""
+        references = {clip.id: list(clip.references) for clip in dataset.clips}
+        loader = torch.utils.data.DataLoader(
+            _WindowDataset(dataset, windows, self.collator, overrides, extra),
+            batch_size=None,
+            num_workers=self.num_workers,
+            collate_fn=_unbatched,
+        )
+        # As many steps as the longest share, each with one progress gather, however uneven the shares.
+        steps = max(self.processes.gather(len(windows)))
+        batches = iter(loader)
         self.model.eval()
-        with open(path, "a", encoding="utf-8") as file, bar:
-            for window_records, batch in loader:
-                captions = iter(self._generate(batch) if batch is not None else [])
-                for record in window_records:
-                    if "error" not in record:
-                        record.update(prediction=next(captions), references=references[record["id"]])
-                new = [record for record in window_records if record["id"] not in records]
-                append_records(file, new)
-                records.update((record["id"], record) for record in new)
-                bar.update(len(new))
-        return records
+        for _ in range(steps):
+            item = next(batches, None)
+            new = [] if item is None else self._append(file, *item, references, done)
+            bar.update(sum(self.processes.gather(len(new))))
+
+    def _append(
+        self,
+        file: IO[str],
+        window_records: list[dict[str, Any]],
+        batch: dict[str, torch.Tensor] | None,
+        references: Mapping[str, list[str]],
+        done: set[str],
+    ) -> list[dict[str, Any]]:
+        """Caption one window's readable clips and append the records of the clips not `done`; returns them."""
+        captions = iter(self._generate(batch) if batch is not None else [])
+        for record in window_records:
+            if "error" not in record:
+                record.update(prediction=next(captions), references=references[record["id"]])
+        new = [record for record in window_records if record["id"] not in done]
+        append_records(file, new)
+        done.update(record["id"] for record in new)
+        self.batches_written += 1
+        if self.fault == (self.processes.rank, self.batches_written):
+            os._exit(FAULT_EXIT_STATUS)
+        return new
 
     def _generate(self, batch: dict[str, torch.Tensor]) -> list[str]:
         """Captions of one collated batch (beam search, no sampling)."""
@@ -460,23 +621,22 @@ def _skip_reason(condition: str, config: LavCapConfig, count: int) -> str | None
     return None
 
 
-def _modality_test(
+def _run_modality_conditions(
     runner: _ConditionRunner,
     clips: Sequence[Clip],
     processor: LavCapProcessor,
     config: LavCapConfig,
     output_dir: Path,
-    full_records: Mapping[str, dict[str, Any]],
-    full_scores: Mapping[str, Any],
     seed: int,
-) -> dict[str, Any]:
-    """Run the applicable `MODALITY_CONDITIONS` on `clips` (those evaluated with the full input) and score them."""
-    results: dict[str, Any] = {"conditions": {}, "skipped": {}}
+) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, str]]:
+    """Run the applicable `MODALITY_CONDITIONS` on `clips` (those evaluated with the full input); returns
+    ({condition: {id: record}}, {skipped condition: reason})."""
     condition_records: dict[str, dict[str, dict[str, Any]]] = {}
+    skipped: dict[str, str] = {}
     for condition in MODALITY_CONDITIONS:
         reason = _skip_reason(condition.name, config, len(clips))
         if reason is not None:
-            results["skipped"][condition.name] = reason
+            skipped[condition.name] = reason
             continue
         path = output_dir / _predictions_name(condition.name)
         if condition.name == "no_visual":
@@ -504,7 +664,19 @@ def _modality_test(
                 overrides={"audio": _silent_audio(processor.feature_extractor)},
             )
         condition_records[condition.name] = records
+    return condition_records, skipped
 
+
+def _score_modality_test(
+    clips: Sequence[Clip],
+    condition_records: Mapping[str, Mapping[str, dict[str, Any]]],
+    skipped: Mapping[str, str],
+    full_records: Mapping[str, dict[str, Any]],
+    full_scores: Mapping[str, Any],
+) -> dict[str, Any]:
+    """Score each condition's records on `clips`, with its drop from the full input (`modality_test` of
+    `scores.json`)."""
+    results: dict[str, Any] = {"conditions": {}, "skipped": dict(skipped)}
     # Every column is scored on the clips that all conditions evaluated (CIDEr-D depends on the set of clips).
     common = [c for c in clips if all("prediction" in r[c.id] for r in condition_records.values())]
     baseline = _metrics(full_scores) if len(common) == len(clips) else _score(full_records, common)
@@ -559,7 +731,11 @@ def format_evaluation_table(scores: Mapping[str, Any]) -> str:
 
 
 def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
-    """`lavcap evaluate`: load the model and the split, evaluate, print the table; returns the scores."""
+    """`lavcap evaluate` in this process, alone or one of `accelerate launch`'s N: load the model and the split,
+    evaluate this process's share, and on the main process print the table; returns the scores (on every process)."""
+    from accelerate import PartialState
+
+    state = PartialState(cpu=runs_on_cpu(args.device))
     clips = load_clips(
         args.data,
         args.split,
@@ -567,7 +743,8 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         visual_features_dir=args.visual_features_dir,
         use_visual_features=not args.use_frames,
     )
-    pipe = load_captioning_pipeline(args.model, args.device, args.dtype, args.trust_remote_code)
+    device = args.device or (str(state.device) if state.num_processes > 1 else None)
+    pipe = load_captioning_pipeline(args.model, device, args.dtype, args.trust_remote_code)
     result = evaluate_model(
         pipe.model,
         pipe.processor,
@@ -582,7 +759,9 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         seed=args.seed,
         num_workers=args.num_workers,
         progress=not args.quiet,
+        state=state,
     )
-    print(format_evaluation_table(result.scores))
-    print(f"\npredictions and scores written to {result.output_dir}")
+    if state.is_main_process:
+        print(format_evaluation_table(result.scores))
+        print(f"\npredictions and scores written to {result.output_dir}")
     return result.scores
