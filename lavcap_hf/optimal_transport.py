@@ -340,8 +340,8 @@ class OptimalTransportFusion(AudioVisualFusion):
         log_plan = log_sinkhorn(
             similarity, self.sinkhorn_epsilon, self.sinkhorn_iterations, max_abs_similarity=1.0
         )
-        with torch.no_grad():
-            self.logit_scale.clamp_(0.0, self.logit_scale_max)
+        # Through .data: under FSDP the parameter is a view of a flat buffer, which autograd forbids changing in place.
+        self.logit_scale.data.clamp_(0.0, self.logit_scale_max)
         # A copy, so that the next forward's in-place clamp cannot invalidate this graph before backward.
         loss_v, loss_a = ot_alignment_loss(similarity, log_plan, self.logit_scale.clone())
         fused = self._combine(audio, visual, log_plan).to(out_dtype)

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import torch
 from peft import LoraConfig
+from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
@@ -114,6 +115,80 @@ def token_accuracy_counts(logits: torch.Tensor, labels: torch.Tensor) -> torch.T
 # Trainer
 
 
+def prepare_for_fsdp(model: nn.Module) -> None:
+    """Adapt a LAVCap peft model, in place, to FSDP (before wrapping); its checkpoints stay those of other runs.
+
+    - FSDP rejects 0-d parameters: the OT logit scale becomes (1,), while the module's state dict keeps () (and
+      accepts it on loading);
+    - peft lists the keys of a `modules_to_save` copy with the copy's `state_dict()`, which gathers the FSDP units
+      inside it (a collective) and finds nothing on the processes that a rank-0 state dict leaves empty: the keys
+      are taken from the state dict that peft is given instead;
+    - the adapters are saved from the gathered state dict with the nested FSDP units set aside
+      ([`nested_fsdp_units_removed`], see `LavCapTrainerMixin._save`).
+    """
+    for module in model.modules():
+        names = [name for name, parameter in module.named_parameters(recurse=False) if parameter.ndim == 0]
+        for name in names:
+            scalar = module._parameters[name]
+            module._parameters[name] = nn.Parameter(
+                scalar.detach().reshape(1), requires_grad=scalar.requires_grad
+            )
+        if names:
+            module.register_state_dict_post_hook(functools.partial(_reshape_state, names=names, shape=()))
+            module.register_load_state_dict_pre_hook(
+                functools.partial(_reshape_state, names=names, shape=(1,))
+            )
+        if isinstance(module, ModulesToSaveWrapper):
+            module.adapter_state_dict = functools.partial(_modules_to_save_state, module)
+
+
+def _reshape_state(
+    module: nn.Module,
+    state_dict: dict[str, Any],
+    prefix: str,
+    *args: Any,
+    names: list[str],
+    shape: tuple[int, ...],
+) -> None:
+    """State-dict hook (post-save, or pre-load): reshape the entries of `names` to `shape`."""
+    for name in names:
+        # numel 0: a rank's empty FSDP shard.
+        if prefix + name in state_dict and state_dict[prefix + name].numel() == 1:
+            state_dict[prefix + name] = state_dict[prefix + name].reshape(shape)
+
+
+def _modules_to_save_state(
+    wrapper: ModulesToSaveWrapper, adapter_name: str, state_dict: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """`ModulesToSaveWrapper.adapter_state_dict` reading the keys from `state_dict` (the wrapper's entries)."""
+    if adapter_name not in wrapper._adapters:
+        return {}
+    prefix = f"modules_to_save.{adapter_name}."
+    return {key.removeprefix(prefix): value for key, value in state_dict.items() if key.startswith(prefix)}
+
+
+@contextlib.contextmanager
+def nested_fsdp_units_removed(model: nn.Module) -> Iterator[None]:
+    """Inside, the modules that FSDP wrapped below `model` (its root unit) sit in their parents again.
+
+    For saving peft adapters from an FSDP model's gathered state dict: peft (0.21) finds the LoRA keys by module
+    name, and FSDP inserts `_fsdp_wrapped_module` into the names, so they would be dropped.
+    """
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    replaced = []
+    for parent in list(model.modules()):
+        for name, child in list(parent._modules.items()):
+            if isinstance(child, FullyShardedDataParallel):
+                parent._modules[name] = child.module
+                replaced.append((parent, name, child))
+    try:
+        yield
+    finally:
+        for parent, name, child in reversed(replaced):
+            parent._modules[name] = child
+
+
 class _StartDatasetEpoch(TrainerCallback):
     """Tells the training dataset which epoch starts: its example order and random choices change per epoch."""
 
@@ -187,6 +262,10 @@ class LavCapTrainerMixin:
         self._scored_dataset: Any = None
         self._generate_captions = True
         self.add_callback(_StartDatasetEpoch(self))
+        if getattr(self, "is_fsdp_enabled", False):
+            prepare_for_fsdp(self.model)
+        # FSDP shows its parameters as flat 1-D shards: the decay groups follow the shapes before wrapping.
+        self._vector_parameter_ids = {id(p) for p in self.model.parameters() if p.ndim < 2}
 
     def _check_best_metric(self) -> None:
         metric = (self.args.metric_for_best_model or "").removeprefix("eval_")
@@ -235,9 +314,18 @@ class LavCapTrainerMixin:
             return EpochShuffleSampler(dataset, seed)
         return super()._get_train_sampler(train_dataset)
 
+    def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        unnested = nested_fsdp_units_removed(self.model) if getattr(self, "is_fsdp_enabled", False) else None
+        with unnested or contextlib.nullcontext():
+            super()._save(output_dir, state_dict)
+
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         parameters = dict(model.named_parameters())
-        return [name for name in super().get_decay_parameter_names(model) if parameters[name].ndim >= 2]
+        return [
+            name
+            for name in super().get_decay_parameter_names(model)
+            if id(parameters[name]) not in self._vector_parameter_ids
+        ]
 
     # -- learning-rate schedule ----------------------------------------------------------------------------------
 

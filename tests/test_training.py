@@ -227,6 +227,7 @@ result = {
     "world_size": trainer.args.world_size,
     "backend": str(torch.distributed.get_backend()) if torch.distributed.is_initialized() else None,
     "parameters": {name: p.detach().clone() for name, p in model.named_parameters()},
+    "state": model.state_dict(),
     "logs": trainer.state.log_history,
 }
 torch.save(result, f"{sys.argv[1]}/rank{trainer.args.process_index}.pt")
@@ -239,25 +240,41 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_ranks_end_with_identical_weights(workspace, tmp_path) -> None:
-    script = tmp_path / "ddp_train.py"
-    script.write_text(textwrap.dedent(DDP_SCRIPT))
-    args = common_args(workspace, tmp_path / "run", "train_features.jsonl") + [
+def two_process_args(workspace: Path, output_dir: Path) -> list[str]:
+    """The same 3 steps for DDP and FSDP: 2 x 2 clips per step, weight decay on (it needs the pre-wrap shapes)."""
+    return common_args(workspace, output_dir, "train_features.jsonl") + [
         "--per_device_train_batch_size", "2",
         "--max_steps", "3",
         "--learning_rate", "1e-2",
+        "--weight_decay", "0.5",
         "--logging_steps", "1",
         "--ddp_backend", "gloo",
     ]  # fmt: skip
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
-        str(script), str(tmp_path), *args,
-    ]  # fmt: skip
+
+
+def run_two_processes(launcher: list[str], script: str, folder: Path, args: list[str]) -> list[dict]:
+    """Run `script` on 2 CPU processes; returns what each rank saved. The timeout turns a deadlock into a failure."""
+    (folder / "train.py").write_text(textwrap.dedent(script))
+    command = [sys.executable, "-m", *launcher, str(folder / "train.py"), str(folder), *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300, cwd=folder)
     assert done.returncode == 0, done.stderr[-4000:]
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    return [torch.load(folder / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def ddp_run(workspace, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """Two DDP processes (torch.distributed.run, gloo): the output folder and what each rank saved."""
+    folder = tmp_path_factory.mktemp("ddp")
+    launcher = ["torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(free_port())]  # fmt: skip
+    return folder / "run", run_two_processes(
+        launcher, DDP_SCRIPT, folder, two_process_args(workspace, folder / "run")
+    )
+
+
+def test_two_process_ddp_ranks_end_with_identical_weights(workspace, ddp_run) -> None:
+    _, ranks = ddp_run
     assert [r["world_size"] for r in ranks] == [2, 2] and [r["backend"] for r in ranks] == ["gloo", "gloo"]
     start = dict(initial_model(workspace).named_parameters())
     moved = 0
@@ -268,6 +285,109 @@ def test_two_process_ddp_ranks_end_with_identical_weights(workspace, tmp_path) -
     # The logged losses are averaged over both processes, so the ranks log the same values.
     losses = [[(e["lm_loss"], e["ot_loss"]) for e in r["logs"] if "lm_loss" in e] for r in ranks]
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+FSDP_SCRIPT = """
+import sys, torch
+torch.set_num_threads(1)
+from accelerate.state import AcceleratorState, PartialState
+from accelerate.utils import DistributedType
+from torch.distributed.fsdp import FullyShardedDataParallel, _state_dict_utils
+
+accelerator_state_init = AcceleratorState.__init__
+
+
+def init_allowing_cpu_fsdp(self, *args, fsdp_plugin=None, **kwargs):
+    # accelerate turns a run into FSDP only from GPU-type process groups; with gloo it would train DDP.
+    accelerator_state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+    if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+        self.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+        self.fsdp_plugin = fsdp_plugin
+        # FSDP checks device_id against its compute device, "cpu"; accelerate names the CPU "cpu:0".
+        self.device = PartialState._shared_state["device"] = torch.device("cpu")
+
+
+unshard = _state_dict_utils._unshard_fsdp_state_params
+
+
+def unshard_without_cpu_to_cpu_offload(module, state, *, offload_to_cpu, **kwargs):
+    # accelerate gathers full state dicts with offload_to_cpu=True; from a CPU, torch's FSDP1 frees what it
+    # "offloads" (a segfault).
+    return unshard(module, state, offload_to_cpu=offload_to_cpu and state.compute_device.type != "cpu", **kwargs)
+
+
+AcceleratorState.__init__ = init_allowing_cpu_fsdp
+_state_dict_utils._unshard_fsdp_state_params = unshard_without_cpu_to_cpu_offload
+
+from lavcap_hf.training import run_training
+
+trainer = run_training(sys.argv[2:])
+model = trainer.model
+result = {
+    "world_size": trainer.args.world_size,
+    "backend": str(torch.distributed.get_backend()),
+    "distributed_type": trainer.accelerator.distributed_type.value,
+    "root": type(model).__name__,
+    "units": [type(unit.module).__name__ for unit in FullyShardedDataParallel.fsdp_modules(model)],
+    "local_numel": sum(p.numel() for p in model.parameters()),
+    "state": trainer.accelerator.get_state_dict(model),  # full weights, on rank 0 only
+    "logs": trainer.state.log_history,
+}
+torch.save(result, f"{sys.argv[1]}/rank{trainer.args.process_index}.pt")
+"""
+
+
+def test_two_process_fsdp_shards_the_model_and_ends_with_the_weights_of_ddp(
+    workspace, ddp_run, tmp_path
+) -> None:
+    """`accelerate launch` with examples/accelerate/fsdp_7b.yaml (FSDP1, full shard, CedBlock and LlamaDecoderLayer
+    units, use_orig_params, full state dict) on 2 CPU processes (gloo), in fp32, then the DDP run's 3 steps.
+
+    The script bypasses only accelerate's GPU-only gates, not the sharding: accelerate (1.16 and 1.10) makes a run
+    FSDP only from a GPU-type process group (with gloo it silently trains DDP) and names the CPU device "cpu:0",
+    which FSDP1 refuses as device_id; its full state dict offloads to the CPU, which from a CPU makes torch 2.13's
+    FSDP1 read freed memory; and its plugin refuses `sync_module_states` on CPU (off here: every process loads the
+    same weights). bf16 is off so that the weights can be compared with DDP's.
+    """
+    launcher = ["accelerate.commands.launch", "--config_file", str(ROOT / "examples/accelerate/fsdp_7b.yaml"),
+                "--num_processes", "2", "--mixed_precision", "no", "--fsdp_sync_module_states", "false",
+                "--main_process_port", str(free_port())]  # fmt: skip
+    output = tmp_path / "run"
+    ranks = run_two_processes(launcher, FSDP_SCRIPT, tmp_path, two_process_args(workspace, output))
+    assert [(r["world_size"], r["backend"], r["distributed_type"]) for r in ranks] == [
+        (2, "gloo", "FSDP")
+    ] * 2
+    # Sharded: an FSDP unit per CED block and per LLaMA layer inside the root; each rank holds about half.
+    assert all(r["root"] == "FullyShardedDataParallel" for r in ranks)
+    assert {"CedBlock", "LlamaDecoderLayer"} <= set(ranks[0]["units"])
+    full = sum(p.numel() for p in initial_model(workspace).parameters())
+    assert ranks[0]["local_numel"] + ranks[1]["local_numel"] == full
+    assert all(r["local_numel"] < 0.6 * full for r in ranks)
+
+    # The gathered weights equal DDP's: adapters, projector, logit scale (shape ()), BatchNorm copies and frozen
+    # weights. FSDP reduce-scatters the gradients where DDP all-reduces them and sums the clipping norm over shards:
+    # the same values up to float rounding (identical here), hence a tight tolerance rather than equality.
+    ddp_output, ddp_ranks = ddp_run
+    fsdp_state, ddp_state = ranks[0]["state"], ddp_ranks[0]["state"]
+    assert fsdp_state.keys() == ddp_state.keys() and ranks[1]["state"] == {}
+    start = initial_model(workspace).state_dict()
+    trained = [name for name in ddp_state if "lora_" in name or ".modules_to_save." in name]
+    assert any(name.endswith("logit_scale") for name in trained)
+    for name, tensor in ddp_state.items():
+        torch.testing.assert_close(fsdp_state[name], tensor, rtol=1e-5, atol=1e-7, msg=name)
+    assert sum(not torch.equal(fsdp_state[name], start[name]) for name in trained) > 0
+    losses = [[e["lm_loss"] for e in r["logs"] if "lm_loss" in e] for r in (ranks[0], ddp_ranks[0])]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], abs=1e-3)
+
+    # The adapters saved from the full state dict (rank 0) load into a fresh model, as DDP's do.
+    reloaded = {
+        run: load_trained(folder).state_dict() for run, folder in (("fsdp", output), ("ddp", ddp_output))
+    }
+    for name in trained:
+        assert torch.equal(reloaded["fsdp"][name], fsdp_state[name]), name
+        torch.testing.assert_close(
+            reloaded["fsdp"][name], reloaded["ddp"][name], rtol=1e-5, atol=1e-7, msg=name
+        )
 
 
 def test_yaml_config_gives_defaults_and_the_command_line_overrides_them(tmp_path, monkeypatch) -> None:
