@@ -25,10 +25,14 @@ done
 seed=${LAVCAP_TEST_SEED:-$(( (RANDOM << 15) | RANDOM ))}
 echo "== test order: --randomly-seed=$seed"
 status=0
+stack_limit=${LAVCAP_STACK_TIME_LIMIT:-2400}  # seconds per stack; a whole stack takes 5 to 20 minutes here
 for stack in current gaudi; do
   other=gaudi; [ "$stack" = gaudi ] && other=current
   echo "== tests on the $stack stack (--randomly-seed=$seed)"
-  LAVCAP_OTHER_STACK_PYTHON="$venvs/$other/bin/python" \
-    "$venvs/$stack/bin/python" -m pytest -q -p no:cacheprovider --randomly-seed="$seed" "$@" || status=1
+  # pytest-timeout fails a test that hangs (pyproject.toml); this outer limit also ends a hang that no signal
+  # reaches (a thread blocked in native code): SIGABRT makes faulthandler print every thread's stack first.
+  LAVCAP_OTHER_STACK_PYTHON="$venvs/$other/bin/python" timeout --signal=ABRT --kill-after=60 "$stack_limit" \
+    "$venvs/$stack/bin/python" -X faulthandler -m pytest -q -p no:cacheprovider --randomly-seed="$seed" "$@" \
+    || status=1
 done
 exit $status
