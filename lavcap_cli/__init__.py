@@ -78,9 +78,9 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps",
         type=int,
-        default=1000,
-        help="most training steps per model (the learning rate anneals over them); each stops earlier once its "
-        "validation loss stops improving",
+        default=3000,
+        help="most training steps per model, a safety cap: each stops once its validation loss stops improving "
+        "(the learning rate halves on each plateau first)",
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
