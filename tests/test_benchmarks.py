@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import math
 import os
 import re
 import subprocess
@@ -91,7 +92,7 @@ def test_bench_train_small_reports_throughput_and_the_ot_share(visual, capsys):
     assert float(row["median / limit"].rstrip("x")) == pytest.approx(step_ms / limit_ms, rel=0.05, abs=0.05)
 
 
-GPU_SCRIPT_RUNS = ("train_embeds", "generate", "ot", "train_embeds_checkpointing", "train_frames")
+GPU_SCRIPT_RUNS = ("train_embeds", "generate", "ot", "train_embeds_checkpointing", "train_frames", "caption")
 
 PARSE_ONLY = """
 import importlib.util
@@ -283,7 +284,21 @@ def test_bench_features_quick_prints_stages_and_loader_rows(capsys, tmp_path):
 
 
 def test_bench_caption_quick_prints_the_bound_and_a_row_per_worker_count(capsys, tmp_path):
-    bench_caption.main(["--quick", "--num-clips", "3", "--workers", "0", "2", "--clips-dir", str(tmp_path)])
+    # 3 clips cycling over 2 files, batch 2: two batches, the second holding a file of the first.
+    bench_caption.main(
+        [
+            "--quick",
+            "--num-clips",
+            "3",
+            "--distinct-clips",
+            "2",
+            "--workers",
+            "0",
+            "2",
+            "--clips-dir",
+            str(tmp_path),
+        ]
+    )
     out = capsys.readouterr().out
     rows = markdown_rows(out, "| pipeline |")
     assert [(row["pipeline"], row["workers"]) for row in rows] == [
@@ -295,13 +310,59 @@ def test_bench_caption_quick_prints_the_bound_and_a_row_per_worker_count(capsys,
     rates = [float(row["clips/s"]) for row in rows]
     assert all(rate > 0 for rate in rates)
     bound = rates[1]
-    for row, rate in zip(rows[2:], rates[2:], strict=True):
-        # "of the bound" = rate / model-only rate, within the rounding of the printed rates.
+
+    def assert_share_of_bound(rate: float, share: str) -> None:
+        # share = rate / model-only rate, within the rounding of the printed rates.
         low, high = (rate - 0.005) / (bound + 0.005), (rate + 0.005) / (bound - 0.005)
-        assert round(100 * low) - 1 <= int(row["of the bound"].rstrip("%")) <= round(100 * high) + 1
+        assert round(100 * low) - 1 <= int(share.rstrip("%")) <= round(100 * high) + 1
+
+    for row in rows[2:]:
+        assert_share_of_bound(float(row["clips/s"]), row["of the bound"])
+        later = float(row["clips/s after batch 1"])
+        assert later > 0
+        assert_share_of_bound(later, row["of the bound after batch 1"])
     serial = float(re.search(r"serial expectation without workers: ([\d.]+) clips/s", out).group(1))
     assert serial == pytest.approx(1 / (1 / rates[0] + 1 / bound), rel=0.02)
-    assert "3 clips" in out and "batch 2, beam 4" in out
+    needed = int(re.search(r"workers the model needs at one process's decode rate: (\d+)", out).group(1))
+    ratios = ((bound - 0.005) / (rates[0] + 0.005), (bound + 0.005) / (rates[0] - 0.005))
+    assert needed in {math.ceil(ratio) for ratio in ratios}
+    assert "3 clips (2 files)" in out and "batch 2, beam 4" in out
+    assert len(list(tmp_path.rglob("*.mp4"))) == 2
+
+
+@pytest.mark.parametrize(
+    ("device", "cuda_found", "reasons"),
+    [
+        ("cpu", False, ["got --device cpu (give --device cuda)", "no CUDA device"]),
+        ("cuda", False, ["no CUDA device"]),
+        ("cpu", True, ["got --device cpu (give --device cuda)"]),
+    ],
+)
+def test_bench_caption_paper_size_without_cuda_exits_naming_cuda_before_writing_clips(
+    device, cuda_found, reasons, monkeypatch, tmp_path
+):
+    # The test machines have no GPU: torch.cuda.is_available is set, so that the test takes the same path on one.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda_found)
+    with pytest.raises(SystemExit) as exited:
+        bench_caption.main(["--paper-size", "--device", device, "--clips-dir", str(tmp_path)])
+    message = str(exited.value.code)
+    assert message.startswith("--paper-size needs a CUDA GPU (the bfloat16 weights alone take 13.3 GiB)")
+    assert all(reason in message for reason in reasons)
+    assert ("no CUDA device" in message) is not cuda_found
+    assert not any(tmp_path.iterdir())
+
+
+def test_bench_caption_paper_size_defaults():
+    args = bench_caption.parse_args(["--paper-size", "--device", "cuda"])
+    assert (args.profile, args.dtype, args.batch_size, args.workers) == (
+        "paper",
+        "bfloat16",
+        16,
+        [0, 2, 4, 8],
+    )
+    assert args.num_clips > args.distinct_clips and args.duration == 10.0
+    assert bench_caption.parse_args(["--paper-size", "--dtype", "float16"]).dtype == "float16"
+    assert bench_caption.parse_args([]).dtype == "float32"
 
 
 # -- gradient checkpointing -----------------------------------------------------------------------------------------
