@@ -11,6 +11,7 @@ it runs on a fresh machine with nothing downloaded. Tooling: no model file impor
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -61,8 +62,30 @@ class CaptionView:
     settings: str
     status: str
 
-    def outputs(self) -> tuple[Any, ...]:
-        return self.caption, self.plan_picture, self.frames, self.settings, self.status
+    def outputs(self, picture_dir: str) -> tuple[Any, ...]:
+        """The page's outputs, with the pictures as files in `picture_dir` (see `picture_file`)."""
+        plan = picture_file(self.plan_picture, picture_dir) if self.plan_picture is not None else None
+        frames = [(picture_file(image, picture_dir), label) for image, label in self.frames]
+        return self.caption, plan, frames, self.settings, self.status
+
+
+def picture_file(image: Image.Image, folder: str) -> str:
+    """`image` as a PNG in `folder`, named by its content and written once (atomically).
+
+    Returned as PIL images, the pictures would be rewritten into Gradio's cache on every request (6.17 writes a PIL
+    output's file even when it exists), so that a visitor still downloading the same picture (the same clip, e.g. an
+    example, captioned by two visitors at once) could read it cut short. A file is copied into that cache only once.
+    """
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    data = buffer.getvalue()
+    path = os.path.join(folder, hashlib.sha256(data).hexdigest()[:32] + ".png")
+    if not os.path.exists(path):
+        staging = f"{path}.{os.getpid()}.{id(buffer)}.part"
+        with open(staging, "wb") as f:
+            f.write(data)
+        os.replace(staging, path)
+    return path
 
 
 def resolve_model(model: str | None) -> str:
@@ -160,6 +183,7 @@ class CaptioningApp:
         self.sampling_rate: int = extractor.sampling_rate
         self.num_frames: int = extractor.num_frames
         self.window_seconds: float = extractor.window_stride / extractor.sampling_rate
+        self.picture_dir = tempfile.mkdtemp(prefix="lavcap-app-pictures-")
 
     def decode(self, path: str | None) -> Any:
         """Decode an upload as the pipeline will; ClipProblem naming the file and the problem if it cannot be."""
@@ -249,7 +273,7 @@ class CaptioningApp:
         """The page's event: `caption` with its problems shown as messages; nothing escapes to the server."""
         try:
             mode = LONG_AUDIO_CHOICES.get(long_audio_choice, long_audio_choice)
-            return self.caption(path, num_beams, max_new_tokens, mode).outputs()
+            return self.caption(path, num_beams, max_new_tokens, mode).outputs(self.picture_dir)
         except ClipProblem as problem:
             raise gr.Error(str(problem), title="This clip cannot be captioned") from problem
         except Exception as error:  # a bug or a resource problem: log it, tell the visitor, keep serving
@@ -291,7 +315,9 @@ def build_demo(app: CaptioningApp, examples_dir: str | None = None) -> gr.Blocks
             with gr.Column():
                 caption = gr.Textbox(label="Caption", lines=2, elem_id="caption", interactive=False)
                 status = gr.Markdown(elem_id="status")
-                picture = gr.Image(label="OT plan (frames x audio tokens)", type="pil", elem_id="ot-plan")
+                picture = gr.Image(
+                    label="OT plan (frames x audio tokens)", type="filepath", elem_id="ot-plan"
+                )
                 frames = gr.Gallery(label="Sampled frames", columns=4, height="auto", elem_id="frames")
                 settings = gr.Markdown(
                     app.settings_table(DEFAULT_NUM_BEAMS, DEFAULT_MAX_NEW_TOKENS, "truncate"),
