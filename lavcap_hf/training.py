@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from peft import LoraConfig
+from peft import LoraConfig, PeftModel
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
@@ -189,6 +189,41 @@ def nested_fsdp_units_removed(model: nn.Module) -> Iterator[None]:
             parent._modules[name] = child
 
 
+def load_fsdp_adapters(model: nn.Module, checkpoint: str | os.PathLike) -> None:
+    """Load `checkpoint`'s adapters file into `model`, a peft model wrapped by FSDP (FSDP1): every process reads it
+    and keeps its shard.
+
+    The Trainer would restore the model from the checkpoint's `pytorch_model_fsdp.bin`, which peft (0.21) writes
+    and reads by module names that FSDP changed (see [`nested_fsdp_units_removed`]): it lacks the LoRA weights, and
+    loading it fails or loads nothing. The adapters file, saved by `LavCapTrainerMixin._save`, holds all of them.
+    """
+    from safetensors.torch import load_file
+    from torch.distributed.fsdp import FullyShardedDataParallel, StateDictType
+
+    path = Path(checkpoint) / "adapter_model.safetensors"
+    saved = load_file(path)
+    adapter = model.active_adapter
+    # The adapters file names an entry without its adapter: `...lora_A.default.weight` is `...lora_A.weight`, and
+    # `...modules_to_save.default.weight` is `...weight`.
+    model_keys = {}
+    for name, _ in [*model.named_parameters(), *model.named_buffers()]:
+        name = name.replace("_fsdp_wrapped_module.", "")
+        module, _, entry = name.rpartition(".")
+        if f".modules_to_save.{adapter}." in name:
+            model_keys[name.replace(f".modules_to_save.{adapter}.", ".")] = name
+        elif module.endswith(f".{adapter}"):
+            model_keys[f"{module.removesuffix(f'.{adapter}')}.{entry}"] = name
+    missing = [key for key in saved if key not in model_keys]
+    if missing:
+        raise ValueError(f"{path}: {missing[0]} names no adapter weight of the FSDP model")
+    with FullyShardedDataParallel.state_dict_type(model, StateDictType.FULL_STATE_DICT):
+        unexpected = model.load_state_dict(
+            {model_keys[k]: v for k, v in saved.items()}, strict=False
+        ).unexpected_keys
+    if unexpected:
+        raise ValueError(f"{path}: the FSDP model did not take {unexpected[0]}")
+
+
 class _StartDatasetEpoch(TrainerCallback):
     """Tells the training dataset which epoch starts: its example order and random choices change per epoch."""
 
@@ -318,6 +353,14 @@ class LavCapTrainerMixin:
         unnested = nested_fsdp_units_removed(self.model) if getattr(self, "is_fsdp_enabled", False) else None
         with unnested or contextlib.nullcontext():
             super()._save(output_dir, state_dict)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        if getattr(self, "is_fsdp_enabled", False) and isinstance(
+            self.accelerator.unwrap_model(self.model), PeftModel
+        ):
+            load_fsdp_adapters(self.model if model is None else model, resume_from_checkpoint)
+        else:
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def get_decay_parameter_names(self, model: nn.Module) -> list[str]:
         parameters = dict(model.named_parameters())

@@ -305,6 +305,8 @@ def init_allowing_cpu_fsdp(self, *args, fsdp_plugin=None, **kwargs):
         self.fsdp_plugin = fsdp_plugin
         # FSDP checks device_id against its compute device, "cpu"; accelerate names the CPU "cpu:0".
         self.device = PartialState._shared_state["device"] = torch.device("cpu")
+        # As below for the optimizer state that checkpoints gather (it would be saved from freed memory).
+        fsdp_plugin.optim_state_dict_config.offload_to_cpu = False
 
 
 unshard = _state_dict_utils._unshard_fsdp_state_params
@@ -337,6 +339,13 @@ torch.save(result, f"{sys.argv[1]}/rank{trainer.args.process_index}.pt")
 """
 
 
+def fsdp_launcher() -> list[str]:
+    """`accelerate launch` with examples/accelerate/fsdp_7b.yaml on 2 CPU processes, in fp32 (see FSDP_SCRIPT)."""
+    return ["accelerate.commands.launch", "--config_file", str(ROOT / "examples/accelerate/fsdp_7b.yaml"),
+            "--num_processes", "2", "--mixed_precision", "no", "--fsdp_sync_module_states", "false",
+            "--main_process_port", str(free_port())]  # fmt: skip
+
+
 def test_two_process_fsdp_shards_the_model_and_ends_with_the_weights_of_ddp(
     workspace, ddp_run, tmp_path
 ) -> None:
@@ -349,11 +358,8 @@ def test_two_process_fsdp_shards_the_model_and_ends_with_the_weights_of_ddp(
     FSDP1 read freed memory; and its plugin refuses `sync_module_states` on CPU (off here: every process loads the
     same weights). bf16 is off so that the weights can be compared with DDP's.
     """
-    launcher = ["accelerate.commands.launch", "--config_file", str(ROOT / "examples/accelerate/fsdp_7b.yaml"),
-                "--num_processes", "2", "--mixed_precision", "no", "--fsdp_sync_module_states", "false",
-                "--main_process_port", str(free_port())]  # fmt: skip
     output = tmp_path / "run"
-    ranks = run_two_processes(launcher, FSDP_SCRIPT, tmp_path, two_process_args(workspace, output))
+    ranks = run_two_processes(fsdp_launcher(), FSDP_SCRIPT, tmp_path, two_process_args(workspace, output))
     assert [(r["world_size"], r["backend"], r["distributed_type"]) for r in ranks] == [
         (2, "gloo", "FSDP")
     ] * 2
@@ -388,6 +394,44 @@ def test_two_process_fsdp_shards_the_model_and_ends_with_the_weights_of_ddp(
         torch.testing.assert_close(
             reloaded["fsdp"][name], reloaded["ddp"][name], rtol=1e-5, atol=1e-7, msg=name
         )
+
+
+def test_resumed_fsdp_run_ends_with_the_weights_of_an_uninterrupted_fsdp_run(workspace, tmp_path) -> None:
+    """3 FSDP steps saving at step 2, then a fresh FSDP run resumed from that checkpoint-2 to step 3.
+
+    The checkpoint's `pytorch_model_fsdp.bin`, which the Trainer restores under FSDP, lacks the LoRA weights (peft
+    0.21): they must come from its adapters file, or the resumed run restarts LoRA from its initialisation.
+    """
+    steps = ["--save_steps", "2"]
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    full.mkdir()
+    uninterrupted = run_two_processes(
+        fsdp_launcher(), FSDP_SCRIPT, full, two_process_args(workspace, full / "run") + steps
+    )
+    shutil.copytree(full / "run" / "checkpoint-2", resumed / "run" / "checkpoint-2")
+    ranks = run_two_processes(
+        fsdp_launcher(),
+        FSDP_SCRIPT,
+        resumed,
+        two_process_args(workspace, resumed / "run")
+        + steps
+        + ["--resume_from_checkpoint", str(resumed / "run" / "checkpoint-2")],
+    )
+    assert [r["distributed_type"] for r in ranks] == ["FSDP"] * 2
+    # Steps 1-2 come from the checkpoint's trainer state, step 3 was trained again.
+    losses = [[e for e in r["logs"] if "lm_loss" in e] for r in (uninterrupted[0], ranks[0])]
+    assert [e["step"] for e in losses[1]] == [1, 2, 3]
+    assert [e["lm_loss"] for e in losses[1]] == pytest.approx([e["lm_loss"] for e in losses[0]], abs=1e-6)
+    expected, final = uninterrupted[0]["state"], ranks[0]["state"]
+    assert expected.keys() == final.keys()
+    for name, tensor in expected.items():
+        torch.testing.assert_close(final[name], tensor, rtol=1e-6, atol=1e-8, msg=name)
+    # LoRA moved from its initialisation (lora_B starts at zero) before the checkpoint, and after it.
+    start = initial_model(workspace).state_dict()
+    checkpointed = load_trained(full / "run" / "checkpoint-2").state_dict()
+    lora = [name for name in expected if ".lora_B." in name]
+    assert lora and all(not torch.equal(checkpointed[name], start[name]) for name in lora)
+    assert all(not torch.equal(final[name], checkpointed[name]) for name in lora)
 
 
 def test_yaml_config_gives_defaults_and_the_command_line_overrides_them(tmp_path, monkeypatch) -> None:
