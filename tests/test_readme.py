@@ -9,6 +9,9 @@ from pathlib import Path
 from unittest import mock
 
 import pytest
+import tomllib
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 from lavcap_cli import parse_command_line
 from lavcap_hf.training import parse_arguments
@@ -58,3 +61,49 @@ def parse_readme_command(command: str) -> None:
         script = next(i for i, w in enumerate(words) if w == "examples/train.py")
         assert (README.parent / words[script]).exists()
         parse_arguments(words[script + 1 :] + ON_THIS_MACHINE)
+
+
+CONSTRAINTS = README.parent / "constraints"
+PYPROJECT = README.parent / "pyproject.toml"
+STACK_EXTRAS = {"current": ("dev", "app"), "gaudi": ("gaudi", "dev", "app")}
+
+
+def pinned_versions(stack: str) -> dict[str, str]:
+    """{canonical package name: version} of constraints/STACK.txt."""
+    pins = {}
+    for line in (CONSTRAINTS / f"{stack}.txt").read_text().splitlines():
+        line = line.split("#")[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[canonicalize_name(name)] = version
+    return pins
+
+
+@pytest.mark.parametrize("stack", sorted(STACK_EXTRAS))
+def test_the_pinned_stack_satisfies_every_range_of_the_package(stack: str) -> None:
+    """Each requirement of the package and of the stack's extras is pinned, at a version its range allows: a range
+    changed in pyproject.toml without re-pinning (scripts/update_constraints.sh) fails here."""
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    requirements = [*project["dependencies"]]
+    for extra in STACK_EXTRAS[stack]:
+        requirements += project["optional-dependencies"][extra]
+    pins = pinned_versions(stack)
+    for requirement in map(Requirement, requirements):
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"constraints/{stack}.txt does not pin {requirement.name}"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"constraints/{stack}.txt pins {name}=={pins[name]}, outside the package's range {requirement}"
+        )
+
+
+def test_the_readme_names_the_pinned_versions() -> None:
+    table = re.search(r"\| stack \| (.+?) \|\n\| [-| ]+\|\n((?:\|.*\|\n)+)", README.read_text())
+    assert table, "README: the table of tested versions is missing"
+    packages = [name.strip() for name in table.group(1).split("|")]
+    rows = {cells[0]: cells[1:] for cells in (
+        [cell.strip() for cell in row.strip("|").split("|")] for row in table.group(2).splitlines()
+    )}  # fmt: skip
+    assert sorted(rows) == sorted(STACK_EXTRAS)
+    for stack, versions in rows.items():
+        pins = pinned_versions(stack)
+        assert dict(zip(packages, versions, strict=True)) == {name: pins[name] for name in packages}, stack
