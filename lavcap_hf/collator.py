@@ -80,12 +80,12 @@ class LavCapDataCollator:
             return_tensors="pt",
         )
         batch = dict(batch)
+        pad_token_id = self.processor.tokenizer.pad_token_id
         if self.training:
-            batch = self._align_captions(batch, self.processor.tokenizer.pad_token_id)
-        if not self.training:
-            if captions is not None:
-                batch = self._split_prompts(batch, self.processor.tokenizer.pad_token_id)
-            batch["clip_index"] = torch.tensor([item["index"] for item in items])
+            return self._align_captions(batch, pad_token_id)
+        if captions is not None:
+            batch = self._split_prompts(batch, pad_token_id)
+        batch["clip_index"] = torch.tensor([item["index"] for item in items])
         return batch
 
     @staticmethod

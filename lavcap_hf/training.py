@@ -351,7 +351,7 @@ class LavCapTrainerMixin:
             return
         if bool((mask[:, 1:] > mask[:, :-1]).any()):
             raise ValueError(
-                f"this training batch is padded between prompts and captions (its clips have instructions of "
+                "this training batch is padded between prompts and captions (its clips have instructions of "
                 f"different lengths, padded as the released code pads them), which {implementation} does not "
                 "attend as the release does: train with attn_implementation='sdpa' or 'eager', or with one "
                 "instruction per batch (random_instruction=False)"
