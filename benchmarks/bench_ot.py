@@ -42,7 +42,7 @@ from measure import (
     peak_memory_mib as peak_memory_of_call,
 )
 
-from lavcap_hf.optimal_transport import build_fusion, log_sinkhorn, normalize_features
+from lavcap_hf.optimal_transport import LOGIT_SCALE_MAX, build_fusion, log_sinkhorn, normalize_features
 
 NUM_AUDIO, NUM_VISUAL, HIDDEN = 64, 20, 768
 EPSILON, ITERATIONS = 0.1, 50
@@ -78,7 +78,7 @@ def looped_ot_attention(audio: torch.Tensor, visual: torch.Tensor, logit_scale: 
     similarity = torch.einsum("bvc,bac->bva", visual, audio)
     log_plan = looped_log_sinkhorn(similarity)
     with torch.no_grad():
-        logit_scale.clamp_(0, math.log(100))
+        logit_scale.clamp_(0, LOGIT_SCALE_MAX)
     logits_v = logit_scale * torch.einsum("bva,bua->bvu", log_plan, similarity)
     logits_a = logit_scale * torch.einsum("bva,bvc->bac", log_plan, similarity)
     targets_v = torch.arange(logits_v.shape[1], device=audio.device).expand(logits_v.shape[:2])

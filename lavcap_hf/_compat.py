@@ -178,4 +178,4 @@ def _weight_init_functions() -> Any:
 
 
 init = _weight_init_functions()
-"""Weight initialisers for `_init_weights`: `init.normal_`, `init.zeros_`, `init.ones_`, `init.constant_`."""
+"""Weight initialisers for `_init_weights` (`init.normal_`, `init.uniform_`, `init.kaiming_uniform_`, ...)."""

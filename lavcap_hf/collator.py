@@ -20,8 +20,10 @@ CAPTION_PREFIX = "caption_"
 class LavCapDataCollator:
     """Turns [`LavCapDataset`] items into model inputs with the processor (in the DataLoader workers).
 
-    Training batches: right-padded `prompt + caption + EOS`, `labels` on caption + EOS, one of the paper's 8
-    instructions per example and SpecAugment on the fbank. Evaluation batches (`training=False`): left-padded
+    Training batches: `prompt + caption + EOS` rows, `labels` on caption + EOS, one of the paper's 8 instructions
+    per example and SpecAugment on the fbank. As in the release, the captions of a batch start at one column: a
+    shorter prompt is padded (attention mask 0) between its instruction and its caption, and the rows are
+    right-padded after their EOS (see `_align_captions`). Evaluation batches (`training=False`): left-padded
     prompts with `instruction` (the processor's default when None), no augmentation, and `clip_index` (B,), the
     dataset indices the trainer uses to find each clip's references. With `teacher_forcing`, when every clip of the
     batch has a caption, they also hold the right-padded `prompt + caption + EOS` rows and their labels under
@@ -78,10 +80,39 @@ class LavCapDataCollator:
             return_tensors="pt",
         )
         batch = dict(batch)
-        if not self.training:
-            if captions is not None:
-                batch = self._split_prompts(batch, self.processor.tokenizer.pad_token_id)
-            batch["clip_index"] = torch.tensor([item["index"] for item in items])
+        pad_token_id = self.processor.tokenizer.pad_token_id
+        if self.training:
+            return self._align_captions(batch, pad_token_id)
+        if captions is not None:
+            batch = self._split_prompts(batch, pad_token_id)
+        batch["clip_index"] = torch.tensor([item["index"] for item in items])
+        return batch
+
+    @staticmethod
+    def _align_captions(batch: dict[str, torch.Tensor], pad_token_id: int) -> dict[str, torch.Tensor]:
+        """Start every caption of right-padded training rows (B, L) at the same column, as the release lays out its
+        training batches: it pads the instruction piece (`"</Speech> {instruction}\nASSISTANT:"`) to the longest of
+        the batch before the caption, with the attention mask 0 and no labels there, and its position ids count
+        through that padding. With one instruction per batch the rows are returned unchanged.
+
+        Returns the rows (B, P + C): P the longest prompt, C the longest caption + EOS, then right padding.
+        """
+        ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+        prompt_lengths = (labels != IGNORE_INDEX).int().argmax(dim=1)  # every row has a caption's EOS
+        width = int(prompt_lengths.max())
+        if bool((prompt_lengths == width).all()):
+            return batch
+        lengths = mask.sum(dim=1)
+        columns = torch.arange(width + int((lengths - prompt_lengths).max()))[None, :]
+        shift = (width - prompt_lengths)[:, None]
+        in_prompt = columns < prompt_lengths[:, None]
+        # (B, P + C): the column of `ids` each new column copies; the padding gap and the end copy nothing.
+        source = torch.where(in_prompt, columns, columns - shift)
+        present = (in_prompt | (columns >= width)) & (source < lengths[:, None])
+        source = source.clamp(0, ids.shape[1] - 1)
+        batch["input_ids"] = torch.where(present, ids.gather(1, source), pad_token_id)
+        batch["attention_mask"] = present.to(mask.dtype)
+        batch["labels"] = torch.where(present, labels.gather(1, source), IGNORE_INDEX)
         return batch
 
     @staticmethod

@@ -139,7 +139,7 @@ class LavCapConfig(PretrainedConfig):
         audio_token_id: id of the `<|audio|>` placeholder token in the text vocabulary.
         video_token_id: id of the `<|video|>` placeholder token.
         logit_scale_init: initial OT logit scale (ln(1/0.07)).
-        logit_scale_max: the scale is clamped to [0, logit_scale_max] every forward (ln 100).
+        logit_scale_max: the scale is clamped to [0, logit_scale_max] every forward (4.6052, as released).
     """
 
     model_type = "lavcap"

@@ -4,6 +4,7 @@ The layout of transformers' multimodal models (llava, qwen2_audio): `LavCapModel
 the fusion, the projector and the decoder, and takes `input_ids`; `LavCapForConditionalGeneration` adds the LM head.
 """
 
+import math
 import os
 import re
 from dataclasses import dataclass
@@ -162,12 +163,18 @@ class LavCapPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         """The fusion, the projector and the head; the towers and the decoder are initialised by their own classes
         (the library hands each nested `PreTrainedModel` to its own `_init_weights`). The library's init functions
-        leave tensors alone that a checkpoint has filled."""
-        std = getattr(self.config.text_config, "initializer_range", 0.02)
-        if isinstance(module, nn.Linear):
+        leave tensors alone that a checkpoint has filled.
+
+        The released code builds the fusion and the projector from plain PyTorch modules and trains them from
+        PyTorch's initialisation, so they start from it here too (`_init_as_pytorch`); the head is the decoder's,
+        normal(0, `initializer_range`)."""
+        if isinstance(module, nn.Linear) and module is self.get_output_embeddings():
+            std = getattr(self.config.text_config, "initializer_range", 0.02)
             init.normal_(module.weight, mean=0.0, std=std)
             if module.bias is not None:
                 init.zeros_(module.bias)
+        elif isinstance(module, (nn.Linear, nn.MultiheadAttention)):
+            _init_as_pytorch(module)
         elif isinstance(module, nn.LayerNorm):
             init.ones_(module.weight)
             init.zeros_(module.bias)
@@ -188,6 +195,34 @@ class LavCapPreTrainedModel(PreTrainedModel):
         generic std 0.02 where their weights are missing. `_init_weights` above uses the library's init functions,
         as the library's own models do."""
         return False
+
+
+def _init_as_pytorch(module: nn.Linear | nn.MultiheadAttention) -> None:
+    """Initialise `module` as its PyTorch constructor does, with the library's init functions.
+
+    nn.Linear: weight kaiming-uniform (a = sqrt(5)) and bias uniform, both within +-1/sqrt(in_features).
+    nn.MultiheadAttention: xavier-uniform input projections, zero input and output biases (its `out_proj`, an
+    nn.Linear child, is initialised first, as the library visits children before their parent).
+    """
+    if isinstance(module, nn.Linear):
+        init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+        if module.bias is not None:
+            bound = 1 / math.sqrt(module.in_features) if module.in_features > 0 else 0.0
+            init.uniform_(module.bias, -bound, bound)
+        return
+    names = (
+        ("in_proj_weight",)
+        if module._qkv_same_embed_dim
+        else ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+    )
+    for name in names:
+        init.xavier_uniform_(getattr(module, name))
+    if module.in_proj_bias is not None:
+        init.zeros_(module.in_proj_bias)
+        init.zeros_(module.out_proj.bias)
+    for bias in (module.bias_k, module.bias_v):
+        if bias is not None:
+            init.xavier_normal_(bias)
 
 
 def _describe_mismatches(

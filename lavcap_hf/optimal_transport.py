@@ -23,13 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-# The OT settings of the paper, the defaults of `LavCapConfig` and of the fusion modules alike. The logit-scale values
-# are ln(1/0.07) and ln(100) to float32 precision (the fp32 parameter holds the same value either way), written as
-# saved configs already state them.
+# The OT settings of the paper, the defaults of `LavCapConfig` and of the fusion modules alike. The initial logit
+# scale is ln(1/0.07) to float32 precision (the fp32 parameter holds the same value either way), written as saved
+# configs already state it. The upper clamp is the released literal 4.6052, not ln 100 = 4.6051702 (3e-5 apart: the
+# fp32 parameter stops at a different value once it reaches the bound).
 SINKHORN_EPSILON = 0.1
 SINKHORN_ITERATIONS = 50
 LOGIT_SCALE_INIT = 2.6592600369262695
-LOGIT_SCALE_MAX = 4.605170249938965
+LOGIT_SCALE_MAX = 4.6052
 
 
 def normalize_features(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:

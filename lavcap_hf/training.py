@@ -250,7 +250,7 @@ class LavCapTrainerMixin:
       `last_eval_predictions` and are written to `<output_dir>/captions-step<N>.jsonl`. The kept checkpoint is
       chosen by the Trainer's `metric_for_best_model` (`token_accuracy` as released, or e.g. `CIDEr`);
     - uses [`LavCapDataCollator`] for training and its `training=False, teacher_forcing=True` twin for evaluation
-      unless given;
+      unless given; `dataloader_drop_last` applies to training only (evaluation scores every clip);
     - weight decay on matrices only (not on biases, norms or the logit scale), as the released optimiser;
     - with `warmup_start_lr`, `lr_scheduler_type="cosine_with_min_lr"` runs the released schedule
       ([`lavcap_lr_scheduler`]): the Trainer's warm-up steps and `lr_scheduler_kwargs` (`min_lr`), a warm-up that
@@ -323,6 +323,8 @@ class LavCapTrainerMixin:
         return_outputs: bool = False,
         num_items_in_batch: Any = None,
     ) -> Any:
+        if model.training:
+            self._check_padding_is_attended(model, inputs)
         outputs = model(**inputs)
         if model.training:
             for name in ("lm_loss", "ot_loss"):
@@ -333,6 +335,27 @@ class LavCapTrainerMixin:
                     self._loss_sums[name] = value if previous is None else previous + value
             self._loss_batches += 1
         return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+    def _check_padding_is_attended(self, model: nn.Module, inputs: dict[str, Any]) -> None:
+        """Refuse a batch padded before its last real token under flash attention.
+
+        Training batches are padded between prompt and caption when their clips draw instructions of different
+        lengths (`LavCapDataCollator._align_captions`, as released). The release predicts the first caption token
+        from the last padding position, which attends to the prompt; flash attention drops padded positions and would
+        predict it from a zero vector instead.
+        """
+        text_config = getattr(self.accelerator.unwrap_model(model).config, "text_config", None)
+        implementation = str(getattr(text_config, "_attn_implementation", None) or "")
+        mask = inputs.get("attention_mask")
+        if "flash" not in implementation or mask is None:
+            return
+        if bool((mask[:, 1:] > mask[:, :-1]).any()):
+            raise ValueError(
+                "this training batch is padded between prompts and captions (its clips have instructions of "
+                f"different lengths, padded as the released code pads them), which {implementation} does not "
+                "attend as the release does: train with attn_implementation='sdpa' or 'eager', or with one "
+                "instruction per batch (random_instruction=False)"
+            )
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         if "loss" in logs and self._loss_batches:
@@ -401,12 +424,15 @@ class LavCapTrainerMixin:
         return self._with_eval_collator(super().get_test_dataloader, test_dataset)
 
     def _with_eval_collator(self, build: Any, dataset: Any) -> Any:
-        training_collator = self.data_collator
+        """`build(dataset)` with the evaluation collator, keeping every clip: `dataloader_drop_last` is the
+        training recipe's (the release drops the last partial batch in training only)."""
+        training_collator, drop_last = self.data_collator, self.args.dataloader_drop_last
         self.data_collator = self.eval_data_collator or training_collator
+        self.args.dataloader_drop_last = False
         try:
             return build(dataset)
         finally:
-            self.data_collator = training_collator
+            self.data_collator, self.args.dataloader_drop_last = training_collator, drop_last
 
     def evaluate(self, eval_dataset: Any = None, *args: Any, **kwargs: Any) -> dict[str, float]:
         dataset = eval_dataset if eval_dataset is not None else self.eval_dataset

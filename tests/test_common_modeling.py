@@ -122,7 +122,9 @@ class LavCapModelCommonTest(ModelTesterMixin, GenerationTesterMixin, unittest.Te
     def test_initialization(self) -> None:
         """The library's check (4.55's common tests have it): with every init std set to zero, each trainable
         tensor is 0 or 1 (the mean of its central 95 %), except the OT logit scale, which starts at its configured
-        value whatever the std (the library's CLIP test makes the same exception for CLIP's)."""
+        value whatever the std (the library's CLIP test makes the same exception for CLIP's), and the projector,
+        which starts as PyTorch's nn.Linear whatever the std, as released (tests/test_modeling_lavcap.py checks
+        its distribution)."""
         config, _ = self.model_tester.prepare_config_and_inputs_for_common()
         zero_init = common.test_modeling_common._config_zero_init(config)
         for model_class in self.all_model_classes:
@@ -132,6 +134,12 @@ class LavCapModelCommonTest(ModelTesterMixin, GenerationTesterMixin, unittest.Te
                     continue
                 if name.endswith("logit_scale"):
                     self.assertAlmostEqual(param.item(), zero_init.logit_scale_init, places=5, msg=name)
+                    continue
+                if "multi_modal_projector." in name:
+                    bound = 1 / param.shape[-1] ** 0.5 if param.ndim == 2 else None
+                    self.assertTrue(param.std() > 0, msg=f"{name} of {model_class.__name__} is constant")
+                    if bound is not None:
+                        self.assertLessEqual(param.abs().max().item(), bound, msg=name)
                     continue
                 values = torch.sort(param.data.flatten()).values
                 cut = int(values.numel() * 0.025)

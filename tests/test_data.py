@@ -242,15 +242,22 @@ def items(clips_dir) -> list[dict]:
 def test_training_batch_has_labels_on_caption_and_eos_only(processor, items) -> None:
     batch = LavCapDataCollator(processor, spec_augment=False)(items)
     tokenizer = processor.tokenizer
+    # As released, every caption starts at one column: shorter prompts are padded before it.
+    starts = (batch["labels"] != -100).int().argmax(dim=1)
+    assert len(set(starts.tolist())) == 1
+    start = int(starts[0])
     for row in range(3):
         ids, labels, mask = batch["input_ids"][row], batch["labels"][row], batch["attention_mask"][row]
         kept = labels[labels != -100]
         assert tokenizer.decode(kept[:-1]) == CAPTIONS[row] and kept[-1] == tokenizer.eos_token_id
-        # Right padding: the caption ends the real tokens, and its labels are the same tokens.
-        length = int(mask.sum())
-        assert mask[:length].all() and not mask[length:].any()
-        torch.testing.assert_close(ids[length - len(kept) : length], kept)
-        prompt = ids[: length - len(kept)].tolist()
+        # The caption's labels are its own tokens, and only padding follows them.
+        end = start + len(kept)
+        torch.testing.assert_close(ids[start:end], kept)
+        assert mask[start:end].all() and not mask[end:].any()
+        # The prompt is attended from BOS on, then padded up to the caption.
+        prompt_length = int(mask[:start].sum())
+        assert mask[:prompt_length].all() and not mask[prompt_length:start].any()
+        prompt = ids[:prompt_length].tolist()
         assert sum(contains(prompt, token_ids(processor, text)) for text in TRAINING_INSTRUCTIONS) == 1
     assert batch["pixel_values_videos"].shape == (3, FRAMES, 3, 32, 32)
     assert "clip_index" not in batch

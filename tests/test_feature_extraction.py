@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 
@@ -34,15 +35,22 @@ def kaldi_mel_banks(
     return banks
 
 
-BANKS = kaldi_mel_banks(64, 512, SR, 20.0, SR / 2)
+@functools.cache
+def kaldi_banks_at(sampling_rate: int) -> np.ndarray:
+    """64 kaldi mel banks from 20 Hz to Nyquist over the FFT of a 25 ms frame at `sampling_rate`."""
+    fft_length = 1 << (int(sampling_rate * 0.025) - 1).bit_length()
+    return kaldi_mel_banks(64, fft_length, sampling_rate, 20.0, sampling_rate / 2)
 
 
-def reference_fbank(waveform: np.ndarray) -> np.ndarray:
+def reference_fbank(waveform: np.ndarray, sampling_rate: int = SR) -> np.ndarray:
     """torchaudio.compliance.kaldi.fbank(htk_compat=True, window_type='hanning', use_energy=False, dither=0,
-    num_mel_bins=64) of (waveform - mean), written frame by frame from the kaldi definitions: (frames, 64)."""
+    num_mel_bins=64, sample_frequency=sampling_rate) of (waveform - mean), written frame by frame from the kaldi
+    definitions: 25 ms frames every 10 ms, zero-padded to a power-of-two FFT: (frames, 64)."""
     x = np.asarray(waveform, dtype=np.float64)
     x = x - x.mean()
-    window_length, hop = 400, 160
+    window_length, hop = int(sampling_rate * 0.025), int(sampling_rate * 0.010)
+    banks = kaldi_banks_at(sampling_rate)
+    fft_length = 2 * banks.shape[1]
     window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(window_length) / (window_length - 1))
     rows = []
     for start in range(0, len(x) - window_length + 1, hop):  # snip_edges=True
@@ -50,16 +58,16 @@ def reference_fbank(waveform: np.ndarray) -> np.ndarray:
         frame = frame - frame.mean()
         previous = np.concatenate([[frame[0]], frame[:-1]])  # kaldi: x[-1] = x[0]
         frame = (frame - 0.97 * previous) * window
-        buffer = np.zeros(512)
+        buffer = np.zeros(fft_length)
         buffer[:window_length] = frame
-        power = np.abs(np.fft.fft(buffer)[:256]) ** 2
-        rows.append(np.log(np.maximum(BANKS @ power, EPS)))
+        power = np.abs(np.fft.fft(buffer)[: fft_length // 2]) ** 2
+        rows.append(np.log(np.maximum(banks @ power, EPS)))
     return np.array(rows).reshape(-1, 64)
 
 
-def reference_features(waveform: np.ndarray, max_length: int = 1024) -> np.ndarray:
+def reference_features(waveform: np.ndarray, max_length: int = 1024, sampling_rate: int = SR) -> np.ndarray:
     """Padded / cut with zeros in the log-mel domain, then (x - mean) / std: (max_length, 64)."""
-    fbank = reference_fbank(waveform)[:max_length]
+    fbank = reference_fbank(waveform, sampling_rate)[:max_length]
     padded = np.zeros((max_length, 64))
     padded[: len(fbank)] = fbank
     return (padded - MEAN) / STD
@@ -138,6 +146,33 @@ def test_stereo_44k_gives_same_fbank_as_mono_16k(extractor, make_sine):
     assert (stereo.argmax(axis=1) == mono.argmax(axis=1)).all()
     # Interior frames agree closely; only the first and last 25 ms feel the resampler's edges.
     np.testing.assert_allclose(stereo[3:-3], mono[3:-3], atol=0.02)
+
+
+def test_audio_not_at_16k_mono_is_resampled_and_averaged_where_the_release_reads_it_as_it_is(extractor):
+    """A stereo 44.1 kHz clip: the features are those of its channel average resampled to 16 kHz (the rate and mono
+    signal the converted checkpoints were trained on). The release's dataset code instead computes the fbank of
+    channel 0 at the file's own rate (`torchaudio.load`, `kaldi.fbank(sample_frequency=sr)`): its 64 mel bins then
+    span 20 Hz - 22.05 kHz instead of 20 Hz - 8 kHz. docs/fidelity.md lists the difference measured here."""
+    rate, seconds = 44100, 1.0
+    time = np.arange(int(rate * seconds)) / rate
+    rng = np.random.default_rng(12)
+    left = 0.3 * np.sin(2 * np.pi * 1000 * time) + 0.05 * rng.standard_normal(time.size)
+    right = 0.3 * np.sin(2 * np.pi * 3000 * time) + 0.2 * np.sin(2 * np.pi * 12000 * time)
+    right += 0.05 * rng.standard_normal(time.size)
+    stereo = np.stack([left, right], axis=1).astype(np.float32)
+    ours = extractor(stereo, sampling_rate=rate)["input_features"][0]
+
+    frames = 1 + (int(seconds * SR) - 400) // 160  # 98 frames of 10 ms at either rate
+    mono_16k = resample(stereo.astype(np.float64).mean(axis=1), rate, SR)
+    np.testing.assert_allclose(ours, reference_features(mono_16k), atol=1e-3, rtol=0)
+
+    released = reference_features(stereo[:, 0], sampling_rate=rate)
+    assert released.shape == ours.shape and 1 + (time.size - 1102) // 441 == frames
+    difference = np.abs(ours[:frames] - released[:frames])
+    # The 12 kHz tone of the right channel is in neither the release's channel 0 nor our 8 kHz band; the 3 kHz tone
+    # is in our average only; the same frequency sits in different bins on the two mel scales.
+    assert difference.max() > 1.5 and np.median(difference) > 0.3
+    np.testing.assert_allclose(ours[frames:], released[frames:], rtol=1e-6)  # the padding is the same
 
 
 def test_channels_are_averaged(extractor):

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
-from helpers import run_without_package
+from helpers import run_without_package, save_component_parts
 from transformers import AutoModel, GenerationMixin
 
 from lavcap_hf import FUSION_TYPES, LavCapConfig, LavCapForConditionalGeneration
+from lavcap_hf.convert import build_from_components
 from lavcap_hf.lora import apply_lora
 from lavcap_hf.testing_utils import paper_sized_config, tiny_lavcap_config
 
@@ -246,6 +248,56 @@ def test_ot_plan_on_request_has_the_marginals(model: LavCapForConditionalGenerat
     assert model(**batch).ot_plan is None
 
 
+def uniform_ks_distance(values: torch.Tensor, bound: float) -> float:
+    """Kolmogorov-Smirnov distance between the empirical distribution of `values` and U(-bound, bound)."""
+    x = torch.sort(values.detach().flatten().double()).values
+    cdf = ((x + bound) / (2 * bound)).clamp(0, 1)
+    ranks = torch.arange(1, x.numel() + 1, dtype=torch.float64)
+    return float(torch.maximum(ranks / x.numel() - cdf, cdf - (ranks - 1) / x.numel()).max())
+
+
+def assert_uniform(values: torch.Tensor, bound: float) -> None:
+    """Within +-bound and spread over it as U(-bound, bound): a KS distance that U(-bound, bound) exceeds with
+    probability ~1e-5 (normal(0, 0.02) weights, the generic init, are ~0.3 away at these sizes)."""
+    assert float(values.detach().abs().max()) <= bound
+    assert uniform_ks_distance(values, bound) < 2.5 / math.sqrt(values.numel())
+
+
+def check_pytorch_initialisation(model: LavCapForConditionalGeneration) -> None:
+    """The projector as nn.Linear starts (weight and bias U(+-1/sqrt(in_features))); a cross-attention fusion as
+    nn.MultiheadAttention starts (xavier-uniform input projection, zero biases, output projection as nn.Linear);
+    the head as the decoder's (normal, std `initializer_range`)."""
+    projector = model.model.multi_modal_projector
+    bound = 1 / math.sqrt(projector.in_features)
+    assert_uniform(projector.weight, bound)
+    assert_uniform(projector.bias, bound)
+    attention = getattr(model.model.fusion, "cross_attn", None)
+    if attention is not None:
+        width = attention.embed_dim
+        assert_uniform(attention.in_proj_weight, math.sqrt(6 / (width + 3 * width)))
+        assert_uniform(attention.out_proj.weight, 1 / math.sqrt(width))
+        assert not attention.in_proj_bias.any() and not attention.out_proj.bias.any()
+    std = model.config.text_config.initializer_range
+    assert float(model.lm_head.weight.std()) == pytest.approx(std, rel=0.05)
+
+
+@pytest.mark.parametrize("fusion_type", ["ot_att", "ot_cross_attention"])
+def test_a_new_model_starts_its_fusion_and_projector_as_released(fusion_type: str) -> None:
+    """The release builds its projector (`speech_llama_proj`) and cross-attention as plain torch modules and trains
+    them from PyTorch's initialisation."""
+    torch.manual_seed(0)
+    check_pytorch_initialisation(LavCapForConditionalGeneration(tiny_lavcap_config(fusion_type, width=64)))
+
+
+def test_a_model_built_from_pretrained_components_starts_its_projector_as_released(tmp_path) -> None:
+    """The build a from-scratch training run starts from: pretrained CED and LM, a new fusion and projector."""
+    llm, ced = save_component_parts(tmp_path)
+    torch.manual_seed(0)
+    model, _ = build_from_components(ced, None, llm, num_frames=4, visual_embed_dim=32)
+    assert model.model.multi_modal_projector.in_features == 32
+    check_pytorch_initialisation(model)
+
+
 def test_paper_freezing_trains_exactly_lora_projector_and_logit_scale() -> None:
     torch.manual_seed(0)
     config = tiny_lavcap_config()
@@ -272,7 +324,9 @@ def test_paper_freezing_trains_exactly_lora_projector_and_logit_scale() -> None:
 
 
 def greedy_reference(model: LavCapForConditionalGeneration, batch: dict, steps: int) -> torch.Tensor:
-    """Step-by-step argmax with the full forward (no cache), pad after EOS as generate() does."""
+    """Step-by-step argmax with the full forward (no cache), pad after EOS as generate() does. The placeholder ids
+    are never chosen (generate() is given `suppress_tokens=model.placeholder_token_ids`): a random model may rank
+    them first, and a full forward over a placeholder that is not the clip's would be refused."""
     eos, pad = model.config.text_config.eos_token_id, model.config.text_config.pad_token_id
     ids, mask = batch["input_ids"], batch["attention_mask"]
     done = torch.zeros(ids.shape[0], dtype=torch.bool)
@@ -282,7 +336,9 @@ def greedy_reference(model: LavCapForConditionalGeneration, batch: dict, steps: 
             logits = model(
                 input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **media(batch)
             ).logits
-        nxt = logits[:, -1].argmax(-1)
+        scores = logits[:, -1].clone()
+        scores[:, model.placeholder_token_ids] = -torch.inf
+        nxt = scores.argmax(-1)
         nxt = torch.where(done, torch.full_like(nxt, pad), nxt)
         done |= nxt == eos
         ids = torch.cat([ids, nxt[:, None]], 1)
@@ -315,6 +371,7 @@ def test_greedy_generate_equals_stepwise_argmax_and_encodes_once(
         **media(batch),
         max_new_tokens=8,
         do_sample=False,
+        suppress_tokens=model.placeholder_token_ids,
     )
     assert counter.calls == 1
     reference = greedy_reference(model, batch, steps=generated.shape[1] - batch["input_ids"].shape[1])

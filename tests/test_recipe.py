@@ -29,6 +29,7 @@ from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
 from lavcap_hf.collator import LavCapDataCollator
 from lavcap_hf.data import LavCapDataset, group_clips, load_manifest
 from lavcap_hf.lora import apply_lora
+from lavcap_hf.processing_lavcap import TRAINING_INSTRUCTIONS
 from lavcap_hf.synthetic import generate_dataset
 from lavcap_hf.training import (
     LavCapTrainer,
@@ -328,6 +329,8 @@ def test_example_config_gives_the_released_recipe(workspace, tmp_path, monkeypat
     assert arguments.schedule.warmup_start_lr == 2e-9 and training.lr_scheduler_kwargs == {"min_lr": 1e-8}
     assert (training.metric_for_best_model, training.greater_is_better) == ("token_accuracy", True)
     assert training.load_best_model_at_end and training.eval_strategy == training.save_strategy == "epoch"
+    # runner.py never clips gradients; utils.get_dataloader drops the last partial training batch.
+    assert training.max_grad_norm == 0 and training.dataloader_drop_last
     assert arguments.data.max_caption_length == 300 and arguments.evaluation.caption_metrics
 
     model, processor = load_model_and_processor(arguments.model)
@@ -368,6 +371,172 @@ def test_example_config_gives_the_released_recipe(workspace, tmp_path, monkeypat
         scheduler.step()
     expected = [released_lr(s, warmup=20, total=1000, lr=5e-6, start=2e-9, minimum=1e-8) for s in range(1000)]
     np.testing.assert_allclose(rates, expected, rtol=1e-12, atol=0)
+
+
+def test_example_config_counts_epochs_and_warm_up_as_released(workspace, tmp_path, monkeypatch) -> None:
+    """At AudioCaps' size (49,838 training captions, batch 4) the release runs floor(49,838 / 4) = 12,459 steps per
+    epoch (`drop_last`), warms up over 2 of those epochs (24,918 steps) and spans its cosine over 100 of them; the
+    evaluation split keeps its last partial batch."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # bf16=True exports it with transformers 4.x
+    argv = [
+        "--config", str(CONFIG), "--use_cpu", "true", "--output_dir", str(tmp_path),
+        "--model_name_or_path", str(workspace / "model"), "--dataloader_num_workers", "0",
+    ]  # fmt: skip
+    arguments = parse_arguments(argv)
+    model, processor = load_model_and_processor(arguments.model)
+    clip = load_manifest(workspace / "data" / "train_features.jsonl")[0]
+    train = LavCapDataset([clip] * 49_838, num_frames=model.config.num_frames)  # only its length is read
+    evaluation = LavCapDataset([clip] * 10, num_frames=model.config.num_frames)
+    trainer = build_trainer(arguments, model, processor, train, evaluation)
+
+    steps_per_epoch = len(trainer.get_train_dataloader())
+    assert steps_per_epoch == 12_459
+    assert len(trainer.get_eval_dataloader()) == 3  # 4 + 4 + 2 clips: evaluation drops none
+    assert len(trainer.get_train_dataloader()) == 12_459  # and the training loader still drops its last batch
+    # The Trainer's max_steps at gradient accumulation 1.
+    total = steps_per_epoch * int(arguments.training.num_train_epochs)
+    warmup = 2 * steps_per_epoch  # runner.py: warmup_epoch * iters_per_epoch
+    assert arguments.training.get_warmup_steps(total) == warmup == 24_918
+    scheduler = trainer.create_scheduler(num_training_steps=total, optimizer=trainer.create_optimizer())
+    steps = [0, 1, warmup - 2, warmup - 1, warmup, warmup + 1, total // 2, total - 1]
+    rates = [5e-6 * scheduler.lr_lambdas[0](step) for step in steps]
+    expected = [released_lr(s, warmup=warmup, total=total, lr=5e-6, start=2e-9, minimum=1e-8) for s in steps]
+    np.testing.assert_allclose(rates, expected, rtol=1e-12, atol=0)
+
+
+# -- the released layout of a training batch -----------------------------------------------------------------------
+
+RELEASED_TEMPLATE = "USER: {}\nASSISTANT:"  # configs/config_best.yaml `prompt_template`
+
+
+def released_teacher_forced_loss(
+    model: LavCapForConditionalGeneration,
+    tokenizer,
+    fused: torch.Tensor,
+    instructions: list[str],
+    captions: list[str],
+) -> torch.Tensor:
+    """The LM loss of models/lavcaps.py `forward` with `multi_prompt` (its `prompt_wrap`), from the fused vectors
+    (B, N, d) of `encode_feature`: embeddings of BOS, `"USER: <Speech>"`, the fused vectors, the instruction piece
+    right-padded to the batch's longest and `caption + "</s>"` right-padded, concatenated; the attention mask 0 on
+    both paddings; labels -100 everywhere but the caption tokens (pad ids masked); the decoder's position ids
+    0..L-1 whatever the mask (its LlamaModel's default), and the decoder's mean cross entropy."""
+    tokenizer.padding_side = "right"  # as the release sets it
+    before, after = zip(
+        *(
+            RELEASED_TEMPLATE.format(f"<Speech><SpeechHere></Speech> {i}").split("<SpeechHere>")
+            for i in instructions
+        ),
+        strict=True,
+    )
+    embed = model.get_input_embeddings()
+    before_tokens = tokenizer(list(before), return_tensors="pt", add_special_tokens=False)
+    after_tokens = tokenizer(list(after), return_tensors="pt", padding="longest", add_special_tokens=False)
+    text_tokens = tokenizer(
+        [c + "</s>" for c in captions], return_tensors="pt", padding="longest", truncation=True,
+        max_length=300, add_special_tokens=False,
+    )  # fmt: skip
+    batch_size = fused.shape[0]
+    bos = torch.full((batch_size, 1), tokenizer.bos_token_id)
+    wrapped = torch.cat([embed(before_tokens.input_ids), fused, embed(after_tokens.input_ids)], dim=1)
+    wrapped_mask = torch.cat(
+        [
+            before_tokens.attention_mask,
+            torch.ones(fused.shape[:2], dtype=torch.long),
+            after_tokens.attention_mask,
+        ],
+        dim=1,
+    )
+    targets = text_tokens.input_ids.masked_fill(text_tokens.input_ids == tokenizer.pad_token_id, -100)
+    targets = torch.cat([torch.full((batch_size, wrapped.shape[1] + 1), -100), targets], dim=1)
+    inputs_embeds = torch.cat([embed(bos), wrapped, embed(text_tokens.input_ids)], dim=1)
+    attention_mask = torch.cat([wrapped_mask[:, :1], wrapped_mask, text_tokens.attention_mask], dim=1)
+    positions = torch.arange(inputs_embeds.shape[1])[None].expand(batch_size, -1)
+    hidden = model.language_model(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, position_ids=positions
+    ).last_hidden_state
+    logits = model.lm_head(hidden).float()
+    return nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]), targets[:, 1:].reshape(-1), ignore_index=-100
+    )
+
+
+def training_items(workspace: Path, config) -> list[dict]:
+    """The first 4 training examples of epoch 0: with seed SEED, their clips draw instructions of different
+    lengths (the tests that use them check it)."""
+    clips = load_manifest(workspace / "data" / "train_features.jsonl")
+    dataset = LavCapDataset(clips, num_frames=config.num_frames, seed=SEED)
+    return [dataset[i] for i in range(4)]
+
+
+def drawn_instructions(tokenizer, batch: dict[str, torch.Tensor]) -> list[str]:
+    """The training instruction of each row: the one whose released instruction piece ends the row's attended
+    prompt tokens (those before its first label)."""
+    pieces = {
+        instruction: tokenizer(
+            RELEASED_TEMPLATE.format(f"<Speech><SpeechHere></Speech> {instruction}").split("<SpeechHere>")[1],
+            add_special_tokens=False,
+        ).input_ids
+        for instruction in TRAINING_INSTRUCTIONS
+    }
+    found = []
+    for ids, mask, labels in zip(batch["input_ids"], batch["attention_mask"], batch["labels"], strict=True):
+        start = int((labels != -100).int().argmax())
+        prompt = ids[:start][mask[:start].bool()].tolist()
+        (instruction,) = [i for i, piece in pieces.items() if prompt[-len(piece) :] == piece]
+        found.append(instruction)
+    return found
+
+
+def test_mixed_instruction_batch_loss_equals_the_released_layout(workspace) -> None:
+    """Clips of one batch that draw instructions of different lengths: the collator's rows give the teacher-forced
+    loss the release computes on the same fused vectors (its padding in the middle moves the captions' positions)."""
+    model = LavCapForConditionalGeneration.from_pretrained(workspace / "model").eval()
+    processor = LavCapProcessor.from_pretrained(workspace / "model")
+    items = training_items(workspace, model.config)
+    batch = LavCapDataCollator(processor)(items)
+    instructions = drawn_instructions(processor.tokenizer, batch)
+    prompt_lengths = {len(processor.tokenizer(i, add_special_tokens=False).input_ids) for i in instructions}
+    assert len(prompt_lengths) > 1, "the batch must mix instructions of different lengths"
+
+    media = {k: batch[k] for k in ("input_features", "video_embeds")}
+    with torch.no_grad():
+        ours = model(**batch)
+        fused = model.get_multimodal_features(**media)
+        expected = released_teacher_forced_loss(
+            model,
+            processor.tokenizer,
+            fused.multimodal_embeds,
+            instructions,
+            [item["caption"] for item in items],
+        )
+    torch.testing.assert_close(ours.lm_loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ours.loss, expected + fused.ot_loss, rtol=1e-5, atol=1e-6)
+    # Every caption starts at one column, after the longest prompt; the shorter prompts are padded before it.
+    first_label = (batch["labels"] != -100).int().argmax(dim=1)
+    assert len(set(first_label.tolist())) == 1
+    assert (batch["attention_mask"][:, : int(first_label[0])].sum(dim=1) < first_label).any()
+
+
+def test_flash_attention_refuses_a_batch_padded_between_prompt_and_caption(workspace, tmp_path) -> None:
+    """Flash attention leaves padded positions out, so the first caption token of a shorter prompt would be predicted
+    from nothing: training says so instead of computing another loss. (flash-attn is not installed here: the
+    decoder's attention setting is changed by hand; the check runs before the forward.)"""
+    model = LavCapForConditionalGeneration.from_pretrained(workspace / "model")
+    processor = LavCapProcessor.from_pretrained(workspace / "model")
+    batch = LavCapDataCollator(processor)(training_items(workspace, model.config))
+    mask = batch["attention_mask"]
+    assert (mask[:, 1:] > mask[:, :-1]).any()  # padding before a caption
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False
+    )
+    trainer = LavCapTrainer(model=model, args=args, processing_class=processor, caption_metrics=False)
+    model.train()
+    model.config.text_config._attn_implementation = "flash_attention_2"
+    with pytest.raises(ValueError, match="padded between prompts and captions.*flash_attention_2.*sdpa"):
+        trainer.compute_loss(model, batch)
+    model.config.text_config._attn_implementation = "sdpa"
+    assert torch.isfinite(trainer.compute_loss(model, batch))
 
 
 # -- the CUDA release's precision ------------------------------------------------------------------------------------
