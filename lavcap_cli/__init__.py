@@ -103,6 +103,11 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="port (default 7860, or the next free one)")
     parser.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if present)")
+    parser.add_argument(
+        "--model-decoding",
+        action="store_true",
+        help="start the decoding controls at the model's generation_config also on a CPU (default there: 1 beam)",
+    )
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:

@@ -248,7 +248,10 @@ def load_media(
     try:
         return _decode(path, sampling_rate, num_frames, need_audio, need_frames, frame_spans)
     except av.error.FFmpegError as error:
-        raise MediaError(path, f"not a readable media file or corrupt data ({error})") from error
+        # FFmpeg's own words only: str(error) adds "[Errno 1094995529]" and the path, which the message starts with.
+        raise MediaError(
+            path, f"not a readable media file or corrupt data ({error.strerror or error})"
+        ) from error
 
 
 def _check_file(path: str) -> None:

@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import os
 import textwrap
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 # Inches per frame row and the bounds of inches per audio-token column: a few tokens get wide cells, many narrow.
 ROW_INCHES = 0.45
 COLUMN_INCHES = (0.15, 0.6)
 THUMBNAIL_PIXELS = 96  # height each frame is resized to in the thumbnail strip
+DPI = 100
+# Characters per title line: about as many as fit over the heat map at 9 pt, within these bounds.
+TITLE_CHARS_PER_INCH = 14
+TITLE_CHARS = (30, 70)
+# The colour scale reaches at least this multiple of an even share, so that an even share is its middle colour.
+EVEN_SHARE_COLOUR_SPAN = 2.0
+COLOUR_BAR_LABEL = "bright = strongly matched\n(1 = an even share, 0 = none)"
 
 
 def plot_ot_plan(
@@ -20,15 +30,20 @@ def plot_ot_plan(
     title: str = "",
     frames: np.ndarray | None = None,
 ) -> None:
-    """Save the transport plan (V, A) of one clip as a PNG heat map: frames on the y axis, audio tokens on x.
+    """Save `ot_plan_figure(plan, title, frames)` as a PNG; `path` is a file name or a binary file object."""
+    ot_plan_figure(plan, title=title, frames=frames).savefig(path, dpi=DPI, format="png")
 
-    The plan is shown scaled by V*A, so 1.0 means "as much mass as a uniform plan". With `frames`, uint8 RGB
-    (V, H, W, 3), each frame is drawn as a thumbnail beside its row. `path` is a file name or a binary file object.
+
+def ot_plan_figure(plan: np.ndarray, title: str = "", frames: np.ndarray | None = None) -> Figure:
+    """The transport plan (V, A) of one clip as a heat map: frames on the y axis, audio tokens on x.
+
+    The plan is shown scaled by V*A, so 1 means "as much mass as a uniform plan" (an even share). The colour scale
+    starts at 0 and reaches at least 2, so an even plan is drawn in the middle colour (its rounding noise is not
+    stretched into contrast) and its ticks are plain numbers. With `frames`, uint8 RGB (V, H, W, 3), each frame is
+    drawn as a thumbnail beside its row. The colour bar's axes are labelled "colorbar" (`Axes.get_label`).
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FormatStrFormatter
 
     plan = np.asarray(plan, dtype=np.float32)
     if plan.ndim != 2:
@@ -38,7 +53,8 @@ def plot_ot_plan(
     column = float(np.clip(6.0 / tokens, *COLUMN_INCHES))
     heat_w, heat_h = tokens * column, rows * ROW_INCHES
     thumb_w = 0.0 if strip is None else ROW_INCHES * strip.shape[1] / (strip.shape[0] / rows)
-    wrapped = textwrap.fill(title or "OT plan", 70)
+    # The title is centred over the heat map and wrapped to its width: the page's buttons sit over the right margin.
+    wrapped = textwrap.fill(title or "OT plan", int(np.clip(heat_w * TITLE_CHARS_PER_INCH, *TITLE_CHARS)))
     left, right, bottom = 0.75 + thumb_w, 1.4, 0.65
     top = 0.35 + 0.2 * (wrapped.count("\n") + 1)
     width, height = left + heat_w + right, bottom + max(heat_h, 1.5) + top
@@ -46,9 +62,11 @@ def plot_ot_plan(
     def box(x: float, w: float) -> list[float]:  # inches -> figure fractions, over the heat map's rows
         return [x / width, bottom / height, w / width, heat_h / height]
 
-    fig = plt.figure(figsize=(width, height))
+    fig = Figure(figsize=(width, height))
     ax = fig.add_axes(box(left, heat_w))
-    image = ax.imshow(plan * rows * tokens, aspect="auto", cmap="magma", interpolation="nearest")
+    scaled = plan * rows * tokens
+    top_colour = max(float(scaled.max(initial=0.0)), EVEN_SHARE_COLOUR_SPAN)
+    image = ax.imshow(scaled, aspect="auto", cmap="magma", interpolation="nearest", vmin=0.0, vmax=top_colour)
     ax.set_xlabel(f"audio token (time, {tokens} tokens)")
     if strip is None:
         ax.set_ylabel(f"frame ({rows})")
@@ -59,11 +77,11 @@ def plot_ot_plan(
         thumbs.set_ylabel(f"frame ({rows})")
         ax.tick_params(labelleft=False)
     ax.set_yticks(range(rows) if rows <= 32 else ax.get_yticks())
-    colorbar = fig.add_axes(box(left + heat_w + 0.15, 0.15))
-    fig.colorbar(image, cax=colorbar, label="mass x V x A")
-    fig.text(0.5, 1 - 0.15 / height, wrapped, ha="center", va="top", fontsize=9)
-    fig.savefig(path, dpi=100, format="png")
-    plt.close(fig)
+    colorbar = fig.colorbar(image, cax=fig.add_axes(box(left + heat_w + 0.15, 0.15), label="colorbar"))
+    colorbar.formatter = FormatStrFormatter("%g")  # plain numbers: no offset (1e-5+1) or exponent notation
+    colorbar.set_label(COLOUR_BAR_LABEL, fontsize=9)
+    fig.text((left + heat_w / 2) / width, 1 - 0.15 / height, wrapped, ha="center", va="top", fontsize=9)
+    return fig
 
 
 def _thumbnail_strip(frames: np.ndarray, rows: int) -> np.ndarray:

@@ -108,13 +108,20 @@ def chromium(width: int = 1400, height: int = 1800) -> Iterator:
             driver.quit()
 
 
-def caption_in_page(driver, url: str, clip: str | os.PathLike, timeout: float = 180) -> None:
-    """Open the page, upload `clip` through the video input and press Caption (the answer is not awaited)."""
+def caption_in_page(
+    driver, url: str, clip: str | os.PathLike, timeout: float = 180, reload: bool = True
+) -> None:
+    """Open the page (or, with `reload=False`, stay on it and clear the video input), upload `clip` through the
+    video input and press Caption (the answer is not awaited)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver.get(url)
+    if reload:
+        driver.get(url)
+    else:
+        for clear in driver.find_elements(By.CSS_SELECTOR, "#clip button[aria-label='Clear']"):
+            clear.click()
     wait = WebDriverWait(driver, timeout)
     upload = wait.until(
         expected_conditions.presence_of_element_located((By.CSS_SELECTOR, "#clip input[type=file]"))
@@ -137,18 +144,25 @@ def wait_for_caption(driver, timeout: float = 180) -> str:
     return WebDriverWait(driver, timeout).until(caption)
 
 
-def wait_for_error(driver, containing: str = "", timeout: float = 180) -> str:
-    """The text of the page's error messages once one holding `containing` shows. The browser's own video
-    preview may raise a toast of its own first ("Video not playable") for a file that is not media: that one does
-    not end the wait."""
+def wait_for_status(driver, containing: str, timeout: float = 180) -> str:
+    """The status line's text once it holds `containing`."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    def errors(d) -> str | bool:
-        text = "\n".join(e.text for e in d.find_elements(By.CSS_SELECTOR, ".toast-body.error"))
-        return text if text and containing in text else False
+    def status(d) -> str | bool:
+        text = d.find_element(By.ID, "status").text
+        return text if containing in text else False
 
-    return WebDriverWait(driver, timeout).until(errors)
+    return WebDriverWait(driver, timeout).until(status)
+
+
+def wait_until_no_toast(driver, timeout: float = 60) -> None:
+    """Wait until no toast is open: Gradio closes them by themselves after about 10 s. The browser's own video
+    preview raises one ("Video not playable") for an upload that is not media."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    WebDriverWait(driver, timeout).until(lambda d: not d.find_elements(By.CSS_SELECTOR, ".toast-body"))
 
 
 def image_size(driver, selector: str, timeout: float = 60) -> tuple[int, int]:
