@@ -16,7 +16,7 @@ from transformers import (
     AutoModel,
     CLIPVisionModelWithProjection,
     GenerationMixin,
-    LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.cache_utils import Cache
@@ -127,7 +127,10 @@ class LavCapPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
-    _no_split_modules = ["CedBlock", "CLIPEncoderLayer", "LlamaDecoderLayer"]
+    # CED and the decoder name their own blocks (CedBlock, the decoder family's layer class), which the library gathers
+    # from the nested models, so any causal LM keeps its layers whole under a device map; CLIP's vision model with
+    # projection names none in 4.55.
+    _no_split_modules = ["CLIPEncoderLayer"]
 
     @classmethod
     def from_pretrained(
@@ -552,25 +555,53 @@ class LavCapModel(LavCapPreTrainedModel):
             )
 
 
+def _input_embedding_key(model: LavCapModel) -> str:
+    """The decoder's input embedding weight, named inside the decoder: `embed_tokens.weight` (LLaMA, Qwen2, Gemma),
+    `wte.weight` (GPT-2), `decoder.embed_tokens.weight` (OPT), `embed_in.weight` (GPT-NeoX), ..."""
+    weight = model.get_input_embeddings().weight
+    for name, parameter in model.language_model.named_parameters(remove_duplicate=False):
+        if parameter is weight:
+            return name
+    raise ValueError(f"{type(model.language_model).__name__}'s input embeddings are not among its parameters")
+
+
+def _causal_lm_head_tp_plan(text_config: PretrainedConfig) -> dict[str, Any]:
+    """`{"lm_head": style}` as the causal LM class of `text_config`'s family shards its head, or {} where that family
+    has no tensor-parallel plan for it (GPT-2, OPT) or no causal LM class is registered."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        causal_lm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
+    except (KeyError, ValueError):
+        return {}
+    style = (getattr(causal_lm_class, "_tp_plan", None) or {}).get("lm_head")
+    return {"lm_head": style} if style is not None else {}
+
+
 class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
     """LAVCap captioner: [`LavCapModel`] and the LM head.
 
     `generate()` runs the encoders and the fusion once per call, on the B clips (not on their beam copies).
     """
 
-    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     # The loss is the released recipe's: the mean over this batch's caption tokens plus the OT loss of its clips,
     # not a sum to be divided over a gradient-accumulation window; the Trainer scales it per step.
     accepts_loss_kwargs = False
-    # The head is the language model's: shard it the way that release shards a causal LM's head.
-    _tp_plan = {"lm_head": LlamaForCausalLM._tp_plan["lm_head"]}
 
     def __init__(self, config: LavCapConfig) -> None:
         super().__init__(config)
         self.model = LavCapModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # Per instance, as the library's models whose tied names depend on their config: the head is tied (where
+        # the config ties) to the decoder's own input embeddings, whatever its family calls them.
+        self._tied_weights_keys = {
+            "lm_head.weight": f"model.language_model.{_input_embedding_key(self.model)}"
+        }
         self.register_load_state_dict_pre_hook(_rename_older_layout_keys)
         self.post_init()
+        # After `post_init`, which copies the class's (empty) plan: the head is sharded as the decoder family's own
+        # causal LM shards its head, and not at all where that family has no tensor-parallel plan.
+        self._tp_plan = {**(self._tp_plan or {}), **_causal_lm_head_tp_plan(config.text_config)}
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save as usual, with the remote-code entries a folder needs where this package is not installed.
