@@ -17,13 +17,11 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 from transformers import PreTrainedModel
 
-from .modeling_lavcap import LavCapForConditionalGeneration
+from .modeling_lavcap import RUNNING_STAT_NORMS, LavCapForConditionalGeneration
 from .processing_lavcap import LavCapProcessor
 
 TRAINED_MODULES = ("multi_modal_projector", "fusion")
 """Modules trained in full next to the adapters: the projector, and the fusion (OT logit scale, cross-attention)."""
-
-RUNNING_STAT_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 PAPER_TARGET_MODULES = ("q_proj", "v_proj")

@@ -211,6 +211,30 @@ def _describe_mismatches(
     return [f"{key}: checkpoint {ckpt} vs model {ours}" for key, ckpt, ours in entries]
 
 
+RUNNING_STAT_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+"""Normalisation layers whose running statistics change in training mode (CED's input `init_bn`)."""
+
+
+def tower_trains(tower: nn.Module) -> bool:
+    """Whether any parameter of `tower` trains (LoRA inside it, or weights left unfrozen)."""
+    return any(parameter.requires_grad for parameter in tower.parameters())
+
+
+def keep_frozen_tower_statistics(tower: nn.Module) -> None:
+    """In a tower that runs in training mode but none of whose parameters trains, put the BatchNorm layers in eval mode.
+
+    A frozen encoder stays frozen whatever set up the training (the package's LoRA, plain peft on the decoder, a
+    hand-made freeze): its running statistics are no trained weights, adapters saved from the run would not hold
+    them, and the reloaded model must find them as they were. Called at each forward, so the order of `train()`
+    and the freeze does not matter; a tower that trains (CED with the paper's LoRA) keeps the mode it was given,
+    its statistics updating in training mode as in the released recipe.
+    """
+    if tower.training and not tower_trains(tower):
+        for module in tower.modules():
+            if isinstance(module, RUNNING_STAT_NORMS) and module.track_running_stats:
+                module.eval()
+
+
 class MediaModules(NamedTuple):
     """The modules between the media and the decoder (a tower is None where the fusion type does not use it)."""
 
@@ -294,6 +318,7 @@ class LavCapModel(LavCapPreTrainedModel):
         """fbank (B, frames, mel) -> CED's output, with the audio tokens (B, frames/16, C) as `pooler_output`:
         the patches (B, F*T, C), frequency-major, averaged over the F frequency rows."""
         audio_config = self.config.audio_config
+        keep_frozen_tower_statistics(self.audio_tower)
         output = self.audio_tower(
             input_features,
             output_hidden_states=_flag(output_hidden_states, audio_config, "output_hidden_states"),
@@ -334,8 +359,8 @@ class LavCapModel(LavCapPreTrainedModel):
         pixels = pixel_values_videos.flatten(0, 1).to(self.vision_tower.dtype)
         vision_config = self.config.vision_config
         # A frozen tower stays out of the backward pass, also when gradient checkpointing hooks its inputs.
-        trainable = any(p.requires_grad for p in self.vision_tower.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+        keep_frozen_tower_statistics(self.vision_tower)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains(self.vision_tower)):
             output = self.vision_tower(
                 pixel_values=pixels,
                 output_hidden_states=_flag(output_hidden_states, vision_config, "output_hidden_states"),
