@@ -6,6 +6,7 @@ the fusion, the projector and the decoder, and takes `input_ids`; `LavCapForCond
 
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Unpack
 
@@ -72,6 +73,10 @@ _BaseOutput, _CausalLMOutput = multimodal_output_bases()
 
 MEDIA_INPUTS = ("input_features", "pixel_values_videos", "video_embeds", "multimodal_embeds")
 """The model inputs that carry a clip's media, or the vectors encoded from them."""
+PLACEHOLDERS_WITHOUT_MEDIA = (
+    "input_ids contain audio/video placeholder tokens but no input_features, pixel_values_videos, video_embeds or "
+    "multimodal_embeds were given"
+)
 
 
 @dataclass
@@ -502,8 +507,10 @@ class LavCapModel(LavCapPreTrainedModel):
             multimodal_embeds = encoded.multimodal_embeds
         if multimodal_embeds is not None:
             inputs_embeds = self.merge_multimodal_embeds(input_ids, inputs_embeds, multimodal_embeds)
-        elif input_ids is not None and cache is None:
-            self._check_no_placeholders(input_ids)
+        elif input_ids is not None and cache is None and self.holds_placeholders(input_ids):
+            # As the library's multimodal models, a forward without media reads the placeholders as the tokens they
+            # are (text-only and packed batches of any ids run); captioning without them is refused in `generate`.
+            warnings.warn(PLACEHOLDERS_WITHOUT_MEDIA + ": they are read as ordinary tokens", stacklevel=2)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -542,42 +549,42 @@ class LavCapModel(LavCapPreTrainedModel):
     def merge_multimodal_embeds(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, multimodal_embeds: torch.Tensor
     ) -> torch.Tensor:
-        """Put the N fused vectors of each row (B, N, d) at that row's N placeholder positions, in order."""
-        if multimodal_embeds.shape[0] != inputs_embeds.shape[0]:
-            raise ValueError(
-                f"got {multimodal_embeds.shape[0]} clips for {inputs_embeds.shape[0]} prompts: pass one clip per prompt"
-            )
-        num_vectors = multimodal_embeds.shape[1]
+        """Put the N fused vectors of each of C clips (C, N, d) at the placeholders of `inputs_embeds` (B, L, d), in
+        order, counted row by row: the prompt of each clip in a row of its own (B = C), or, in a packed
+        (padding-free) batch, the prompts of several clips one after another in a row, as the library's decoders
+        take them with `position_ids` restarting at each prompt."""
+        clips, num_vectors = multimodal_embeds.shape[:2]
         is_placeholder = self.get_placeholder_mask(input_ids, inputs_embeds)
-        self._check_placeholder_counts(is_placeholder.sum(dim=1), num_vectors)
-        # The k-th placeholder of a row takes the row's k-th vector. A gather, not masked_scatter, whose backward
-        # selects by the mask and so waits for the device: static shapes keep both directions free of syncs.
-        order = (is_placeholder.cumsum(dim=1) - 1).clamp_(0, num_vectors - 1)
-        index = order.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1])
-        vectors = multimodal_embeds.to(inputs_embeds.device, inputs_embeds.dtype).gather(1, index)
+        self._check_placeholder_counts(is_placeholder.sum(dim=1), num_vectors, clips)
+        # The k-th placeholder of the batch takes the k-th of the clips' vectors. A gather, not masked_scatter, whose
+        # backward selects by the mask and so waits for the device: static shapes keep both directions free of syncs.
+        width = inputs_embeds.shape[-1]
+        order = (is_placeholder.flatten().cumsum(dim=0) - 1).clamp_(0, clips * num_vectors - 1)
+        vectors = multimodal_embeds.to(inputs_embeds.device, inputs_embeds.dtype).reshape(-1, width)
+        vectors = vectors.gather(0, order.unsqueeze(-1).expand(-1, width)).view_as(inputs_embeds)
         return torch.where(is_placeholder.unsqueeze(-1), vectors, inputs_embeds)
 
-    def _check_placeholder_counts(self, counts: torch.Tensor, expected: int) -> None:
-        """Every prompt of the batch (counts (B,)) must hold `expected` placeholders: ValueError naming the counts,
-        or on CUDA a device-side assertion with the same message, raised at the next synchronisation."""
+    def _check_placeholder_counts(self, counts: torch.Tensor, per_clip: int, clips: int) -> None:
+        """The prompts (placeholders per row, counts (B,)) must hold `per_clip` placeholders for each of the `clips`
+        clips, whole clips per row: ValueError naming the counts, or on CUDA a device-side assertion with the same
+        message, raised at the next synchronisation."""
         message = (
-            f"each prompt must hold {expected} placeholder tokens (audio then video) for fusion_type="
-            f"{self.config.fusion_type!r}"
+            f"the prompts must hold {per_clip} placeholder tokens (audio then video) per clip for fusion_type="
+            f"{self.config.fusion_type!r}, each clip's in one row (several clips' one after another in a packed row)"
         )
+        fits = (counts % per_clip == 0).all() & (counts.sum() == clips * per_clip)
         if counts.device.type in _ON_DEVICE_CHECK_TYPES or torch.compiler.is_compiling():
-            torch._assert_async((counts == expected).all(), message)
-        elif (counts != expected).any():
-            raise ValueError(f"{message}; got {counts.tolist()} for a batch of {len(counts)} clips")
-
-    def _check_no_placeholders(self, input_ids: torch.LongTensor) -> None:
-        """A prompt with placeholders needs its media (only checked where reading the ids costs no device wait)."""
-        if input_ids.device.type in _ON_DEVICE_CHECK_TYPES or torch.compiler.is_compiling():
-            return
-        if any((input_ids == token_id).any() for token_id in self.placeholder_token_ids):
+            torch._assert_async(fits, message)
+        elif not fits:
             raise ValueError(
-                "input_ids contain audio/video placeholder tokens but no input_features, pixel_values_videos, "
-                "video_embeds or multimodal_embeds were given"
+                f"{message}; got {clips} clips for {len(counts)} prompts holding {counts.tolist()}"
             )
+
+    def holds_placeholders(self, input_ids: torch.LongTensor) -> bool:
+        """Whether `input_ids` hold placeholder tokens (read only where reading the ids costs no device wait)."""
+        if input_ids.device.type in _ON_DEVICE_CHECK_TYPES or torch.compiler.is_compiling():
+            return False
+        return any(bool((input_ids == token_id).any()) for token_id in self.placeholder_token_ids)
 
 
 def _input_embedding_key(model: LavCapModel) -> str:
@@ -813,7 +820,8 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         elif kwargs.get("multimodal_embeds") is None and not _given_cache(kwargs):
             prompt = inputs if inputs is not None else kwargs.get("input_ids")
             if prompt is not None and kwargs.get("inputs_embeds") is None:
-                self.model._check_no_placeholders(prompt)
+                if self.model.holds_placeholders(prompt):
+                    raise ValueError(PLACEHOLDERS_WITHOUT_MEDIA)
         if inputs is not None and kwargs.get("input_ids") is None and inputs.dtype == torch.long:
             inputs, kwargs["input_ids"] = None, inputs
         copies = self._copies_per_prompt(kwargs)
@@ -833,8 +841,9 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         return beams if beams > 1 else setting("num_return_sequences")
 
     def _can_share_prefill(self, kwargs: dict[str, Any]) -> bool:
-        """A prompt given as ids, decoded with a dynamic cache that starts empty and by the model alone, whose last
-        token is not a placeholder (that token is read after the cache is repeated, without the media)."""
+        """A prompt given as ids, decoded with a dynamic cache that starts empty and by the model alone, without
+        per-step attentions or hidden states (the first step's span the prompt), whose last token is not a
+        placeholder (that token is read after the cache is repeated, without the media)."""
         config = kwargs.get("generation_config") or self.generation_config
         input_ids = kwargs.get("input_ids")
         if input_ids is None or input_ids.shape[1] < 2 or kwargs.get("inputs_embeds") is not None:
@@ -843,6 +852,9 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             return False
         if kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) is not None:
             return False
+        for name in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(name) or (kwargs.get(name) is None and getattr(config, name, False)):
+                return False
         if any(kwargs.get(name) is not None for name in ("assistant_model", "prompt_lookup_num_tokens")):
             return False
         last = input_ids[:, -1:]
