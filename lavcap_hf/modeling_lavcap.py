@@ -475,14 +475,15 @@ class LavCapModel(LavCapPreTrainedModel):
     ) -> LavCapModelOutputWithPast:
         """
         Args:
-            input_ids: prompt (+ caption) tokens with `placeholder_counts` placeholder tokens per row (B, L), or
+            input_ids: prompt (+ caption) tokens with `placeholder_counts` placeholder tokens per clip (B, L), or
             inputs_embeds: their embeddings (B, L, d_llm); the media are merged into them at the placeholders.
             input_features: normalised fbank (B, 1024, 64).
             pixel_values_videos: CLIP-preprocessed frames (B, V, 3, 224, 224), or
             video_embeds: precomputed projected CLIP embeddings (B, V, 768), or
             multimodal_embeds: the fused vectors of `get_multimodal_features` (B, N, d_llm), encoded before.
             attention_mask: (B, L), 0 on padding.
-            position_ids: (B, L); generation derives them from the attention mask so left padding is harmless.
+            position_ids: (B, L); generation derives them from the attention mask so left padding is harmless. In a
+                packed (padding-free) batch they restart at each prompt, with no attention mask and no cache.
             cache: the decoder's key/value cache to continue from (`past_key_values`, its 4.x name, also works).
             use_cache: whether the decoder returns its cache (default: the text config's `use_cache`).
             kwargs: for the decoder (`output_hidden_states`, `output_attentions`, ...).
