@@ -28,6 +28,7 @@ from transformers.utils.generic import can_return_tuple
 from ._compat import (
     CACHE_ARGUMENT,
     accept_old_cache_name,
+    as_cache,
     decoder_cache_kwargs,
     init,
     is_first_generation_step,
@@ -879,7 +880,7 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             use_cache=True,
             return_dict=True,
         )
-        cache = prefill[1]  # the cache field (`cache` in late 5.x, `past_key_values` before)
+        cache = as_cache(prefill[1])  # the cache field (`cache` in late 5.x, `past_key_values` before)
         cache.batch_repeat_interleave(copies)
         return {**kwargs, "attention_mask": attention_mask, CACHE_ARGUMENT: cache}
 
