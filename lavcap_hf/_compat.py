@@ -162,6 +162,16 @@ def accept_old_cache_name(forward: Any) -> Any:
     return deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")(forward)
 
 
+def as_cache(cache: Any) -> Any:
+    """A decoder's returned key/value cache as a `Cache`: 4.x decoders still written for the legacy format (GPT-2)
+    return a tuple of per-layer (key, value) pairs when they were given no cache; 5.x decoders return a `Cache`."""
+    if isinstance(cache, tuple):
+        from transformers import DynamicCache
+
+        return DynamicCache.from_legacy_cache(cache)
+    return cache
+
+
 def decoder_cache_kwargs(cache: Any) -> dict[str, Any]:
     """The cache argument of the library's decoders (`LlamaModel.forward`, ...), under this release's name."""
     return {} if cache is None else {CACHE_ARGUMENT: cache}

@@ -7,6 +7,7 @@ the fusion, the projector and the decoder, and takes `input_ids`; `LavCapForCond
 import math
 import os
 import re
+import warnings
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Unpack
 
@@ -17,7 +18,7 @@ from transformers import (
     AutoModel,
     CLIPVisionModelWithProjection,
     GenerationMixin,
-    LlamaForCausalLM,
+    PretrainedConfig,
     PreTrainedModel,
 )
 from transformers.cache_utils import Cache
@@ -28,6 +29,7 @@ from transformers.utils.generic import can_return_tuple
 from ._compat import (
     CACHE_ARGUMENT,
     accept_old_cache_name,
+    as_cache,
     decoder_cache_kwargs,
     init,
     is_first_generation_step,
@@ -73,6 +75,10 @@ _BaseOutput, _CausalLMOutput = multimodal_output_bases()
 
 MEDIA_INPUTS = ("input_features", "pixel_values_videos", "video_embeds", "multimodal_embeds")
 """The model inputs that carry a clip's media, or the vectors encoded from them."""
+PLACEHOLDERS_WITHOUT_MEDIA = (
+    "input_ids contain audio/video placeholder tokens but no input_features, pixel_values_videos, video_embeds or "
+    "multimodal_embeds were given"
+)
 
 
 @dataclass
@@ -128,7 +134,10 @@ class LavCapPreTrainedModel(PreTrainedModel):
     _supports_flex_attn = True
     _supports_attention_backend = True
     _can_compile_fullgraph = True
-    _no_split_modules = ["CedBlock", "CLIPEncoderLayer", "LlamaDecoderLayer"]
+    # CED and the decoder name their own blocks (CedBlock, the decoder family's layer class), which the library gathers
+    # from the nested models, so any causal LM keeps its layers whole under a device map; CLIP's vision model with
+    # projection names none in 4.55.
+    _no_split_modules = ["CLIPEncoderLayer"]
 
     @classmethod
     def from_pretrained(
@@ -243,6 +252,30 @@ def _describe_mismatches(
     return [f"{key}: checkpoint {ckpt} vs model {ours}" for key, ckpt, ours in entries]
 
 
+RUNNING_STAT_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+"""Normalisation layers whose running statistics change in training mode (CED's input `init_bn`)."""
+
+
+def tower_trains(tower: nn.Module) -> bool:
+    """Whether any parameter of `tower` trains (LoRA inside it, or weights left unfrozen)."""
+    return any(parameter.requires_grad for parameter in tower.parameters())
+
+
+def keep_frozen_tower_statistics(tower: nn.Module) -> None:
+    """In a tower that runs in training mode but none of whose parameters trains, put the BatchNorm layers in eval mode.
+
+    A frozen encoder stays frozen whatever set up the training (the package's LoRA, plain peft on the decoder, a
+    hand-made freeze): its running statistics are no trained weights, adapters saved from the run would not hold
+    them, and the reloaded model must find them as they were. Called at each forward, so the order of `train()`
+    and the freeze does not matter; a tower that trains (CED with the paper's LoRA) keeps the mode it was given,
+    its statistics updating in training mode as in the released recipe.
+    """
+    if tower.training and not tower_trains(tower):
+        for module in tower.modules():
+            if isinstance(module, RUNNING_STAT_NORMS) and module.track_running_stats:
+                module.eval()
+
+
 class MediaModules(NamedTuple):
     """The modules between the media and the decoder (a tower is None where the fusion type does not use it)."""
 
@@ -326,6 +359,7 @@ class LavCapModel(LavCapPreTrainedModel):
         """fbank (B, frames, mel) -> CED's output, with the audio tokens (B, frames/16, C) as `pooler_output`:
         the patches (B, F*T, C), frequency-major, averaged over the F frequency rows."""
         audio_config = self.config.audio_config
+        keep_frozen_tower_statistics(self.audio_tower)
         output = self.audio_tower(
             input_features,
             output_hidden_states=_flag(output_hidden_states, audio_config, "output_hidden_states"),
@@ -366,8 +400,8 @@ class LavCapModel(LavCapPreTrainedModel):
         pixels = pixel_values_videos.flatten(0, 1).to(self.vision_tower.dtype)
         vision_config = self.config.vision_config
         # A frozen tower stays out of the backward pass, also when gradient checkpointing hooks its inputs.
-        trainable = any(p.requires_grad for p in self.vision_tower.parameters())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and trainable):
+        keep_frozen_tower_statistics(self.vision_tower)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and tower_trains(self.vision_tower)):
             output = self.vision_tower(
                 pixel_values=pixels,
                 output_hidden_states=_flag(output_hidden_states, vision_config, "output_hidden_states"),
@@ -477,14 +511,15 @@ class LavCapModel(LavCapPreTrainedModel):
     ) -> LavCapModelOutputWithPast:
         """
         Args:
-            input_ids: prompt (+ caption) tokens with `placeholder_counts` placeholder tokens per row (B, L), or
+            input_ids: prompt (+ caption) tokens with `placeholder_counts` placeholder tokens per clip (B, L), or
             inputs_embeds: their embeddings (B, L, d_llm); the media are merged into them at the placeholders.
             input_features: normalised fbank (B, 1024, 64).
             pixel_values_videos: CLIP-preprocessed frames (B, V, 3, 224, 224), or
             video_embeds: precomputed projected CLIP embeddings (B, V, 768), or
             multimodal_embeds: the fused vectors of `get_multimodal_features` (B, N, d_llm), encoded before.
             attention_mask: (B, L), 0 on padding.
-            position_ids: (B, L); generation derives them from the attention mask so left padding is harmless.
+            position_ids: (B, L); generation derives them from the attention mask so left padding is harmless. In a
+                packed (padding-free) batch they restart at each prompt, with no attention mask and no cache.
             cache: the decoder's key/value cache to continue from (`past_key_values`, its 4.x name, also works).
             use_cache: whether the decoder returns its cache (default: the text config's `use_cache`).
             kwargs: for the decoder (`output_hidden_states`, `output_attentions`, ...).
@@ -509,8 +544,10 @@ class LavCapModel(LavCapPreTrainedModel):
             multimodal_embeds = encoded.multimodal_embeds
         if multimodal_embeds is not None:
             inputs_embeds = self.merge_multimodal_embeds(input_ids, inputs_embeds, multimodal_embeds)
-        elif input_ids is not None and cache is None:
-            self._check_no_placeholders(input_ids)
+        elif input_ids is not None and cache is None and self.holds_placeholders(input_ids):
+            # As the library's multimodal models, a forward without media reads the placeholders as the tokens they
+            # are (text-only and packed batches of any ids run); captioning without them is refused in `generate`.
+            warnings.warn(PLACEHOLDERS_WITHOUT_MEDIA + ": they are read as ordinary tokens", stacklevel=2)
         outputs = self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,
@@ -549,42 +586,65 @@ class LavCapModel(LavCapPreTrainedModel):
     def merge_multimodal_embeds(
         self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, multimodal_embeds: torch.Tensor
     ) -> torch.Tensor:
-        """Put the N fused vectors of each row (B, N, d) at that row's N placeholder positions, in order."""
-        if multimodal_embeds.shape[0] != inputs_embeds.shape[0]:
-            raise ValueError(
-                f"got {multimodal_embeds.shape[0]} clips for {inputs_embeds.shape[0]} prompts: pass one clip per prompt"
-            )
-        num_vectors = multimodal_embeds.shape[1]
+        """Put the N fused vectors of each of C clips (C, N, d) at the placeholders of `inputs_embeds` (B, L, d), in
+        order, counted row by row: the prompt of each clip in a row of its own (B = C), or, in a packed
+        (padding-free) batch, the prompts of several clips one after another in a row, as the library's decoders
+        take them with `position_ids` restarting at each prompt."""
+        clips, num_vectors = multimodal_embeds.shape[:2]
         is_placeholder = self.get_placeholder_mask(input_ids, inputs_embeds)
-        self._check_placeholder_counts(is_placeholder.sum(dim=1), num_vectors)
-        # The k-th placeholder of a row takes the row's k-th vector. A gather, not masked_scatter, whose backward
-        # selects by the mask and so waits for the device: static shapes keep both directions free of syncs.
-        order = (is_placeholder.cumsum(dim=1) - 1).clamp_(0, num_vectors - 1)
-        index = order.unsqueeze(-1).expand(-1, -1, inputs_embeds.shape[-1])
-        vectors = multimodal_embeds.to(inputs_embeds.device, inputs_embeds.dtype).gather(1, index)
+        self._check_placeholder_counts(is_placeholder.sum(dim=1), num_vectors, clips)
+        # The k-th placeholder of the batch takes the k-th of the clips' vectors. A gather, not masked_scatter, whose
+        # backward selects by the mask and so waits for the device: static shapes keep both directions free of syncs.
+        width = inputs_embeds.shape[-1]
+        order = (is_placeholder.flatten().cumsum(dim=0) - 1).clamp_(0, clips * num_vectors - 1)
+        vectors = multimodal_embeds.to(inputs_embeds.device, inputs_embeds.dtype).reshape(-1, width)
+        vectors = vectors.gather(0, order.unsqueeze(-1).expand(-1, width)).view_as(inputs_embeds)
         return torch.where(is_placeholder.unsqueeze(-1), vectors, inputs_embeds)
 
-    def _check_placeholder_counts(self, counts: torch.Tensor, expected: int) -> None:
-        """Every prompt of the batch (counts (B,)) must hold `expected` placeholders: ValueError naming the counts,
-        or on CUDA a device-side assertion with the same message, raised at the next synchronisation."""
+    def _check_placeholder_counts(self, counts: torch.Tensor, per_clip: int, clips: int) -> None:
+        """The prompts (placeholders per row, counts (B,)) must hold `per_clip` placeholders for each of the `clips`
+        clips, whole clips per row: ValueError naming the counts, or on CUDA a device-side assertion with the same
+        message, raised at the next synchronisation."""
         message = (
-            f"each prompt must hold {expected} placeholder tokens (audio then video) for fusion_type="
-            f"{self.config.fusion_type!r}"
+            f"the prompts must hold {per_clip} placeholder tokens (audio then video) per clip for fusion_type="
+            f"{self.config.fusion_type!r}, each clip's in one row (several clips' one after another in a packed row)"
         )
+        fits = (counts % per_clip == 0).all() & (counts.sum() == clips * per_clip)
         if counts.device.type in _ON_DEVICE_CHECK_TYPES or torch.compiler.is_compiling():
-            torch._assert_async((counts == expected).all(), message)
-        elif (counts != expected).any():
-            raise ValueError(f"{message}; got {counts.tolist()} for a batch of {len(counts)} clips")
-
-    def _check_no_placeholders(self, input_ids: torch.LongTensor) -> None:
-        """A prompt with placeholders needs its media (only checked where reading the ids costs no device wait)."""
-        if input_ids.device.type in _ON_DEVICE_CHECK_TYPES or torch.compiler.is_compiling():
-            return
-        if any((input_ids == token_id).any() for token_id in self.placeholder_token_ids):
+            torch._assert_async(fits, message)
+        elif not fits:
             raise ValueError(
-                "input_ids contain audio/video placeholder tokens but no input_features, pixel_values_videos, "
-                "video_embeds or multimodal_embeds were given"
+                f"{message}; got {clips} clips for {len(counts)} prompts holding {counts.tolist()}"
             )
+
+    def holds_placeholders(self, input_ids: torch.LongTensor) -> bool:
+        """Whether `input_ids` hold placeholder tokens (read only where reading the ids costs no device wait)."""
+        if input_ids.device.type in _ON_DEVICE_CHECK_TYPES or torch.compiler.is_compiling():
+            return False
+        return any(bool((input_ids == token_id).any()) for token_id in self.placeholder_token_ids)
+
+
+def _input_embedding_key(model: LavCapModel) -> str:
+    """The decoder's input embedding weight, named inside the decoder: `embed_tokens.weight` (LLaMA, Qwen2, Gemma),
+    `wte.weight` (GPT-2), `decoder.embed_tokens.weight` (OPT), `embed_in.weight` (GPT-NeoX), ..."""
+    weight = model.get_input_embeddings().weight
+    for name, parameter in model.language_model.named_parameters(remove_duplicate=False):
+        if parameter is weight:
+            return name
+    raise ValueError(f"{type(model.language_model).__name__}'s input embeddings are not among its parameters")
+
+
+def _causal_lm_head_tp_plan(text_config: PretrainedConfig) -> dict[str, Any]:
+    """`{"lm_head": style}` as the causal LM class of `text_config`'s family shards its head, or {} where that family
+    has no tensor-parallel plan for it (GPT-2, OPT) or no causal LM class is registered."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        causal_lm_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(text_config)]
+    except (KeyError, ValueError):
+        return {}
+    style = (getattr(causal_lm_class, "_tp_plan", None) or {}).get("lm_head")
+    return {"lm_head": style} if style is not None else {}
 
 
 class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
@@ -593,19 +653,24 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
     `generate()` runs the encoders and the fusion once per call, on the B clips (not on their beam copies).
     """
 
-    _tied_weights_keys = {"lm_head.weight": "model.language_model.embed_tokens.weight"}
     # The loss is the released recipe's: the mean over this batch's caption tokens plus the OT loss of its clips,
     # not a sum to be divided over a gradient-accumulation window; the Trainer scales it per step.
     accepts_loss_kwargs = False
-    # The head is the language model's: shard it the way that release shards a causal LM's head.
-    _tp_plan = {"lm_head": LlamaForCausalLM._tp_plan["lm_head"]}
 
     def __init__(self, config: LavCapConfig) -> None:
         super().__init__(config)
         self.model = LavCapModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # Per instance, as the library's models whose tied names depend on their config: the head is tied (where
+        # the config ties) to the decoder's own input embeddings, whatever its family calls them.
+        self._tied_weights_keys = {
+            "lm_head.weight": f"model.language_model.{_input_embedding_key(self.model)}"
+        }
         self.register_load_state_dict_pre_hook(_rename_older_layout_keys)
         self.post_init()
+        # After `post_init`, which copies the class's (empty) plan: the head is sharded as the decoder family's own
+        # causal LM shards its head, and not at all where that family has no tensor-parallel plan.
+        self._tp_plan = {**(self._tp_plan or {}), **_causal_lm_head_tp_plan(config.text_config)}
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args: Any, **kwargs: Any) -> None:
         """Save as usual, with the remote-code entries a folder needs where this package is not installed.
@@ -792,7 +857,8 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         elif kwargs.get("multimodal_embeds") is None and not _given_cache(kwargs):
             prompt = inputs if inputs is not None else kwargs.get("input_ids")
             if prompt is not None and kwargs.get("inputs_embeds") is None:
-                self.model._check_no_placeholders(prompt)
+                if self.model.holds_placeholders(prompt):
+                    raise ValueError(PLACEHOLDERS_WITHOUT_MEDIA)
         if inputs is not None and kwargs.get("input_ids") is None and inputs.dtype == torch.long:
             inputs, kwargs["input_ids"] = None, inputs
         copies = self._copies_per_prompt(kwargs)
@@ -812,8 +878,9 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         return beams if beams > 1 else setting("num_return_sequences")
 
     def _can_share_prefill(self, kwargs: dict[str, Any]) -> bool:
-        """A prompt given as ids, decoded with a dynamic cache that starts empty and by the model alone, whose last
-        token is not a placeholder (that token is read after the cache is repeated, without the media)."""
+        """A prompt given as ids, decoded with a dynamic cache that starts empty and by the model alone, without
+        per-step attentions or hidden states (the first step's span the prompt), whose last token is not a
+        placeholder (that token is read after the cache is repeated, without the media)."""
         config = kwargs.get("generation_config") or self.generation_config
         input_ids = kwargs.get("input_ids")
         if input_ids is None or input_ids.shape[1] < 2 or kwargs.get("inputs_embeds") is not None:
@@ -822,6 +889,9 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             return False
         if kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) is not None:
             return False
+        for name in ("output_attentions", "output_hidden_states"):
+            if kwargs.get(name) or (kwargs.get(name) is None and getattr(config, name, False)):
+                return False
         if any(kwargs.get(name) is not None for name in ("assistant_model", "prompt_lookup_num_tokens")):
             return False
         last = input_ids[:, -1:]
@@ -845,7 +915,7 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             use_cache=True,
             return_dict=True,
         )
-        cache = prefill[1]  # the cache field (`cache` in late 5.x, `past_key_values` before)
+        cache = as_cache(prefill[1])  # the cache field (`cache` in late 5.x, `past_key_values` before)
         cache.batch_repeat_interleave(copies)
         return {**kwargs, "attention_mask": attention_mask, CACHE_ARGUMENT: cache}
 

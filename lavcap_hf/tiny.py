@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import CLIPVisionConfig, LlamaConfig, PreTrainedTokenizerFast
+from transformers import CLIPVisionConfig, LlamaConfig, PretrainedConfig, PreTrainedTokenizerFast
 
 from .configuration_lavcap import CedConfig, LavCapConfig
 from .processing_lavcap import TRAINING_INSTRUCTIONS, add_lavcap_special_tokens
@@ -21,12 +21,14 @@ def tiny_lavcap_config(
     num_frames: int = 4,
     image_size: int = 32,
     with_vision: bool = True,
+    text_config: PretrainedConfig | None = None,
     **overrides: Any,
 ) -> LavCapConfig:
     """A LAVCap config with a 2-layer CED, a 2-layer CLIP vision tower and a 2-layer LLaMA.
 
     The two last ids of the vocabulary are the audio and video placeholders unless `overrides` set them.
     `target_length / 16` audio tokens and `num_frames` visual tokens of width `width` meet in the fusion.
+    `text_config`: another decoder (any causal LM's config, of `vocab_size` tokens) in place of the LLaMA.
     """
     audio = CedConfig(
         num_mel_bins=64,
@@ -46,7 +48,7 @@ def tiny_lavcap_config(
             patch_size=image_size // 4,
             projection_dim=width,
         )
-    text = LlamaConfig(
+    text = text_config or LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=2 * width,
         intermediate_size=4 * width,

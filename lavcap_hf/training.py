@@ -653,11 +653,22 @@ class LoraArguments:
     lora_alpha: int = 32
     lora_dropout: float = 0.1
     audio_lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    text_lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    text_lora_targets: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "LLM layers given adapters (default: the decoder family's, q_proj v_proj for LLaMA)."
+        },
+    )
 
-    def lora_config(self) -> LoraConfig:
+    def lora_config(self, text_model_type: str | None = None) -> LoraConfig:
+        """The adapters of these arguments; `text_model_type` picks the default LLM targets (`decoder_lora_targets`)."""
         return lavcap_lora_config(
-            self.lora_r, self.lora_alpha, self.lora_dropout, self.audio_lora_targets, self.text_lora_targets
+            self.lora_r,
+            self.lora_alpha,
+            self.lora_dropout,
+            self.audio_lora_targets,
+            self.text_lora_targets,
+            text_model_type,
         )
 
 
@@ -967,7 +978,7 @@ def run_training(arguments: LavCapArguments | Sequence[str] | None = None) -> Tr
     model, processor = load_model_and_processor(arguments.model)
     if not arguments.model.model_name_or_path:
         save_base_model(model, processor, Path(training.output_dir) / "base_model", training.should_save)
-    model = apply_lora(model, arguments.lora.lora_config())
+    model = apply_lora(model, arguments.lora.lora_config(model.config.text_config.model_type))
     train_dataset = build_dataset(arguments.data, model.config, processor, training=True, seed=training.seed)
     if train_dataset is None:
         raise ValueError("give the training data: --train_data")

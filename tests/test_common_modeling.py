@@ -20,6 +20,7 @@ ModelTesterMixin = common.test_modeling_common.ModelTesterMixin
 GenerationTesterMixin = common.generation_tester_mixin
 FIRST_TEXT_ID = 5
 """Ids below are pad, bos, eos and the audio and video placeholders."""
+PAD_ID = 0
 
 
 class LavCapModelTester:
@@ -53,14 +54,25 @@ class LavCapModelTester:
         audio, video = config.placeholder_counts
         # Text tokens avoid the special ids (pad 0, bos 1, eos 2) and the placeholders (3 and 4).
         text = torch.randint(
-            5, config.text_config.vocab_size, (self.batch_size, self.text_length), generator=generator
+            FIRST_TEXT_ID,
+            config.text_config.vocab_size,
+            (self.batch_size, self.text_length),
+            generator=generator,
         )
         placeholders = torch.tensor([config.audio_token_id] * audio + [config.video_token_id] * video)
         input_ids = torch.cat([text[:, :1], placeholders.expand(self.batch_size, -1), text[:, 1:]], dim=1)
+        # Prompts of different lengths, left-padded as a batch of them is: row i starts with i % 3 pad tokens.
+        attention_mask = torch.ones_like(input_ids)
+        for row in range(self.batch_size):
+            padding = row % 3
+            input_ids[row] = torch.cat(
+                [torch.full((padding,), PAD_ID), input_ids[row, : input_ids.shape[1] - padding]]
+            )
+            attention_mask[row, :padding] = 0
         image_size = config.vision_config.image_size
         inputs = {
             "input_ids": input_ids,
-            "attention_mask": torch.ones_like(input_ids),
+            "attention_mask": attention_mask,
             "input_features": torch.randn(
                 self.batch_size,
                 config.audio_config.target_length,
@@ -95,20 +107,10 @@ class LavCapModelCommonTest(ModelTesterMixin, GenerationTesterMixin, unittest.Te
         patches = [
             mock.patch.dict(MODEL_MAPPING_NAMES, {"lavcap": "LavCapModel"}),
             mock.patch.dict(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, {"lavcap": "LavCapForConditionalGeneration"}),
-            # Random prompts of the text-only tests (RoPE) must not hold placeholders: a prompt with placeholders
-            # needs its clip. Other draws (attention masks: vocab_size=2) are left alone.
-            mock.patch.object(common.test_modeling_common, "ids_tensor", self._text_ids),
         ]
         for patch in patches:
             patch.start()
             self.addCleanup(patch.stop)
-
-    _library_ids_tensor = staticmethod(common.test_modeling_common.ids_tensor)
-
-    def _text_ids(self, shape, vocab_size, rng=None, name=None) -> torch.Tensor:
-        if vocab_size != self.model_tester.vocab_size:
-            return self._library_ids_tensor(shape, vocab_size, rng, name)
-        return self._library_ids_tensor(shape, vocab_size - FIRST_TEXT_ID, rng, name) + FIRST_TEXT_ID
 
     def test_reverse_loading_mapping(self) -> None:
         # The renames from the older layout name the generation class's keys (`language_model.model.*`,

@@ -1,6 +1,7 @@
 """The library's generation and model contract, which transformers' own generation tests (not in its sdist) check
 for every model: assisted decoding, decoding without a cache, continuing from a cache, `inputs_embeds` with media,
-tuple outputs, the encoders' outputs, and folders saved in the older layout (a separate causal LM)."""
+tuple outputs, the encoders' outputs, per-step attentions and hidden states, padding-free (packed) batches, and
+folders saved in the older layout (a separate causal LM)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from test_modeling_lavcap import make_batch, media
+from transformers import DataCollatorWithFlattening
 
 from lavcap_hf import LavCapForConditionalGeneration
 from lavcap_hf.modeling_lavcap import KEY_RENAMES_FROM_SEPARATE_LM
@@ -111,6 +113,52 @@ def test_outputs_carry_the_encoders_hidden_states_and_attentions(model, batch) -
     assert audio.pooler_output.shape == (clips, config.num_audio_tokens, config.audio_config.hidden_size)
     assert len(out.hidden_states) == config.text_config.num_hidden_layers + 1
     assert len(out.attentions) == config.text_config.num_hidden_layers
+
+
+@pytest.mark.parametrize("settings", [{"num_beams": 2}, {"do_sample": True}], ids=["beams", "samples"])
+def test_per_step_attentions_and_hidden_states_span_the_prompt_with_several_rows_per_clip(
+    model, batch, settings
+) -> None:
+    """`output_attentions` / `output_hidden_states` of `generate()`: the first step reads the whole prompt on every
+    row, as the library's generation tests check, also where the prompt is otherwise read once per clip."""
+    model = LavCapForConditionalGeneration._from_config(model.config, attn_implementation="eager").eval()
+    steps = {"max_new_tokens": 3, "min_new_tokens": 3, "num_return_sequences": 2, **settings}
+    with torch.no_grad():
+        out = model.generate(
+            **batch, **steps, output_attentions=True, output_hidden_states=True, return_dict_in_generate=True
+        )
+    rows, length = 2 * batch["input_ids"].shape[0], batch["input_ids"].shape[1]
+    heads, width = model.config.text_config.num_attention_heads, model.config.text_config.hidden_size
+    for step, (attentions, hidden_states) in enumerate(zip(out.attentions, out.hidden_states, strict=True)):
+        queries = length if step == 0 else 1
+        assert {tuple(layer.shape) for layer in attentions} == {(rows, heads, queries, length + step)}
+        assert {tuple(layer.shape) for layer in hidden_states} == {(rows, queries, width)}
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_a_packed_batch_gives_the_logits_and_loss_of_the_padded_batch(model, implementation) -> None:
+    """Padding-free training: `DataCollatorWithFlattening` puts the prompts of several clips one after another in
+    one row, `position_ids` restarting at each, without an attention mask; each clip's vectors go to its own
+    placeholders, and the decoder keeps the prompts apart, as the library's decoders do (without a cache)."""
+    model = LavCapForConditionalGeneration._from_config(
+        model.config, attn_implementation=implementation
+    ).eval()
+    padded = make_batch(model.config, [2, 5, 3], seed=6)
+    real = padded["attention_mask"].bool()
+    features = [
+        {"input_ids": ids[keep].tolist(), "labels": labels[keep].tolist()}
+        for ids, labels, keep in zip(padded["input_ids"], padded["labels"], real, strict=True)
+    ]
+    packed = {**DataCollatorWithFlattening(return_tensors="pt")(features), **media(padded)}
+    assert packed["input_ids"].shape == (1, int(real.sum()))
+    with torch.no_grad():
+        expected = model(**padded, use_cache=False)
+        out = model(**packed, use_cache=False)
+    torch.testing.assert_close(out.logits[0], expected.logits[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-5)
+    two_clips = {k: v[:2] for k, v in media(padded).items()}
+    with pytest.raises(ValueError, match=r"got 2 clips for 1 prompts holding \[\d+\]"):
+        model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], **two_clips)
 
 
 def old_layout_name(key: str) -> str:

@@ -3,7 +3,8 @@
 The released code keeps CED in float32 and updates the BatchNorm statistics throughout training (training mode,
 momentum 0.01). In bf16 such updates mostly round away, so with `dtype: bfloat16` (the example config) the
 statistics must stay float32: through `from_pretrained(dtype=...)`, `model.to(dtype)`, LoRA's `modules_to_save`
-copy, the Trainer, saved checkpoints and merged models.
+copy, the Trainer, saved checkpoints and merged models. Where nothing in CED trains (plain peft on the decoder), its
+statistics stay as they were.
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ import numpy as np
 import pytest
 import torch
 from helpers import save_scene_model
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import safe_open
+from test_modeling_lavcap import make_batch
 from torch import nn
 
 from lavcap_hf import LavCapForConditionalGeneration
@@ -176,3 +179,46 @@ def test_bf16_trainer_run_trains_and_saves_float32_statistics(model_folder, tmp_
     )
     assert_float32_and_equal(merged.get_submodule(BN), expected)
     assert np.isfinite([e["loss"] for e in trainer.state.log_history if "loss" in e]).all()
+
+
+@pytest.mark.parametrize("mode_set", ["after the freeze", "before the freeze"])
+def test_plain_peft_on_the_decoder_leaves_the_frozen_audio_tower_as_it_was(
+    model_folder, tmp_path, mode_set
+) -> None:
+    """Decoder-only LoRA with plain peft: nothing in CED trains, so a training step leaves its BatchNorm statistics
+    as they were (whether `train()` came before or after peft froze it), and the saved adapters on the base model
+    give the trained model's logits."""
+    model = LavCapForConditionalGeneration.from_pretrained(model_folder)
+    if mode_set == "before the freeze":
+        model.train()
+    adapters = LoraConfig(r=8, lora_alpha=32, target_modules=r".*language_model.*\.(q_proj|v_proj)")
+    peft_model = get_peft_model(model, adapters)
+    if mode_set == "after the freeze":
+        peft_model.train()
+    assert peft_model.training
+    initial = {name: tensor.clone() for name, tensor in statistics(model.get_submodule(BN)).items()}
+    batch = make_batch(model.config, [3, 5], seed=4)
+    batch["input_features"] = MEAN + STD * batch["input_features"]
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    peft_model(**batch).loss.backward()
+    optimizer.step()
+    assert_float32_and_equal(model.get_submodule(BN), initial)
+    peft_model.save_pretrained(tmp_path / "adapters")
+    reloaded = PeftModel.from_pretrained(
+        LavCapForConditionalGeneration.from_pretrained(model_folder), tmp_path / "adapters"
+    )
+    with torch.no_grad():
+        trained = peft_model.eval()(**batch).logits
+        torch.testing.assert_close(reloaded.eval()(**batch).logits, trained, rtol=0, atol=0)
+
+
+def test_the_packages_lora_set_up_updates_the_statistics_in_a_training_step(model_folder) -> None:
+    """CED's adapters train, so its BatchNorm runs in training mode through the whole model, as in the released
+    recipe."""
+    model = apply_lora(LavCapForConditionalGeneration.from_pretrained(model_folder)).train()
+    initial = active_norm(model).running_mean.clone()
+    batch = make_batch(model.config, [3, 5], seed=4)
+    batch["input_features"] = MEAN + STD * batch["input_features"]
+    model(**batch).loss.backward()
+    assert int(active_norm(model).num_batches_tracked) == 1
+    assert not torch.equal(active_norm(model).running_mean, initial)
