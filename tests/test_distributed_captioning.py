@@ -1,8 +1,10 @@
-"""`lavcap caption --output` across processes (`accelerate launch`, gloo on CPU): shards, part files, resume, merge.
+"""`lavcap caption --output` across processes (`accelerate launch`, gloo on CPU): shards, part files, resume, merge,
+the run's identity and lock.
 
 The multi-process runs are real: `accelerate launch --multi_gpu --num_processes 2` starts two processes through
 torchrun, which on a machine without a GPU caption on the CPU with a gloo process group (`--cpu` would start one
-process only: accelerate's CPU launcher needs mpirun for more).
+process only: accelerate's CPU launcher needs mpirun for more). Faults are injected by `tests/fault_injection.py`,
+launched in place of `-m lavcap_hf.cli`.
 """
 
 from __future__ import annotations
@@ -17,21 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fault_injection import EXIT_STATUS as FAULT_EXIT_STATUS
 from helpers import save_scene_model
 
 from lavcap_hf.batch_captioning import batch_windows, caption_windows, load_captioning_pipeline
 from lavcap_hf.cli import main
-from lavcap_hf.distributed_captioning import (
-    FAULT_ENV,
-    FAULT_EXIT_STATUS,
-    merge_parts,
-    part_files,
-    part_path,
-    read_part,
-    settings_path,
-    shard,
-)
+from lavcap_hf.distributed_captioning import merge_parts, read_part, run_identity, settings_path
 from lavcap_hf.media import write_media
+from lavcap_hf.sharded_run import part_files, part_path, shard
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_GOOD = 18
@@ -82,23 +77,37 @@ def free_port() -> int:
 
 
 def launch_two_processes(
-    model_dir: Path, corpus: Path, output: Path, tmp_path: Path, env: dict[str, str] | None = None
+    model_dir: Path, corpus: Path, output: Path, tmp_path: Path, fault: str | None = None
 ) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `lavcap caption` on 2 processes; with `fault`, through `tests/fault_injection.py`."""
+    program = (
+        ["-m", "lavcap_hf.cli"] if fault is None else [str(ROOT / "tests" / "fault_injection.py"), fault]
+    )
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
-        "-m", "lavcap_hf.cli", "caption", str(corpus), "--model", str(model_dir), "--output", str(output),
+        *program, "caption", str(corpus), "--model", str(model_dir), "--output", str(output),
         "--num-workers", "1", *GENERATION,
     ]  # fmt: skip
-    environment = {
+    return subprocess.run(
+        command, capture_output=True, text=True, env=environment(tmp_path), timeout=600, cwd=tmp_path
+    )
+
+
+def environment(tmp_path: Path) -> dict[str, str]:
+    return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
         "HF_HOME": str(tmp_path / "hf"),  # no accelerate config of this machine's user
-        **(env or {}),
     }
-    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, cwd=tmp_path)
+
+
+def identity(model_dir: Path, batch_size: int = 2, **generation) -> dict:
+    """The identity that `lavcap caption ... GENERATION` records for the model in `model_dir`."""
+    pipe = load_captioning_pipeline(str(model_dir))
+    return run_identity(pipe, batch_size, **{"num_beams": 2, "max_new_tokens": 4, **generation})
 
 
 def paths_of(output: Path) -> list[str]:
@@ -125,7 +134,7 @@ def test_rerun_after_a_killed_process_captions_every_clip_exactly_once(
 ) -> None:
     output = tmp_path / "captions.jsonl"
     # Fault injection: process 1 exits hard after its first batch; torchrun then stops process 0.
-    killed = launch_two_processes(model_dir, corpus, output, tmp_path, env={FAULT_ENV: "1:1"})
+    killed = launch_two_processes(model_dir, corpus, output, tmp_path, fault="exit:1:1")
     assert killed.returncode != 0 and re.search(rf"exitcode\s*: {FAULT_EXIT_STATUS}\b", killed.stderr)
     assert not output.exists()
     parts = part_files(str(output))
@@ -146,6 +155,7 @@ def test_a_truncated_last_line_is_dropped_and_redone_and_complete_lines_are_kept
     output = tmp_path / "captions.jsonl"
     first, second, third = (json.loads(line) for line in reference.decode().splitlines()[:3])
     part = Path(part_path(str(output), 0, 1))
+    Path(settings_path(str(output))).write_text(json.dumps(identity(model_dir)))
     kept = json.dumps({"path": first["path"], "caption": "kept from the part file"}) + "\n"
     part.write_text(kept + json.dumps(second) + "\n" + json.dumps(third)[:-9])  # a crash while writing line 3
     assert (
@@ -163,8 +173,7 @@ def test_a_truncated_last_line_is_dropped_and_redone_and_complete_lines_are_kept
 def test_parts_of_a_run_with_other_settings_are_not_resumed(model_dir, corpus, tmp_path) -> None:
     output = tmp_path / "captions.jsonl"
     Path(part_path(str(output), 0, 2)).write_text(json.dumps({"path": "x.mp4", "caption": "old"}) + "\n")
-    recorded = {"model": str(model_dir), "dtype": "float32", "num_beams": 1, "max_new_tokens": 4}
-    Path(settings_path(str(output))).write_text(json.dumps(recorded))
+    Path(settings_path(str(output))).write_text(json.dumps(identity(model_dir, num_beams=1)))
     args = [
         "caption",
         str(corpus / "clip00.mp4"),
