@@ -204,27 +204,15 @@ def generate_captions(
     groups: dict[frozenset[str], list[int]] = {}
     for index, clip in enumerate(clips):
         groups.setdefault(frozenset(clip[0]), []).append(index)
+    collate = no_collate_fn if batch_size == 1 else pad_collate_fn(pipe.tokenizer, pipe.feature_extractor)
     results: list[list[dict[str, Any]]] = [[] for _ in clips]
     for indices in groups.values():
-        group = [clips[i] for i in indices]
-        generated = _generate(pipe, group, batch_size, forward_params, postprocess_params)
-        for index, result in zip(indices, generated, strict=True):
-            results[index] = result
+        chunks = [chunk for index in indices for chunk in clips[index]]
+        loader = torch.utils.data.DataLoader(chunks, batch_size=batch_size, collate_fn=collate)
+        packed = PipelinePackIterator(loader, pipe.forward, forward_params, loader_batch_size=batch_size)
+        for index, outputs in zip(indices, packed, strict=True):
+            results[index] = pipe.postprocess(outputs, **postprocess_params)
     return results
-
-
-def _generate(
-    pipe: AudioVisualCaptioningPipeline,
-    clips: list[list[dict[str, Any]]],
-    batch_size: int,
-    forward_params: dict[str, Any],
-    postprocess_params: dict[str, Any],
-) -> list[list[dict[str, Any]]]:
-    chunks = [chunk for clip in clips for chunk in clip]
-    collate = no_collate_fn if batch_size == 1 else pad_collate_fn(pipe.tokenizer, pipe.feature_extractor)
-    loader = torch.utils.data.DataLoader(chunks, batch_size=batch_size, collate_fn=collate)
-    packed = PipelinePackIterator(loader, pipe.forward, forward_params, loader_batch_size=batch_size)
-    return [pipe.postprocess(outputs, **postprocess_params) for outputs in packed]
 
 
 def caption_files(

@@ -23,7 +23,6 @@ Every process makes the same collective calls in the same order, whatever its sh
 
 from __future__ import annotations
 
-import fcntl
 import glob
 import hashlib
 import json
@@ -191,6 +190,8 @@ class RunLock:
 
     def acquire(self) -> str | None:
         """Take the lock: None, or a description of the process that holds it."""
+        import fcntl  # POSIX only; imported here so that the rest of the package imports everywhere
+
         while True:
             file = open(self.path, "a+", encoding="utf-8")
             try:

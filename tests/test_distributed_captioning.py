@@ -265,7 +265,7 @@ def replace_weights(model_dir: Path) -> None:
 
 def change_generation_config(model_dir: Path) -> None:
     config = GenerationConfig.from_pretrained(model_dir)
-    config.repetition_penalty = 1.3
+    config.suppress_tokens = [3]
     config.save_pretrained(model_dir)
 
 
@@ -280,7 +280,7 @@ def change_feature_extractor(model_dir: Path) -> None:
     [
         (replace_weights, [], r"weights: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"),
         (None, ["--batch-size", "3"], r"batch_size: 2 -> 3"),
-        (change_generation_config, [], r"repetition_penalty: None -> 1\.3"),
+        (change_generation_config, [], r"suppress_tokens: None -> \[3\]"),
         (change_feature_extractor, [], r"processor: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"),
     ],
     ids=["weights-replaced-at-the-same-path", "batch-size", "models-generation-config", "processor"],
