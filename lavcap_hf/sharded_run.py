@@ -358,8 +358,8 @@ class ShardedRun:
         records: Sequence[Path],
         others: Sequence[Path] = (),
     ) -> None:
-        """Lock the output and record `identity` (main process), after checking that the record files there are
-        can be resumed (`resume`), or after deleting them and `others` (not `resume`).
+        """Lock the output and record `identity` (main process), after checking that the record files there can be
+        resumed (`resume`), or after deleting them and `others` (not `resume`).
 
         Raises:
             RunError: on every process, when the lock is held or the files belong to another run.
@@ -392,8 +392,8 @@ class ShardedRun:
         if not details:
             return None
         return (
-            f"{self.output} holds an unfinished run with other settings ({details}): rerun that run's command to "
-            "finish it, use another output, or start afresh with --no-resume (resume=False in Python)"
+            f"{self.output} holds a run with other settings ({details}): rerun that run's command to finish it, "
+            "use another output, or start afresh with --no-resume (resume=False in Python)"
         )
 
     def _record(self, identity: dict[str, Any], resume: bool, files: Sequence[Path]) -> None:

@@ -295,7 +295,7 @@ def test_a_rerun_that_would_caption_otherwise_is_refused(
     if change is not None:
         change(model)
     rerun = ["caption", str(corpus), "--model", str(model), "--output", str(output), *GENERATION]
-    with pytest.raises(ValueError, match=rf"unfinished run with other settings \({refusal}\)"):
+    with pytest.raises(ValueError, match=rf"holds a run with other settings \({refusal}\)"):
         main([*rerun, *rerun_options])
     assert Path(part_files(str(output))[0]).read_bytes() == kept and not output.exists()
 
