@@ -34,6 +34,16 @@ DEFAULT_COLUMNS = {
 """`lavcap_hf.data.DEFAULT_COLUMNS`: manifest columns of each role."""
 
 
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    """Decoding options that override the model's `generation_config` when given."""
+    parser.add_argument(
+        "--num-beams", type=int, help="beams of the beam search (default: the model's generation_config)"
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="most tokens per caption (default: the model's generation_config)"
+    )
+
+
 def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "paths", nargs="+", help="media files, folders (searched recursively) or glob patterns"
@@ -48,8 +58,7 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
         "--format", choices=("jsonl", "csv"), help="output format (default: from --output, else jsonl)"
     )
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-beams", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    add_decoding_arguments(parser)
     parser.add_argument(
         "--num-workers",
         type=int,
@@ -133,8 +142,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
             f"--{role.replace('_', '-')}-column", default=name, help=f"manifest/dataset column of the {role}"
         )
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--num-beams", type=int, default=4)
-    parser.add_argument("--max-new-tokens", type=int, default=200)
+    add_decoding_arguments(parser)
     parser.add_argument("--instruction", help="prompt instruction (default: 'Please describe the audio.')")
     parser.add_argument(
         "--modality-test",
@@ -344,8 +352,24 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run `lavcap ...`; returns the exit status.
+
+    Run as the program (`argv` None: the `lavcap` script, `python -m lavcap_hf.cli`, each process of
+    `accelerate launch`), a run that stops with a message for its user (`lavcap_hf.sharded_run.RunError`: refused
+    settings, an output in use by another run) prints it once, from the main process, and exits with status 2 on
+    every process. A caller that passes `argv` gets the exception.
+    """
     args = parse_command_line(argv)
-    return args.run(args)
+    if argv is not None:
+        return args.run(args)
+    from lavcap_hf.sharded_run import RunError
+
+    try:
+        return args.run(args)
+    except RunError as error:
+        if error.main_process:
+            print(f"lavcap {args.command}: {error}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

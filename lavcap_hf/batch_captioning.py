@@ -8,17 +8,23 @@ import glob
 import json
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import IO, Any
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 from transformers.pipelines.base import no_collate_fn, pad_collate_fn
 from transformers.pipelines.pt_utils import PipelinePackIterator
 
-from .media import MEDIA_EXTENSIONS
+from .configuration_lavcap import LavCapConfig
+from .media import MEDIA_EXTENSIONS, MediaError, load_media
 from .pipeline_lavcap import AudioVisualCaptioningPipeline
+from .sharded_run import batch_windows
+
+NO_VISUAL = "no_visual"
+"""Record field of a file captioned with the visual input absent (an audio-only file, audio-visual model)."""
 
 
 @dataclass
@@ -57,16 +63,20 @@ def expand_media_paths(patterns: Iterable[str]) -> tuple[list[str], list[tuple[s
     return list(dict.fromkeys(files)), failures
 
 
-def batch_windows(count: int, batch_size: int) -> list[list[int]]:
-    """Indices 0..count-1 cut into consecutive windows of `batch_size`: the batches of a corpus, whoever runs them."""
-    return [list(range(start, min(start + batch_size, count))) for start in range(0, count, batch_size)]
+def no_visual_embeds(config: LavCapConfig) -> np.ndarray:
+    """The visual input of a clip that has none: every frame embedding zero, float32 (num_frames,
+    visual_embed_dim), given as `video_embeds` in place of the vision tower's output (as `lavcap evaluate
+    --modality-test` suppresses the visual input)."""
+    return np.zeros((config.num_frames, config.visual_embed_dim), dtype=np.float32)
 
 
 class FeaturisedWindows(torch.utils.data.Dataset):
     """Item `k`: each file of window `k` as (path, model inputs of its chunks) or (path, reason it cannot be read).
 
     Decoding (`load_media`) and feature extraction (the processor) run here, in the DataLoader workers, through the
-    pipeline's own `preprocess`; the model is not used.
+    pipeline's own `preprocess`; the model is not used. A file with sound and no video stream, given to a model that
+    hears and sees, is captioned with the visual input absent (`no_visual_embeds`): its chunks carry `video_embeds`
+    where the others carry `pixel_values_videos`.
     """
 
     def __init__(
@@ -89,10 +99,32 @@ class FeaturisedWindows(torch.utils.data.Dataset):
         for index in self.windows[k]:
             path = self.paths[index]
             try:
-                items.append((path, list(self.pipe.preprocess(path, **self.preprocess_params))))
+                items.append((path, self.featurise(path)))
             except (ValueError, OSError) as error:
                 items.append((path, str(error)))
         return items
+
+    def featurise(self, path: str) -> list[dict[str, Any]]:
+        """The model inputs of each chunk of the file at `path`."""
+        try:
+            return list(self.pipe.preprocess(path, **self.preprocess_params))
+        except MediaError as error:
+            config = self.pipe.model.config
+            if error.problem != "no video stream" or not (config.uses_audio and config.uses_visual):
+                raise
+        extractor = self.pipe.processor.feature_extractor
+        audio = load_media(path, sampling_rate=extractor.sampling_rate, need_frames=False)
+        clip = {
+            "audio": audio.audio,
+            "sampling_rate": audio.sampling_rate,
+            "video_embeds": no_visual_embeds(config),
+        }
+        return list(self.pipe.preprocess(clip, **self.preprocess_params))
+
+
+# `pipe(dataset, batch_size=, num_workers=)` would run the same three stages, but a ChunkPipeline (one input may give
+# several chunks) caps its DataLoader at one worker, and the first unreadable file ends the whole iteration; so the
+# stages are driven here, as `ChunkPipeline.get_iterator` drives them, with the workers and the per-file reports.
 
 
 def pipeline_parameters(
@@ -119,13 +151,16 @@ def caption_windows(
     batch_size: int = 8,
     num_workers: int = 0,
     return_ot_plan: bool = False,
+    known: Collection[str] = (),
     **generate_kwargs: Any,
 ) -> Iterator[list[dict[str, Any]]]:
     """Caption the files of each window (indices into `paths`), one window after another.
 
     `num_workers` DataLoader processes decode and featurise the next windows while the model captions this one.
     Yields, per window, one record per file in window order: `{"path", "caption"}` (plus `"ot_plan"` (V, A) on
-    request) or `{"path", "error"}` for a file that cannot be read.
+    request, and `"no_visual": True` for a file captioned with the visual input absent) or `{"path", "error"}` for a
+    file that cannot be read. `known`: paths whose captions are known already; a window whose readable files are all
+    known is not generated, and yields the records of its unreadable files only.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
     preprocess, forward, postprocess = pipeline_parameters(
@@ -138,14 +173,21 @@ def caption_windows(
         collate_fn=_unbatched,
     )
     for items in loader:
-        readable = [chunks for _, chunks in items if not isinstance(chunks, str)]
-        results = iter(generate_captions(pipe, readable, batch_size, forward, postprocess))
+        readable = [(path, chunks) for path, chunks in items if not isinstance(chunks, str)]
+        if all(path in known for path, _ in readable):
+            readable = []
+        # One result per clip: the first of the pipeline's results for it.
+        results = generate_captions(
+            pipe, [chunks for _, chunks in readable], batch_size, forward, postprocess
+        )
+        captions = {path: result[0] for (path, _), result in zip(readable, results, strict=True)}
         records = []
         for path, chunks in items:
             if isinstance(chunks, str):
                 records.append({"path": path, "error": chunks})
-            else:
-                records.append({"path": path, **next(results)[0]})
+            elif path in captions:
+                absent = {NO_VISUAL: True} if "video_embeds" in chunks[0] else {}
+                records.append({"path": path, **captions[path], **absent})
         yield records
 
 
@@ -156,14 +198,21 @@ def generate_captions(
     forward_params: dict[str, Any],
     postprocess_params: dict[str, Any],
 ) -> list[list[dict[str, Any]]]:
-    """The pipeline's results for featurised clips (a list of chunk inputs each), batched as `pipe(...)` batches."""
-    chunks = [chunk for clip in clips for chunk in clip]
-    if not chunks:
-        return []
+    """The pipeline's results for featurised clips (a list of chunk inputs each), batched as `pipe(...)` batches;
+    clips given other model inputs (frame embeddings for an absent visual input, frames for the others) are batched
+    apart."""
+    groups: dict[frozenset[str], list[int]] = {}
+    for index, clip in enumerate(clips):
+        groups.setdefault(frozenset(clip[0]), []).append(index)
     collate = no_collate_fn if batch_size == 1 else pad_collate_fn(pipe.tokenizer, pipe.feature_extractor)
-    loader = torch.utils.data.DataLoader(chunks, batch_size=batch_size, collate_fn=collate)
-    packed = PipelinePackIterator(loader, pipe.forward, forward_params, loader_batch_size=batch_size)
-    return [pipe.postprocess(outputs, **postprocess_params) for outputs in packed]
+    results: list[list[dict[str, Any]]] = [[] for _ in clips]
+    for indices in groups.values():
+        chunks = [chunk for index in indices for chunk in clips[index]]
+        loader = torch.utils.data.DataLoader(chunks, batch_size=batch_size, collate_fn=collate)
+        packed = PipelinePackIterator(loader, pipe.forward, forward_params, loader_batch_size=batch_size)
+        for index, outputs in zip(indices, packed, strict=True):
+            results[index] = pipe.postprocess(outputs, **postprocess_params)
+    return results
 
 
 def caption_files(
@@ -225,8 +274,9 @@ def write_rows(rows: Iterable[dict[str, Any]], stream: IO[str], fmt: str) -> Non
 
 
 def generate_kwargs_of(args: argparse.Namespace) -> dict[str, Any]:
-    """The generation settings of `lavcap caption`."""
-    return {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    """The generation settings given to `lavcap caption`; the others are the model's `generation_config`."""
+    given = {"num_beams": args.num_beams, "max_new_tokens": args.max_new_tokens}
+    return {key: value for key, value in given.items() if value is not None}
 
 
 def run_caption(args: argparse.Namespace) -> int:
@@ -255,11 +305,13 @@ def run_caption(args: argparse.Namespace) -> int:
         write_rows(captions, sys.stdout, output_format(None, args.format))
         if args.plot_ot:
             plot_plans(captions, args.plot_ot)
-    print_summary(len(captions), failures)
+    print_summary(len(captions), failures, without_visual=sum(NO_VISUAL in row for row in captions))
     return 0 if captions else 1
 
 
-def print_summary(captioned: int, failures: Sequence[tuple[str, str]], resumed: int = 0) -> None:
+def print_summary(
+    captioned: int, failures: Sequence[tuple[str, str]], resumed: int = 0, without_visual: int = 0
+) -> None:
     """The bad files with their reasons, then the count, on stderr."""
     if failures:
         print(f"\n{len(failures)} file(s) could not be captioned:", file=sys.stderr)
@@ -267,6 +319,12 @@ def print_summary(captioned: int, failures: Sequence[tuple[str, str]], resumed: 
             print(f"  {path}: {reason.removeprefix(path + ': ')}", file=sys.stderr)
     earlier = f" ({resumed} by an earlier, interrupted run)" if resumed else ""
     print(f"captioned {captioned} of {captioned + len(failures)} file(s){earlier}", file=sys.stderr)
+    if without_visual:
+        print(
+            f"{without_visual} of them had no video stream and were captioned with the visual input absent (every "
+            "frame embedding zero)",
+            file=sys.stderr,
+        )
 
 
 def plot_plans(rows: list[dict[str, Any]], folder: str) -> None:

@@ -4,13 +4,30 @@ collated, left-padded prompts, cut the prompt off, decode; the captions are then
 
 from __future__ import annotations
 
+import copy
+import json
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
+from transformers import GenerationConfig
 
 from .processing_lavcap import LavCapProcessor
+
+
+def generation_settings(generation_config: GenerationConfig, **overrides: Any) -> dict[str, Any]:
+    """The settings `generate()` decodes with when called with `overrides` (None: keep the config's) on a model
+    whose `generation_config` this is: every setting that has a value, as `GenerationConfig.to_json_string` writes
+    it (private keys and the transformers version left out), e.g. `{"num_beams": 4, "max_new_tokens": 200, ...}`."""
+    config = copy.deepcopy(generation_config)
+    config.update(**{key: value for key, value in overrides.items() if value is not None})
+    settings = json.loads(config.to_json_string(use_diff=False))
+    return {
+        key: value
+        for key, value in settings.items()
+        if value is not None and not key.startswith("_") and key != "transformers_version"
+    }
 
 
 def generate_caption_ids(

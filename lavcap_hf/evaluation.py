@@ -11,28 +11,27 @@ writes to `output_dir`:
   `clips` (`total`, `readable`, `evaluated`), `unreadable` (`[{"id", "reason"}]`), `generation` and, with the
   modality test, `modality_test`;
 - `scores.md`: the same as a markdown table;
-- `run.json`: the settings of the run, checked when it is resumed.
+- `run.json`: the identity of the run, checked when it is resumed: the model (`sharded_run.model_identity`: weights,
+  config, processor, dtype, device kind), the effective generation settings, the batch size, the instruction, the
+  seed and the clip ids;
+- `run.lock` while the run lasts: a second run on the folder is refused, naming the first.
 
 Scores are comparable with published AudioCaps tables: the COCO caption toolkit's PTB tokenisation, METEOR 1.5 and
-CIDEr-D (see `lavcap_hf.metrics`), beam search (4 beams, 200 new tokens by default), no sampling.
+CIDEr-D (see `lavcap_hf.metrics`). Decoding follows the model's `generation_config` (the released beam search where
+the model carries it), with `num_beams` / `max_new_tokens` overriding it when given, and never samples.
 
-Resuming: lines are appended batch by batch and forced to disk, so a run that stops (interrupt, crash) resumes from
-the clips already written; a last line cut short by a crash is removed first. Batches are fixed windows of the clip
-order, and a window is regenerated whole when any of its clips is missing, so a resumed run sees the same batches as
-an uninterrupted one (same batch size) and writes the same predictions. A clip recorded as unreadable stays so on
-resume; `resume=False` starts afresh.
+Each condition is one pass of a `lavcap_hf.sharded_run.ShardedRun` (that module says how): lines are appended batch
+by batch and forced to disk, so a run that stops (interrupt, crash) resumes from the clips already written, with any
+number of processes; a last line cut short by a crash is removed first. Batches are fixed windows of the clip order,
+and a window is regenerated whole when any of its clips is missing, so a resumed run sees the same batches as an
+uninterrupted one and writes the same predictions. A clip recorded as unreadable stays so on resume; `resume=False`
+starts afresh.
 
-Across processes (`accelerate launch ... -m lavcap_hf.cli evaluate`, `state` an `accelerate.PartialState`): for each
-condition the windows still to caption are cut into N contiguous runs (`lavcap_hf.distributed_captioning.shard`),
-one per process, so that every batch holds the clips a one-process run gives it. The main process appends its
-windows to the predictions file as above, process r > 0 to its own part file next to it,
-`predictions.jsonl.part-0000r-of-0000N`, batch by batch in the same way. When all are done, the main process merges
-the parts into the predictions file in split order (written whole, then renamed over it) and removes them; every
-process then reads the merged file, and the main one alone scores and writes `scores.json` / `scores.md`: the files
-are byte for byte those of a one-process run. A rerun with any number of processes resumes from the predictions file
-and the part files there are. Every process makes the same collective calls whatever its share (none included).
-Fault injection, for tests: `LAVCAP_EVALUATE_EXIT_AFTER=RANK:BATCHES` makes process RANK exit at once (`os._exit`,
-status 75) after writing its BATCHES-th batch, counted over all conditions.
+Across processes (`accelerate launch ... -m lavcap_hf.cli evaluate`, `state` an `accelerate.PartialState`): the main
+process appends its windows to the predictions file, process r > 0 to its own part file next to it,
+`predictions.jsonl.part-0000r-of-0000N`. When all are done, the main process merges the parts into the predictions
+file in split order (written whole, then renamed over it) and removes them, and it alone scores and writes
+`scores.json` / `scores.md`: the files are byte for byte those of a one-process run.
 
 Modality test (`modality_test=True`), run on the clips evaluated with the full input, each with its drop
 (full minus condition) per metric:
@@ -51,26 +50,26 @@ import argparse
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
-from .batch_captioning import batch_windows, load_captioning_pipeline
-from .caption_generation import decode_captions, generate_caption_ids
+from .batch_captioning import load_captioning_pipeline, no_visual_embeds
+from .caption_generation import decode_captions, generate_caption_ids, generation_settings
 from .collator import LavCapDataCollator
 from .configuration_lavcap import LavCapConfig
 from .data import DEFAULT_COLUMNS, Clip, LavCapDataset, group_clips, load_clips
-from .distributed_captioning import FAULT_EXIT_STATUS, fault_after, part_files, part_path, runs_on_cpu, shard
+from .distributed_captioning import runs_on_cpu
 from .feature_extraction_lavcap import LavCapFeatureExtractor
 from .metrics import CAPTION_METRICS, format_metrics_table, score_captions
 from .modeling_lavcap import LavCapForConditionalGeneration
 from .processing_lavcap import LavCapProcessor
-from .record_files import append_records, changed_settings, drop_incomplete_line, read_records, write_atomic
+from .record_files import write_atomic
+from .sharded_run import Processes, RecordKind, RunError, ShardedRun, model_identity, part_files
 
 if TYPE_CHECKING:
     from accelerate import PartialState
@@ -79,8 +78,9 @@ PREDICTIONS_FILE = "predictions.jsonl"
 SCORES_FILE = "scores.json"
 TABLE_FILE = "scores.md"
 RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
 FULL = "full"
-FAULT_ENV = "LAVCAP_EVALUATE_EXIT_AFTER"
+PREDICTION_RECORDS = RecordKind(key="id", result="prediction", retry_errors=False, noun="clip")
 
 
 @dataclass(frozen=True)
@@ -122,8 +122,8 @@ def evaluate_model(
     clips: Sequence[Clip],
     output_dir: str | os.PathLike,
     batch_size: int = 8,
-    num_beams: int = 4,
-    max_new_tokens: int = 200,
+    num_beams: int | None = None,
+    max_new_tokens: int | None = None,
     modality_test: bool = False,
     resume: bool = True,
     instruction: str | None = None,
@@ -141,7 +141,7 @@ def evaluate_model(
             as references (`group_clips`). Every clip needs at least one reference caption.
         output_dir: folder for the predictions, scores and run settings.
         batch_size: clips per `generate()` call.
-        num_beams, max_new_tokens: beam search settings (no sampling).
+        num_beams, max_new_tokens: decoding settings; None: the model's `generation_config` (never sampling).
         modality_test: also run the `MODALITY_CONDITIONS`.
         resume: continue the run recorded in `output_dir`; False deletes its earlier predictions first.
         instruction: prompt instruction (the processor's default, "Please describe the audio.", when None).
@@ -152,71 +152,83 @@ def evaluate_model(
             process alone. Every process returns the same result.
 
     Raises:
-        ValueError: bad settings, a clip without references, no readable clip, or `output_dir` holding a run with
-            other settings (or foreign prediction files).
+        ValueError: bad settings or a clip without references.
+        RunError: (a ValueError, on every process) `output_dir` is in use by another run, holds a run with other
+            settings (or foreign prediction files), or no clip could be read.
     """
-    if batch_size < 1 or num_beams < 1 or max_new_tokens < 1:
-        raise ValueError(
-            f"batch_size, num_beams and max_new_tokens must be positive, got {batch_size}, {num_beams}, "
-            f"{max_new_tokens}"
-        )
+    given = {"batch_size": batch_size, "num_beams": num_beams, "max_new_tokens": max_new_tokens}
+    if any(value is not None and value < 1 for value in given.values()):
+        raise ValueError(f"batch_size, num_beams and max_new_tokens must be positive, got {given}")
     clips = group_clips(clips)
     if not clips:
         raise ValueError("the split has no clips to evaluate")
     _check_references(clips)
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    processes = _Processes(state)
-    settings = _run_settings(model, clips, num_beams, max_new_tokens, instruction, seed)
-    # Every process reads the same files, so all refuse a run together or none does.
-    _check_run(output_dir, settings, resume)
-    processes.wait_for_everyone()
-    if processes.is_main:
-        _start_run(output_dir, settings, resume)
-    processes.wait_for_everyone()
-
-    runner = _ConditionRunner(
-        model,
-        LavCapDataCollator(processor, training=False, instruction=instruction),
-        generate_kwargs={
-            "num_beams": num_beams,
-            "max_new_tokens": max_new_tokens,
-            "do_sample": False,
-            "pad_token_id": processor.tokenizer.pad_token_id,
-        },
-        batch_size=batch_size,
-        num_workers=num_workers,
-        progress=progress and processes.is_main,
-        processes=processes,
+    processes = Processes(state)
+    generate_kwargs = {
+        "num_beams": num_beams,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
+        "pad_token_id": processor.tokenizer.pad_token_id,
+    }
+    generate_kwargs = {key: value for key, value in generate_kwargs.items() if value is not None}
+    generation = generation_settings(model.generation_config, **generate_kwargs)
+    run = ShardedRun(
+        processes,
+        output_dir,
+        output_dir / LOCK_FILE,
+        output_dir / RUN_FILE,
+        PREDICTION_RECORDS,
+        progress=progress,
     )
-    config = model.config
-    dataset = _dataset(clips, processor, config)
-    records = runner.run(FULL, dataset, output_dir / PREDICTIONS_FILE)
-    evaluated = [clip for clip in clips if "prediction" in records[clip.id]]
-    unreadable = [{"id": c.id, "reason": records[c.id]["error"]} for c in clips if "error" in records[c.id]]
-    if not evaluated:
-        reasons = "; ".join(f"{u['id']}: {u['reason']}" for u in unreadable[:3])
-        raise ValueError(f"none of the {len(clips)} clips could be read ({reasons})")
+    with run:
+        identity = {}
+        if processes.is_main:
+            identity = _run_identity(model, processor, clips, generation, batch_size, instruction, seed)
+        run.start(
+            identity,
+            resume,
+            records=_existing_prediction_files(output_dir),
+            others=[output_dir / SCORES_FILE, output_dir / TABLE_FILE],
+        )
+        runner = _ConditionRunner(
+            run,
+            model,
+            LavCapDataCollator(processor, training=False, instruction=instruction),
+            generate_kwargs,
+            batch_size=batch_size,
+            num_workers=num_workers,
+        )
+        config = model.config
+        records = runner.run(FULL, _dataset(clips, processor, config), output_dir / PREDICTIONS_FILE)
+        evaluated = [clip for clip in clips if "prediction" in records[clip.id]]
+        unreadable = [
+            {"id": c.id, "reason": records[c.id]["error"]} for c in clips if "error" in records[c.id]
+        ]
+        if not evaluated:
+            reasons = "; ".join(f"{u['id']}: {u['reason']}" for u in unreadable[:3])
+            raise RunError(f"none of the {len(clips)} clips could be read ({reasons})", processes.is_main)
 
-    if modality_test:
-        condition_records, skipped = _run_modality_conditions(
-            runner, evaluated, processor, config, output_dir, seed
-        )
-    scores = None
-    if processes.is_main:
-        scores = _score(records, evaluated)
-        scores.update(
-            clips={"total": len(clips), "readable": len(evaluated), "evaluated": scores["num_clips"]},
-            unreadable=unreadable,
-            generation={"num_beams": num_beams, "max_new_tokens": max_new_tokens, "batch_size": batch_size},
-        )
         if modality_test:
-            scores["modality_test"] = _score_modality_test(
-                evaluated, condition_records, skipped, records, scores
+            condition_records, skipped = _run_modality_conditions(
+                runner, evaluated, processor, config, output_dir, seed
             )
-        write_atomic(output_dir / SCORES_FILE, json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
-        write_atomic(output_dir / TABLE_FILE, format_evaluation_table(scores) + "\n")
-    scores = processes.share(scores)
+        scores = None
+        if processes.is_main:
+            scores = _score(records, evaluated)
+            scores.update(
+                clips={"total": len(clips), "readable": len(evaluated), "evaluated": scores["num_clips"]},
+                unreadable=unreadable,
+                generation={**generation, "batch_size": batch_size},
+            )
+            if modality_test:
+                scores["modality_test"] = _score_modality_test(
+                    evaluated, condition_records, skipped, records, scores
+                )
+            write_atomic(output_dir / SCORES_FILE, json.dumps(scores, indent=2, ensure_ascii=False) + "\n")
+            write_atomic(output_dir / TABLE_FILE, format_evaluation_table(scores) + "\n")
+        scores = processes.share(scores)
     predictions = {clip.id: records[clip.id]["prediction"] for clip in evaluated}
     return EvaluationResult(scores=scores, predictions=predictions, output_dir=output_dir)
 
@@ -233,23 +245,23 @@ def _check_references(clips: Sequence[Clip]) -> None:
 # -- run settings and resuming -------------------------------------------------------------------------------------
 
 
-def _run_settings(
+def _run_identity(
     model: LavCapForConditionalGeneration,
+    processor: LavCapProcessor,
     clips: Sequence[Clip],
-    num_beams: int,
-    max_new_tokens: int,
+    generation: dict[str, Any],
+    batch_size: int,
     instruction: str | None,
     seed: int,
 ) -> dict[str, Any]:
-    """What the predictions depend on; a resumed run must match it (the batch size only changes the last bits)."""
+    """What the predictions depend on; a resumed run must match it. The batch size is part of it: prompts are left
+    padded and batched kernels round by batch shape, which can change a beam."""
     ids = hashlib.sha256("\n".join(clip.id for clip in clips).encode("utf-8")).hexdigest()
-    name = str(getattr(model, "name_or_path", ""))
     return {
-        "model": os.path.realpath(name) if os.path.isdir(name) else name,
-        "dtype": str(model.dtype),
+        **model_identity(model, processor),
         "fusion_type": model.config.fusion_type,
-        "num_beams": num_beams,
-        "max_new_tokens": max_new_tokens,
+        **generation,
+        "batch_size": batch_size,
         "instruction": instruction,
         "seed": seed,
         "num_clips": len(clips),
@@ -275,39 +287,6 @@ def _existing_prediction_files(output_dir: Path) -> list[Path]:
     return found
 
 
-def _check_run(output_dir: Path, settings: dict[str, Any], resume: bool) -> None:
-    """Refuse to resume a run with other settings, or prediction files that no run recorded."""
-    if not resume:
-        return
-    run_file = output_dir / RUN_FILE
-    if run_file.is_file():
-        recorded = json.loads(run_file.read_text(encoding="utf-8"))
-        details = changed_settings(recorded, settings)
-        if details:
-            raise ValueError(
-                f"{output_dir} holds an evaluation run with other settings ({details}); use another output folder "
-                "or start afresh (resume=False / --no-resume)"
-            )
-        return
-    existing = _existing_prediction_files(output_dir)
-    if existing:
-        raise ValueError(
-            f"{output_dir} holds prediction files ({', '.join(p.name for p in existing)}) but no {RUN_FILE}: they "
-            "are not from an evaluation run that can be resumed; use another output folder"
-        )
-
-
-def _start_run(output_dir: Path, settings: dict[str, Any], resume: bool) -> None:
-    """Record `settings` for a new run (`resume=False`: after deleting the files of the earlier one); a run being
-    resumed is left as it is."""
-    run_file = output_dir / RUN_FILE
-    if resume and run_file.is_file():
-        return
-    for path in _existing_prediction_files(output_dir) + [output_dir / SCORES_FILE, output_dir / TABLE_FILE]:
-        path.unlink(missing_ok=True)
-    write_atomic(run_file, json.dumps(settings, indent=2, ensure_ascii=False) + "\n")
-
-
 def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     """The records of a predictions file, {clip id: record}, in file order.
 
@@ -316,72 +295,7 @@ def read_predictions(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
     Raises:
         ValueError: a complete line that is not a JSON record with an `id` and a `prediction` or an `error`.
     """
-    return {record["id"]: record for record in read_records(path, "id", ("prediction", "error"))}
-
-
-# -- across processes ----------------------------------------------------------------------------------------------
-
-
-def _recorded(path: Path) -> dict[str, dict[str, Any]]:
-    """The records of a predictions file and of its part files, {clip id: record}; a clip's record in the predictions
-    file comes first."""
-    records: dict[str, dict[str, Any]] = {}
-    for file in [path, *map(Path, part_files(str(path)))]:
-        if file.exists():
-            for clip_id, record in read_predictions(file).items():
-                records.setdefault(clip_id, record)
-    return records
-
-
-def _merge_parts(path: Path, ids: Sequence[str]) -> None:
-    """Rewrite `path` whole with one record per clip of `ids`, in that order, from `path` and its part files; then
-    remove the parts.
-
-    Raises:
-        RuntimeError: a clip that no file has a record of (the parts are kept).
-    """
-    records = _recorded(path)
-    lost = [clip_id for clip_id in ids if clip_id not in records]
-    if lost:
-        raise RuntimeError(
-            f"{len(lost)} clip(s) have no record in {path} or its part files (first: {lost[0]}); the parts are "
-            "kept: rerun the command to caption them"
-        )
-    # The lines of `append_records`, so that the merged file is the one a single process appends.
-    write_atomic(path, "".join(json.dumps(records[i], ensure_ascii=False) + "\n" for i in ids))
-    for part in part_files(str(path)):
-        os.remove(part)
-
-
-class _Processes:
-    """This process among the run's processes (an `accelerate.PartialState`; None: one process) and the collective
-    calls of a run, each a no-op for one process. Every process makes the same calls in the same order."""
-
-    def __init__(self, state: PartialState | None) -> None:
-        self.state = state if state is not None and state.num_processes > 1 else None
-        self.rank = self.state.process_index if self.state else 0
-        self.count = self.state.num_processes if self.state else 1
-        self.is_main = self.rank == 0
-
-    def wait_for_everyone(self) -> None:
-        if self.state is not None:
-            self.state.wait_for_everyone()
-
-    def gather(self, value: int) -> list[int]:
-        """`value` of every process, in rank order."""
-        if self.state is None:
-            return [value]
-        from accelerate.utils import gather_object
-
-        return gather_object([value])
-
-    def share(self, value: Any) -> Any:
-        """The main process's `value`, on every process."""
-        if self.state is None:
-            return value
-        from accelerate.utils import broadcast_object_list
-
-        return broadcast_object_list([value])[0]
+    return {record["id"]: record for record in PREDICTION_RECORDS.read(path)}
 
 
 # -- generation ----------------------------------------------------------------------------------------------------
@@ -448,28 +362,25 @@ def _unbatched(item: Any) -> Any:
 
 
 class _ConditionRunner:
-    """Runs one input condition over a list of clips, this process's share of them, appending to its predictions
-    file (the main process) or part file (the others), resumable."""
+    """Runs one input condition over a list of clips as one pass of the evaluation's `ShardedRun`: this process's
+    share of the windows still to do, appended to the predictions file (the main process) or its part file (the
+    others), then merged into the predictions file."""
 
     def __init__(
         self,
+        run: ShardedRun,
         model: LavCapForConditionalGeneration,
         collator: LavCapDataCollator,
         generate_kwargs: dict[str, Any],
         batch_size: int,
         num_workers: int,
-        progress: bool,
-        processes: _Processes,
     ) -> None:
+        self.sharded_run = run
         self.model = model
         self.collator = collator
         self.generate_kwargs = generate_kwargs
         self.batch_size = batch_size
         self.num_workers = num_workers
-        self.progress = progress
-        self.processes = processes
-        self.fault = fault_after(FAULT_ENV)
-        self.batches_written = 0
 
     def run(
         self,
@@ -480,43 +391,28 @@ class _ConditionRunner:
         extra: Sequence[dict[str, Any]] | None = None,
     ) -> dict[str, dict[str, Any]]:
         """Caption the clips of `dataset` that `path` and its part files lack; returns every clip's record,
-        {id: record}, read from `path` once every process is done and their parts are merged into it."""
-        processes = self.processes
-        own = path if processes.is_main else Path(part_path(str(path), processes.rank, processes.count))
-        drop_incomplete_line(own)
-        done = set(_recorded(path))
-        processes.wait_for_everyone()  # everyone has read the records before anyone appends
+        {id: record}, once every process is done and their parts are merged into `path`."""
         ids = [clip.id for clip in dataset.clips]
-        windows = batch_windows(len(ids), self.batch_size)
-        pending = [w for w in windows if any(ids[i] not in done for i in w)]
-        own_windows = shard(pending, processes.rank, processes.count)
-        bar = tqdm(
-            total=len(ids),
-            initial=sum(clip_id in done for clip_id in ids),
-            desc=f"evaluating ({condition})",
-            unit="clip",
-            disable=not self.progress,
+        records = self.sharded_run.run(
+            path,
+            ids,
+            self.batch_size,
+            lambda windows, done: self._records(dataset, windows, overrides or {}, extra),
+            write=lambda merged: write_atomic(path, _jsonl(merged)),
+            main_appends_to_target=True,
+            description=f"evaluating ({condition})",
         )
-        with open(own, "a", encoding="utf-8") as file, bar:
-            self._caption(dataset, own_windows, file, done, bar, overrides or {}, extra)
-        processes.wait_for_everyone()
-        if processes.is_main and part_files(str(path)):
-            _merge_parts(path, ids)
-        processes.wait_for_everyone()
-        return read_predictions(path)
+        return {record["id"]: record for record in records}
 
-    def _caption(
+    def _records(
         self,
         dataset: LavCapDataset,
         windows: list[list[int]],
-        file: IO[str],
-        done: set[str],
-        bar: tqdm,
         overrides: Mapping[str, np.ndarray],
         extra: Sequence[dict[str, Any]] | None,
-    ) -> None:
-        """Caption `windows` (dataset indices), appending the clips not `done` to `file`; `bar` counts every
-        process's clips."""
+    ) -> Iterator[list[dict[str, Any]]]:
+        """The records of each of `windows` (dataset indices): every clip with its prediction and references, or
+        its error."""
         references = {clip.id: list(clip.references) for clip in dataset.clips}
         loader = torch.utils.data.DataLoader(
             _WindowDataset(dataset, windows, self.collator, overrides, extra),
@@ -524,41 +420,24 @@ class _ConditionRunner:
             num_workers=self.num_workers,
             collate_fn=_unbatched,
         )
-        # As many steps as the longest share, each with one progress gather, however uneven the shares.
-        steps = max(self.processes.gather(len(windows)))
-        batches = iter(loader)
         self.model.eval()
-        for _ in range(steps):
-            item = next(batches, None)
-            new = [] if item is None else self._append(file, *item, references, done)
-            bar.update(sum(self.processes.gather(len(new))))
-
-    def _append(
-        self,
-        file: IO[str],
-        window_records: list[dict[str, Any]],
-        batch: dict[str, torch.Tensor] | None,
-        references: Mapping[str, list[str]],
-        done: set[str],
-    ) -> list[dict[str, Any]]:
-        """Caption one window's readable clips and append the records of the clips not `done`; returns them."""
-        captions = iter(self._generate(batch) if batch is not None else [])
-        for record in window_records:
-            if "error" not in record:
-                record.update(prediction=next(captions), references=references[record["id"]])
-        new = [record for record in window_records if record["id"] not in done]
-        append_records(file, new)
-        done.update(record["id"] for record in new)
-        self.batches_written += 1
-        if self.fault == (self.processes.rank, self.batches_written):
-            os._exit(FAULT_EXIT_STATUS)
-        return new
+        for window_records, batch in loader:
+            captions = iter(self._generate(batch) if batch is not None else [])
+            for record in window_records:
+                if "error" not in record:
+                    record.update(prediction=next(captions), references=references[record["id"]])
+            yield window_records
 
     def _generate(self, batch: dict[str, torch.Tensor]) -> list[str]:
-        """Captions of one collated batch (beam search, no sampling)."""
+        """Captions of one collated batch (no sampling)."""
         inputs = {k: v.to(self.model.device) for k, v in batch.items() if k != "clip_index"}
         caption_ids = generate_caption_ids(self.model, inputs, **self.generate_kwargs)
         return decode_captions(self.collator.processor, caption_ids)
+
+
+def _jsonl(records: Sequence[dict[str, Any]]) -> str:
+    """The lines `record_files.append_records` writes, so that a merged file is the one a single process appends."""
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
 
 
 # -- scoring -------------------------------------------------------------------------------------------------------
@@ -640,12 +519,11 @@ def _run_modality_conditions(
             continue
         path = output_dir / _predictions_name(condition.name)
         if condition.name == "no_visual":
-            zeros = np.zeros((config.num_frames, config.visual_embed_dim), dtype=np.float32)
             records = runner.run(
                 condition.name,
                 _dataset(clips, processor, config, load_visual=False),
                 path,
-                overrides={"video_embeds": zeros},
+                overrides={"video_embeds": no_visual_embeds(config)},
             )
         elif condition.name == "shuffled_visual":
             partner = _derangement(len(clips), seed)

@@ -69,6 +69,8 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 def changed_settings(recorded: dict[str, Any], settings: dict[str, Any]) -> str:
-    """`key: old -> new` for every setting that differs from the recorded run's, comma separated ('' when none)."""
-    changed = {k: (recorded.get(k), v) for k, v in settings.items() if recorded.get(k) != v}
+    """`key: old -> new` for every setting that differs from the recorded run's, comma separated ('' when none); a
+    setting that only one of them has counts as None in the other."""
+    keys = [*settings, *(k for k in recorded if k not in settings)]
+    changed = {k: (recorded.get(k), settings.get(k)) for k in keys if recorded.get(k) != settings.get(k)}
     return ", ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())

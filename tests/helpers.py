@@ -76,3 +76,24 @@ def save_component_parts(folder):
     ced = CedModel(CedConfig(target_length=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2))
     torch.save(ced.state_dict(), folder / "ced.pt")
     return folder / "llm", folder / "ced.pt"
+
+
+def record_generation_settings(monkeypatch) -> list[dict]:
+    """Make every `generate()` of `LavCapForConditionalGeneration` log the beams and new tokens it decodes with (its
+    generation_config, or the one passed, updated with the call's generation arguments, as `generate()` merges
+    them), then run as usual; returns the log."""
+    import copy
+
+    from lavcap_hf import LavCapForConditionalGeneration
+
+    settings: list[dict] = []
+    original = LavCapForConditionalGeneration.generate
+
+    def generate(self, *args, **kwargs):
+        config = copy.deepcopy(kwargs.get("generation_config") or self.generation_config)
+        config.update(**{k: v for k, v in kwargs.items() if k != "generation_config"})
+        settings.append({"num_beams": config.num_beams, "max_new_tokens": config.max_new_tokens})
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LavCapForConditionalGeneration, "generate", generate)
+    return settings

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import record_generation_settings
+from transformers import GenerationConfig, pipeline
 
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
-from lavcap_hf.cli import main
-from lavcap_hf.media import write_media
+from lavcap_hf.cli import main, parse_command_line
+from lavcap_hf.media import load_media, write_media
 from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
 
 
@@ -175,3 +178,81 @@ def test_light_parser_choices_match_the_package() -> None:
     from lavcap_hf.data import DEFAULT_COLUMNS
 
     assert lavcap_cli.FUSION_TYPES == FUSION_TYPES and lavcap_cli.DEFAULT_COLUMNS == DEFAULT_COLUMNS
+
+
+def test_no_output_file_is_written_when_nothing_was_captioned(model_dir, media_dir, tmp_path, capsys) -> None:
+    output = tmp_path / "captions.jsonl"
+    bad = [str(media_dir / "not_media.mp4"), str(media_dir / "silent_video.mp4")]
+    assert main(["caption", *bad, "--model", str(model_dir), "--output", str(output), "--quiet"]) == 1
+    assert not output.exists()
+    assert "captioned 0 of 2 file(s)" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # no part, identity or lock file left either
+
+
+def test_audio_files_are_captioned_with_the_visual_input_absent(
+    model_dir, media_dir, tmp_path, capsys
+) -> None:
+    """An audio-visual model captions a file without a video stream as `lavcap evaluate --modality-test` captions
+    its no-visual condition: every frame embedding zero, in place of the vision tower's output."""
+    rng = np.random.default_rng(3)
+    audio = 0.3 * np.sin(2 * np.pi * 440 * np.arange(32000) / 16000) + 0.01 * rng.standard_normal(32000)
+    write_media(tmp_path / "voice.wav", None, 10, audio.astype(np.float32), 16000)
+    output = tmp_path / "captions.jsonl"
+    paths = [str(media_dir / "one.mp4"), str(tmp_path / "voice.wav")]  # one batch of both kinds
+    generation = ["--batch-size", "2", "--num-beams", "2", "--max-new-tokens", "4", "--quiet"]
+    assert main(["caption", *paths, "--model", str(model_dir), "--output", str(output), *generation]) == 0
+    rows = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [row["path"] for row in rows] == paths
+    assert (
+        "1 of them had no video stream and were captioned with the visual input absent"
+        in capsys.readouterr().err
+    )
+
+    captioner = pipeline("audio-visual-captioning", model=str(model_dir), device="cpu")
+    config = captioner.model.config
+    decoded = load_media(paths[1], need_frames=False)
+    no_visual = np.zeros((config.num_frames, config.visual_embed_dim), dtype=np.float32)
+    expected = captioner(
+        [paths[0], {"audio": decoded.audio, "sampling_rate": 16000, "video_embeds": no_visual}],
+        num_beams=2,
+        max_new_tokens=4,
+    )
+    assert [row["caption"] for row in rows] == [result[0]["caption"] for result in expected]
+
+
+@pytest.fixture(scope="module")
+def model_with_decoding(model_dir, tmp_path_factory) -> Path:
+    """The tiny model with a generation_config.json of its own: 3 beams, at most 5 new tokens."""
+    folder = tmp_path_factory.mktemp("decoding") / "model"
+    shutil.copytree(model_dir, folder)
+    config = GenerationConfig.from_pretrained(folder)
+    config.num_beams, config.max_new_tokens = 3, 5
+    config.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("output_name", [None, "captions.jsonl"])
+def test_caption_decodes_as_the_models_generation_config_unless_told_otherwise(
+    output_name, model_with_decoding, media_dir, tmp_path, monkeypatch, capsys
+) -> None:
+    settings = record_generation_settings(monkeypatch)
+    output = ["--output", str(tmp_path / output_name)] if output_name else []
+    command = ["caption", str(media_dir / "one.mp4"), "--model", str(model_with_decoding), *output, "--quiet"]
+    assert main(command) == 0
+    assert settings == [{"num_beams": 3, "max_new_tokens": 5}]
+    out = (tmp_path / output_name).read_text() if output_name else capsys.readouterr().out
+    assert len(json.loads(out)["caption"].split()) <= 5  # one word per token
+
+    settings.clear()
+    assert main([*command, "--num-beams", "2"]) == 0
+    assert main([*command, "--max-new-tokens", "2"]) == 0
+    assert settings == [{"num_beams": 2, "max_new_tokens": 5}, {"num_beams": 3, "max_new_tokens": 2}]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [["caption", "a.mp4", "--model", "m"], ["evaluate", "--model", "m", "--data", "d", "--output-dir", "o"]],
+)
+def test_decoding_options_default_to_the_models_generation_config(command) -> None:
+    args = parse_command_line(command)
+    assert args.num_beams is None and args.max_new_tokens is None

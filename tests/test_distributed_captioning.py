@@ -1,8 +1,10 @@
-"""`lavcap caption --output` across processes (`accelerate launch`, gloo on CPU): shards, part files, resume, merge.
+"""`lavcap caption --output` across processes (`accelerate launch`, gloo on CPU): shards, part files, resume, merge,
+the run's identity and lock.
 
 The multi-process runs are real: `accelerate launch --multi_gpu --num_processes 2` starts two processes through
 torchrun, which on a machine without a GPU caption on the CPU with a gloo process group (`--cpu` would start one
-process only: accelerate's CPU launcher needs mpirun for more).
+process only: accelerate's CPU launcher needs mpirun for more). Faults are injected by `tests/fault_injection.py`,
+launched in place of `-m lavcap_hf.cli`.
 """
 
 from __future__ import annotations
@@ -10,28 +12,25 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from fault_injection import EXIT_STATUS as FAULT_EXIT_STATUS
 from helpers import save_scene_model
+from transformers import GenerationConfig
 
+from lavcap_hf import LavCapForConditionalGeneration
 from lavcap_hf.batch_captioning import batch_windows, caption_windows, load_captioning_pipeline
 from lavcap_hf.cli import main
-from lavcap_hf.distributed_captioning import (
-    FAULT_ENV,
-    FAULT_EXIT_STATUS,
-    merge_parts,
-    part_files,
-    part_path,
-    read_part,
-    settings_path,
-    shard,
-)
+from lavcap_hf.distributed_captioning import merge_parts, read_part, run_identity, settings_path
 from lavcap_hf.media import write_media
+from lavcap_hf.sharded_run import part_files, part_path, shard
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_GOOD = 18
@@ -82,23 +81,37 @@ def free_port() -> int:
 
 
 def launch_two_processes(
-    model_dir: Path, corpus: Path, output: Path, tmp_path: Path, env: dict[str, str] | None = None
+    model_dir: Path, corpus: Path, output: Path, tmp_path: Path, fault: str | None = None
 ) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `lavcap caption` on 2 processes; with `fault`, through `tests/fault_injection.py`."""
+    program = (
+        ["-m", "lavcap_hf.cli"] if fault is None else [str(ROOT / "tests" / "fault_injection.py"), fault]
+    )
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
-        "-m", "lavcap_hf.cli", "caption", str(corpus), "--model", str(model_dir), "--output", str(output),
+        *program, "caption", str(corpus), "--model", str(model_dir), "--output", str(output),
         "--num-workers", "1", *GENERATION,
     ]  # fmt: skip
-    environment = {
+    return subprocess.run(
+        command, capture_output=True, text=True, env=environment(tmp_path), timeout=600, cwd=tmp_path
+    )
+
+
+def environment(tmp_path: Path) -> dict[str, str]:
+    return {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
         "HF_HOME": str(tmp_path / "hf"),  # no accelerate config of this machine's user
-        **(env or {}),
     }
-    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, cwd=tmp_path)
+
+
+def identity(model_dir: Path, batch_size: int = 2, **generation) -> dict:
+    """The identity that `lavcap caption ... GENERATION` records for the model in `model_dir`."""
+    pipe = load_captioning_pipeline(str(model_dir))
+    return run_identity(pipe, batch_size, **{"num_beams": 2, "max_new_tokens": 4, **generation})
 
 
 def paths_of(output: Path) -> list[str]:
@@ -125,7 +138,7 @@ def test_rerun_after_a_killed_process_captions_every_clip_exactly_once(
 ) -> None:
     output = tmp_path / "captions.jsonl"
     # Fault injection: process 1 exits hard after its first batch; torchrun then stops process 0.
-    killed = launch_two_processes(model_dir, corpus, output, tmp_path, env={FAULT_ENV: "1:1"})
+    killed = launch_two_processes(model_dir, corpus, output, tmp_path, fault="exit:1:1")
     assert killed.returncode != 0 and re.search(rf"exitcode\s*: {FAULT_EXIT_STATUS}\b", killed.stderr)
     assert not output.exists()
     parts = part_files(str(output))
@@ -146,6 +159,7 @@ def test_a_truncated_last_line_is_dropped_and_redone_and_complete_lines_are_kept
     output = tmp_path / "captions.jsonl"
     first, second, third = (json.loads(line) for line in reference.decode().splitlines()[:3])
     part = Path(part_path(str(output), 0, 1))
+    Path(settings_path(str(output))).write_text(json.dumps(identity(model_dir)))
     kept = json.dumps({"path": first["path"], "caption": "kept from the part file"}) + "\n"
     part.write_text(kept + json.dumps(second) + "\n" + json.dumps(third)[:-9])  # a crash while writing line 3
     assert (
@@ -163,8 +177,7 @@ def test_a_truncated_last_line_is_dropped_and_redone_and_complete_lines_are_kept
 def test_parts_of_a_run_with_other_settings_are_not_resumed(model_dir, corpus, tmp_path) -> None:
     output = tmp_path / "captions.jsonl"
     Path(part_path(str(output), 0, 2)).write_text(json.dumps({"path": "x.mp4", "caption": "old"}) + "\n")
-    recorded = {"model": str(model_dir), "dtype": "float32", "num_beams": 1, "max_new_tokens": 4}
-    Path(settings_path(str(output))).write_text(json.dumps(recorded))
+    Path(settings_path(str(output))).write_text(json.dumps(identity(model_dir, num_beams=1)))
     args = [
         "caption",
         str(corpus / "clip00.mp4"),
@@ -215,3 +228,134 @@ def test_merge_refuses_to_lose_a_file_without_a_record(tmp_path) -> None:
     assert len(part_files(output)) == 2  # nothing removed
     assert merge_parts(output, ["a.mp4", "b.mp4"], "csv") == (1, [("a.mp4", "a.mp4: no audio stream")])
     assert Path(output).read_bytes() == b"path,caption\r\nb.mp4,a dog barks\r\n" and not part_files(output)
+
+
+def interrupted_run(model_dir: Path, corpus: Path, output: Path, monkeypatch) -> bytes:
+    """Start `lavcap caption` and stop it (as Ctrl-C would) when it starts its second batch; returns its part file."""
+    original = LavCapForConditionalGeneration.generate
+    calls = []
+
+    def interrupt_second_batch(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(LavCapForConditionalGeneration, "generate", interrupt_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        main(["caption", str(corpus), "--model", str(model_dir), "--output", str(output), *GENERATION])
+    monkeypatch.setattr(LavCapForConditionalGeneration, "generate", original)
+    (part,) = part_files(str(output))
+    assert len(read_part(part)) == 2  # the first batch
+    return Path(part).read_bytes()
+
+
+def replace_weights(model_dir: Path) -> None:
+    """Save a model of the same shapes with other random weights over the one in `model_dir`."""
+    weights = model_dir / "model.safetensors"
+
+    def size_and_header() -> tuple[int, bytes]:
+        data = weights.read_bytes()
+        return len(data), data[: 8 + int.from_bytes(data[:8], "little")]
+
+    before = size_and_header()
+    save_scene_model(model_dir, seed=1)
+    assert size_and_header() == before  # the same size and safetensors header: only the values differ
+
+
+def change_generation_config(model_dir: Path) -> None:
+    config = GenerationConfig.from_pretrained(model_dir)
+    config.suppress_tokens = [3]
+    config.save_pretrained(model_dir)
+
+
+def change_feature_extractor(model_dir: Path) -> None:
+    path = model_dir / "preprocessor_config.json"
+    settings = json.loads(path.read_text())
+    path.write_text(json.dumps({**settings, "mean": settings["mean"] + 1.0}))
+
+
+@pytest.mark.parametrize(
+    "change, rerun_options, refusal",
+    [
+        (replace_weights, [], r"weights: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"),
+        (None, ["--batch-size", "3"], r"batch_size: 2 -> 3"),
+        (change_generation_config, [], r"suppress_tokens: None -> \[3\]"),
+        (change_feature_extractor, [], r"processor: '[0-9a-f]{64}' -> '[0-9a-f]{64}'"),
+    ],
+    ids=["weights-replaced-at-the-same-path", "batch-size", "models-generation-config", "processor"],
+)
+def test_a_rerun_that_would_caption_otherwise_is_refused(
+    change, rerun_options, refusal, model_dir, corpus, tmp_path, monkeypatch
+) -> None:
+    """Whatever changes a caption is part of the run's identity: parts captioned otherwise are not resumed."""
+    model = shutil.copytree(model_dir, tmp_path / "model")
+    output = tmp_path / "captions.jsonl"
+    kept = interrupted_run(model, corpus, output, monkeypatch)
+    if change is not None:
+        change(model)
+    rerun = ["caption", str(corpus), "--model", str(model), "--output", str(output), *GENERATION]
+    with pytest.raises(ValueError, match=rf"holds a run with other settings \({refusal}\)"):
+        main([*rerun, *rerun_options])
+    assert Path(part_files(str(output))[0]).read_bytes() == kept and not output.exists()
+
+
+def start_held_run(
+    model_dir: Path, corpus: Path, output: Path, tmp_path: Path
+) -> tuple[subprocess.Popen, Path]:
+    """`lavcap caption` in another process, held when it starts its second batch until the returned file exists."""
+    release = tmp_path / f"release-{len(list(tmp_path.glob('release-*')))}"
+    command = [
+        sys.executable, str(ROOT / "tests" / "fault_injection.py"), f"hold:{release}",
+        "caption", str(corpus), "--model", str(model_dir), "--output", str(output), *GENERATION,
+    ]  # fmt: skip
+    log = open(release.with_name(release.name + ".log"), "w")  # noqa: SIM115 (the process writes it)
+    run = subprocess.Popen(command, env=environment(tmp_path), cwd=tmp_path, stderr=log)
+    held = release.with_name(release.name + ".held")
+    deadline = time.monotonic() + 600
+    while not held.exists():
+        assert run.poll() is None, Path(log.name).read_text()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return run, release
+
+
+@pytest.mark.slow
+def test_a_second_run_on_the_same_output_is_refused_until_the_first_ends_or_dies(
+    model_dir, corpus, reference, tmp_path
+) -> None:
+    output = tmp_path / "captions.jsonl"
+    command = ["caption", str(corpus), "--model", str(model_dir), "--output", str(output), *GENERATION]
+    first, release = start_held_run(model_dir, corpus, output, tmp_path)
+    parts = {part: Path(part).read_bytes() for part in part_files(str(output))}
+    holder = rf"pid {first.pid} on host {re.escape(socket.gethostname())}, started .*: lavcap caption "
+    with pytest.raises(ValueError, match=rf"captions\.jsonl is in use by another run \({holder}"):
+        main(command)
+    assert {part: Path(part).read_bytes() for part in part_files(str(output))} == parts  # not appended to
+    release.touch()
+    assert first.wait(timeout=600) == 0, Path(f"{release}.log").read_text()[-3000:]
+    assert output.read_bytes() == reference  # each clip once: the second run did not interleave
+
+    # A run killed without a chance to clean up leaves its lock file; the lock itself died with it.
+    output.unlink()
+    crashed, _ = start_held_run(model_dir, corpus, output, tmp_path)
+    crashed.kill()
+    crashed.wait(timeout=60)
+    assert Path(f"{output}.lock").exists() and part_files(str(output))
+    assert main(command) == 0
+    assert output.read_bytes() == reference and not Path(f"{output}.lock").exists()
+
+
+@pytest.mark.slow
+def test_a_refused_rerun_is_one_message_from_the_main_process(model_dir, corpus, tmp_path) -> None:
+    output = tmp_path / "captions.jsonl"
+    part = Path(part_path(str(output), 0, 2))
+    part.write_text(json.dumps({"path": str(corpus / "clip00.mp4"), "caption": "old"}) + "\n")
+    Path(settings_path(str(output))).write_text(json.dumps(identity(model_dir, batch_size=3)))
+    refused = launch_two_processes(model_dir, corpus, output, tmp_path)
+    assert refused.returncode != 0
+    assert refused.stderr.count("other settings (") == 1, refused.stderr[-4000:]
+    assert "lavcap caption: " in refused.stderr  # the message; the launcher's own report follows it
+    assert not re.search(r'File ".*lavcap_(hf|cli)/', refused.stderr) and "ValueError" not in refused.stderr
+    assert re.search(r"exitcode\s*: 2\b", refused.stderr)  # both processes exit with the refusal's status
+    assert part_files(str(output)) == [str(part)] and not output.exists()

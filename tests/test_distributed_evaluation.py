@@ -8,7 +8,6 @@ deadlock fails the test instead of hanging it.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -17,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from fault_injection import EXIT_STATUS as FAULT_EXIT_STATUS
 from helpers import save_scene_model
-from test_distributed_captioning import free_port
+from test_distributed_captioning import environment, free_port
 
 from lavcap_cli import main
 from lavcap_hf.batch_captioning import load_captioning_pipeline
 from lavcap_hf.data import load_audiocaps
-from lavcap_hf.distributed_captioning import FAULT_EXIT_STATUS, part_files, part_path
-from lavcap_hf.evaluation import FAULT_ENV, evaluate_model, read_predictions
+from lavcap_hf.evaluation import evaluate_model, read_predictions
 from lavcap_hf.media import write_media
+from lavcap_hf.sharded_run import part_files, part_path
 from lavcap_hf.synthetic import PLACES, SOUNDS, make_caption
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -105,22 +105,21 @@ def reference(model_dir, split, tmp_path_factory) -> Path:
 
 
 def launch_two_processes(
-    model_dir: Path, split: Path, output: Path, tmp_path: Path, env: dict[str, str] | None = None
+    model_dir: Path, split: Path, output: Path, tmp_path: Path, fault: str | None = None
 ) -> subprocess.CompletedProcess:
+    """`accelerate launch` of `lavcap evaluate` on 2 processes; with `fault`, through `tests/fault_injection.py`."""
+    program = (
+        ["-m", "lavcap_hf.cli"] if fault is None else [str(ROOT / "tests" / "fault_injection.py"), fault]
+    )
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
-        "-m", "lavcap_hf.cli", *evaluate_arguments(model_dir, split, output), "--modality-test",
+        *program, *evaluate_arguments(model_dir, split, output), "--modality-test",
     ]  # fmt: skip
-    environment = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(ROOT),
-        "HF_HOME": str(tmp_path / "hf"),  # no accelerate config of this machine's user
-        **(env or {}),
-    }
-    return subprocess.run(command, capture_output=True, text=True, env=environment, timeout=600, cwd=tmp_path)
+    return subprocess.run(
+        command, capture_output=True, text=True, env=environment(tmp_path), timeout=600, cwd=tmp_path
+    )
 
 
 def assert_same_run(output: Path, reference: Path) -> None:
@@ -142,7 +141,7 @@ def test_two_processes_write_the_one_process_files(model_dir, split, reference, 
 def test_rerun_after_a_killed_process_predicts_every_clip_once(model_dir, split, reference, tmp_path) -> None:
     output = tmp_path / "eval"
     # Fault injection: process 1 exits hard after its first batch (clips yt2, yt3); torchrun then stops process 0.
-    killed = launch_two_processes(model_dir, split, output, tmp_path, env={FAULT_ENV: "1:1"})
+    killed = launch_two_processes(model_dir, split, output, tmp_path, fault="exit:1:1")
     assert killed.returncode != 0 and re.search(rf"exitcode\s*: {FAULT_EXIT_STATUS}\b", killed.stderr)
     part = Path(part_path(str(output / "predictions.jsonl"), 1, 2))
     assert list(read_predictions(part)) == ["yt2", "yt3"]

@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
+import re
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import record_generation_settings
+from transformers import GenerationConfig
 
 from lavcap_cli import add_evaluate_arguments
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
@@ -284,3 +292,75 @@ def test_read_predictions_ignores_a_cut_last_line_and_rejects_bad_lines(tmp_path
     path.write_text('{"id": "a", "prediction": "x"\n{"id": "b", "error": "gone"}\n')
     with pytest.raises(ValueError, match="line 1 is not valid JSON"):
         read_predictions(path)
+
+
+def test_evaluate_decodes_as_the_models_generation_config_unless_told_otherwise(
+    tiny, manifest, tmp_path, monkeypatch
+) -> None:
+    _, _, folder = tiny
+    model = tmp_path / "model"
+    shutil.copytree(folder, model)
+    config = GenerationConfig.from_pretrained(model)
+    config.num_beams, config.max_new_tokens = 3, 5
+    config.save_pretrained(model)
+    settings = record_generation_settings(monkeypatch)
+    parser = argparse.ArgumentParser()
+    add_evaluate_arguments(parser)
+    output = tmp_path / "eval"
+    argv = ["--model", str(model), "--data", str(manifest), "--output-dir", str(output), "--batch-size", "2"]
+
+    scores = run_evaluate(parser.parse_args([*argv, "--quiet"]))
+    assert settings == [{"num_beams": 3, "max_new_tokens": 5}] * 3  # 5 readable clips in batches of 2
+    assert scores["generation"]["num_beams"] == 3 and scores["generation"]["max_new_tokens"] == 5
+    recorded = json.loads((output / "run.json").read_text())
+    assert recorded["num_beams"] == 3 and recorded["max_new_tokens"] == 5 and recorded["batch_size"] == 2
+    assert all(len(line["prediction"].split()) <= 5 for line in _lines(output / "predictions.jsonl")[:2])
+
+    settings.clear()
+    run_evaluate(parser.parse_args([*argv, "--num-beams", "2", "--no-resume", "--quiet"]))
+    assert settings == [{"num_beams": 2, "max_new_tokens": 5}] * 3
+
+
+def test_a_resumed_evaluation_is_refused_with_other_weights_or_batch_size(
+    tiny, audiocaps_root, tmp_path
+) -> None:
+    model, processor, _ = tiny
+    clips = load_audiocaps(audiocaps_root, "test")
+    evaluate_model(model, processor, clips, tmp_path, progress=False, **GENERATION)
+    retrained = copy.deepcopy(model)
+    with torch.no_grad():
+        for parameter in retrained.model.multi_modal_projector.parameters():
+            parameter.add_(0.01)  # what training the projector does to every value, in miniature
+    with pytest.raises(ValueError, match=r"other settings \(weights: '[0-9a-f]{64}' -> '[0-9a-f]{64}'\)"):
+        evaluate_model(retrained, processor, clips, tmp_path, progress=False, **GENERATION)
+    with pytest.raises(ValueError, match=r"other settings \(batch_size: 2 -> 3\)"):
+        evaluate_model(model, processor, clips, tmp_path, progress=False, **{**GENERATION, "batch_size": 3})
+
+
+def test_an_output_folder_in_use_by_another_run_is_refused(tiny, audiocaps_root, tmp_path) -> None:
+    model, processor, _ = tiny
+    clips = load_audiocaps(audiocaps_root, "test")[:2]
+    holder = subprocess.Popen(  # another run's main process, holding the folder's lock
+        [sys.executable, "-c", HOLD_LOCK, str(tmp_path / "run.lock")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+    )
+    assert holder.stdout.readline() == b"held\n"
+    in_use = rf"in use by another run \(pid {holder.pid} on host {re.escape(socket.gethostname())}, started "
+    with pytest.raises(ValueError, match=in_use):
+        evaluate_model(model, processor, clips, tmp_path, progress=False, **GENERATION)
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run.lock"]
+    holder.kill()  # dies holding the lock: the kernel releases it
+    holder.wait(timeout=60)
+    result = evaluate_model(model, processor, clips, tmp_path, progress=False, **GENERATION)
+    assert result.scores["clips"]["total"] == 2 and not (tmp_path / "run.lock").exists()
+
+
+HOLD_LOCK = """
+import sys
+from lavcap_hf.sharded_run import RunLock
+lock = RunLock(sys.argv[1])
+assert lock.acquire() is None
+print("held", flush=True)
+sys.stdin.read()
+"""

@@ -77,3 +77,11 @@ def test_changed_settings_lists_each_difference() -> None:
     assert changed_settings(recorded, {"model": "m", "num_beams": 2, "seed": 0}) == (
         "num_beams: 1 -> 2, seed: None -> 0"
     )
+
+
+def test_changed_settings_lists_a_setting_the_new_run_no_longer_has() -> None:
+    """A run recorded with a setting (say the model's generation_config had `repetition_penalty`) differs from one
+    that has none."""
+    assert changed_settings({"num_beams": 4, "repetition_penalty": 1.3}, {"num_beams": 4}) == (
+        "repetition_penalty: 1.3 -> None"
+    )
