@@ -7,18 +7,21 @@ the tokenised text. Corpus-level BLEU uses the closest reference length; `CIDEr`
 references of the scored clips, so it depends on the whole set of clips scored together.
 
 Availability is reported, never approximated:
-- without `java` on PATH, predictions and references go through `fallback_tokenize` (a pure-Python imitation of
-  the PTB step) and BLEU, ROUGE-L and CIDEr-D are computed from it; METEOR, SPICE and SPIDEr are `None`;
+- without `java` on PATH, predictions and references are tokenised by `ptb_tokenize`, the PTB tokenizer's rules
+  in Python (the same tokens on every caption of the tests' few hundred; `tokenizer` is then "python-fallback"),
+  and BLEU, ROUGE-L and CIDEr-D are computed from them; METEOR, SPICE and SPIDEr are `None`;
 - SPICE (and so SPIDEr) needs the Stanford CoreNLP 3.6.0 jars in pycocoevalcap's `spice/lib`. pycocoevalcap
-  downloads them when its `Spice` scorer is built; this module builds it only when they are already present.
+  downloads them when its `Spice` scorer is built; this module never runs it without them.
 The reason for each missing metric is in the result's `unavailable` dict.
 
-The METEOR JVM is started on the first call and reused by later ones (its start-up takes 10-30 s).
+The METEOR JVM is started on the first call and reused by later ones (its start-up takes 10-30 s). Every JVM runs
+in a fixed English locale whatever the caller's (see `_java_command`): the scores do not depend on it.
 
 This file is also the `evaluate` metric module `metrics/audio_captioning/audio_captioning.py` of the repository
-(a symbolic link to it): `evaluate.load("metrics/audio_captioning")` copies this file alone into its module cache,
-so it imports nothing from `lavcap_hf` and its first `evaluate.Metric` subclass, `AudioCaptioning`, is the metric.
-Inside the package, `score_captions` computes through that same class.
+(a symbolic link to it, as `ptb_tokenizer.py` there is to `lavcap_hf/ptb_tokenizer.py`): `evaluate.load(
+"metrics/audio_captioning")` copies the two files alone into its module cache, so they import nothing else from
+`lavcap_hf`, and the first `evaluate.Metric` subclass here, `AudioCaptioning`, is the metric. Inside the package,
+`score_captions` computes through that same class.
 """
 
 from __future__ import annotations
@@ -26,9 +29,14 @@ from __future__ import annotations
 import atexit
 import functools
 import inspect
+import json
+import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
+import threading
 import zipfile
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +44,8 @@ from typing import Any
 
 import datasets
 import evaluate
+
+from .ptb_tokenizer import ptb_tokenize
 
 CAPTION_METRICS = ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE", "SPIDEr")
 METRIC_DISPLAY_NAMES = {"BLEU_1": "BLEU-1", "BLEU_2": "BLEU-2", "BLEU_3": "BLEU-3", "BLEU_4": "BLEU-4"}
@@ -72,7 +82,8 @@ Audio captioning metrics as the COCO caption evaluation toolkit (pycocoevalcap) 
 ROUGE-L, CIDEr-D, SPICE and SPIDEr, on PTB-tokenised text. Corpus-level: CIDEr-D's document frequencies and
 BLEU's brevity penalty depend on all clips scored together. A metric that cannot run here (METEOR and SPICE need
 Java; SPICE needs the Stanford CoreNLP 3.6.0 jars, which are never downloaded) is None, with its reason in
-`unavailable`; nothing is approximated.
+`unavailable`; nothing is approximated. Without Java, the PTB tokenizer's rules run in Python (`tokenizer` says
+which ran).
 """
 
 _KWARGS_DESCRIPTION = """\
@@ -164,8 +175,7 @@ def compute_caption_metrics(
         tokenizer = scorers["PTBTokenizer"]()
         gts, res = (tokenizer.tokenize(_as_coco_annotations(captions)) for captions in (gts, res))
     else:
-        gts = {index: [fallback_tokenize(text) for text in texts] for index, texts in gts.items()}
-        res = {index: [fallback_tokenize(text) for text in texts] for index, texts in res.items()}
+        gts, res = _tokenize_without_java(gts), _tokenize_without_java(res)
 
     scores: dict[str, Any] = dict.fromkeys(CAPTION_METRICS)
     unavailable: dict[str, str] = {}
@@ -276,48 +286,44 @@ def _as_coco_annotations(captions: dict[int, list[str]]) -> dict[int, list[dict[
     return {clip: [{"caption": text} for text in texts] for clip, texts in captions.items()}
 
 
-# The PTB tokenizer's output after pycocoevalcap's punctuation filter, imitated for machines without Java.
-_UNICODE_PUNCTUATION = str.maketrans(
-    {"\u2018": "'", "\u2019": "'", "\u201c": '"', "\u201d": '"', "\u2013": "--", "\u2014": "--"}
+def _tokenize_without_java(captions: dict[int, list[str]]) -> dict[int, list[str]]:
+    """`PTBTokenizer().tokenize` without Java: the same tokens from `ptb_tokenize`, given the captions in the same
+    order (all of them in one text, as the jar reads them)."""
+    tokens = iter(ptb_tokenize([text for texts in captions.values() for text in texts]))
+    return {clip: [next(tokens) for _ in texts] for clip, texts in captions.items()}
+
+
+# Java takes its default locale from the environment (LANG, LC_ALL, LC_CTYPE, LC_MESSAGES: where the OS has that
+# locale; LC_NUMERIC plays no part) and from -Duser.* options in JAVA_TOOL_OPTIONS, JDK_JAVA_OPTIONS and
+# _JAVA_OPTIONS (the last one overriding the command line). METEOR 1.5 writes its statistics in that locale and reads
+# them back as Java numbers, so under a decimal-comma locale (de_DE, fr_FR) it answered nothing. Every JVM started
+# here runs in the locale Java takes on a C-locale machine, whatever the caller's environment, which stays as it is.
+# (pycocoevalcap's PTB tokenizer reads and writes UTF-8 and lower-cases in English under any locale: it runs as is.)
+_JAVA_LOCALE_OPTIONS = ("-Duser.language=en", "-Duser.country=US", "-Duser.script=", "-Duser.variant=")
+_JAVA_OPTIONS_VARIABLES = ("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS")
+_JAVA_LOCALE_PROPERTY = re.compile(
+    r"""(?:^|(?<=\s))["']?-Duser\.(?:language|country|region|script|variant)(?:\.(?:format|display))?=\S*"""
 )
-_CLITIC = re.compile(r"(?<=\w)(n't|'(?:s|re|ve|ll|d|m))\b")
-_BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
-_TOKEN = re.compile(
-    r"""'(?:s|re|ve|ll|d|m)\b          # clitics split off by _CLITIC: 's 're 've 'll 'd 'm
-      | \d+(?:[.,/:-]\d+)+             # numbers: 3.5 1,000 50-60 1/2
-      | \w+(?:\.\w+)+\.?               # dotted abbreviations: u.s. e.g.
-      | \w+(?:[-/'&]\w+)*              # words, with inner hyphens, slashes, apostrophes: high-pitched km/h o'neil
-      | ([^\w\s])\1*                   # a run of one punctuation character: . ... -- !!
-    """,
-    re.VERBOSE,
-)
-# pycocoevalcap.tokenizer.ptbtokenizer.PUNCTUATIONS, plus the raw forms the Java tokenizer would have turned
-# into those tokens (a double quote becomes `` or '', a run of hyphens becomes -- and -).
-_REMOVED_TOKENS = frozenset(["''", "'", "``", "`", ".", "?", "!", ",", ":", "-", "--", "...", ";", '"'])
 
 
-def fallback_tokenize(text: str) -> str:
-    """Pure-Python stand-in for the PTB tokenisation used when Java is missing.
+def _java_command(arguments: Sequence[str]) -> list[str]:
+    """`java` in the fixed locale, then `arguments` (JVM options, then the jar and its arguments)."""
+    return ["java", *_JAVA_LOCALE_OPTIONS, *arguments]
 
-    Lower-cases, splits clitics as PTB does (`dog's` -> `dog 's`, `can't` -> `ca n't`), keeps numbers, dotted
-    abbreviations and hyphenated words whole, turns brackets into `-lrb-`-style tokens (which the COCO
-    punctuation filter, written for upper-case names, keeps) and drops the punctuation tokens that filter
-    drops. It matches the Java output on ordinary captions; rare constructs (`rock'n'roll`, `mr.`, `?!`,
-    emoji) can differ, so scores from it are not comparable with published PTB-tokenised scores to the
-    last digit.
 
-    Args:
-        text: one caption.
-
-    Returns:
-        The space-joined tokens.
-    """
-    text = _CLITIC.sub(r" \1", text.translate(_UNICODE_PUNCTUATION).lower())
-    tokens = (match.group(0) for match in _TOKEN.finditer(text))
-    tokens = (_BRACKETS.get(token, token) for token in tokens)
-    return " ".join(
-        t for t in tokens if t not in _REMOVED_TOKENS and not (t.startswith("-") and set(t) == {"-"})
-    )
+def _java_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """`environ` (default: this process's) for a JVM started by `_java_command`: the locale properties removed from
+    the JVM option variables, where they would override or outlast the command line's; every other option (heap,
+    proxy, trust store) kept."""
+    environment = dict(os.environ if environ is None else environ)
+    for name in _JAVA_OPTIONS_VARIABLES:
+        if name in environment:
+            options = " ".join(_JAVA_LOCALE_PROPERTY.sub(" ", environment[name]).split())
+            if options:
+                environment[name] = options
+            else:
+                del environment[name]
+    return environment
 
 
 def _meteor_score(meteor_cls: type, gts: dict[int, list[str]], res: dict[int, list[str]]) -> float:
@@ -325,6 +331,13 @@ def _meteor_score(meteor_cls: type, gts: dict[int, list[str]], res: dict[int, li
     meteor = _meteor_process(meteor_cls)
     try:
         return float(meteor.compute_score(gts, res)[0])
+    except ValueError as error:  # an answer that is no number: the JVM failed
+        _meteor_process.cache_clear()
+        _stop_meteor(meteor)
+        said = meteor.meteor_p.stderr.read().decode("utf-8", "replace").strip().splitlines()
+        raise RuntimeError(
+            f"METEOR 1.5 (Java) gave no score ({error}); it said: {' | '.join(said[-5:])}"
+        ) from error
     except BaseException:
         _meteor_process.cache_clear()
         _stop_meteor(meteor)
@@ -334,8 +347,23 @@ def _meteor_score(meteor_cls: type, gts: dict[int, list[str]], res: dict[int, li
 @functools.cache
 def _meteor_process(meteor_cls: type) -> Any:
     """The METEOR JVM, started on first use and kept until exit: loading its paraphrase table takes 10-30 s,
-    which repeated evaluations (one per Trainer evaluation) would otherwise pay each time. It holds ~1.2 GB."""
-    meteor = meteor_cls()
+    which repeated evaluations (one per Trainer evaluation) would otherwise pay each time. It holds ~1.2 GB.
+
+    The scorer is pycocoevalcap's, with its JVM started here as its `__init__` would, but in the fixed locale of
+    `_java_command` (its own inherits the caller's, in which METEOR may fail).
+    """
+    meteor = meteor_cls.__new__(meteor_cls)
+    jar = sys.modules[meteor_cls.__module__].METEOR_JAR
+    meteor.meteor_cmd = _java_command(["-jar", "-Xmx2G", jar, "-", "-", "-stdio", "-l", "en", "-norm"])
+    meteor.meteor_p = subprocess.Popen(
+        meteor.meteor_cmd,
+        cwd=Path(inspect.getfile(meteor_cls)).parent,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_java_environment(),
+    )
+    meteor.lock = threading.Lock()
     atexit.register(_stop_meteor, meteor)
     return meteor
 
@@ -385,12 +413,52 @@ def missing_spice_files(spice_dir: Path) -> list[str]:
 def _spice_score(
     spice_cls: type, gts: dict[int, list[str]], res: dict[int, list[str]], scores: dict[str, Any]
 ) -> str | None:
-    """Put corpus SPICE into `scores`; return why it failed instead when the Java scorer exits with an error."""
-    try:
-        scores["SPICE"] = float(spice_cls().compute_score(gts, res)[0])
-    except subprocess.CalledProcessError as error:
-        return f"the SPICE scorer failed (java exit status {error.returncode}; it asks for an 8 GB heap)"
+    """Put corpus SPICE into `scores`; return why it failed instead when the Java scorer exits with an error.
+
+    Runs SPICE 1.0 as pycocoevalcap's `Spice.compute_score` does (same jar, options and cache, the mean of each
+    clip's F-score), but in the fixed locale of `_java_command` and with its files in a temporary folder.
+    """
+    import numpy as np
+
+    spice_dir = Path(inspect.getfile(spice_cls)).parent
+    clips = sorted(gts)
+    records = [{"image_id": clip, "test": res[clip][0], "refs": gts[clip]} for clip in clips]
+    with tempfile.TemporaryDirectory(prefix="lavcap-spice-") as scratch:
+        inputs, outputs = Path(scratch) / "input.json", Path(scratch) / "output.json"
+        inputs.write_text(json.dumps(records), encoding="utf-8")
+        options = [
+            str(inputs),
+            "-cache",
+            str(spice_dir / "cache"),
+            "-out",
+            str(outputs),
+            "-subset",
+            "-silent",
+        ]
+        run = subprocess.run(
+            _java_command(["-jar", "-Xmx8G", _SPICE_JAR, *options]),
+            cwd=spice_dir,
+            env=_java_environment(),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        if run.returncode != 0 or not outputs.is_file():
+            said = run.stderr.decode("utf-8", "replace").strip().splitlines()
+            return (
+                f"the SPICE scorer failed (java exit status {run.returncode}; it asks for an 8 GB heap and writes "
+                f"its output with Java's JavaScript engine, which Java 15 and later lack): {' | '.join(said[-3:])}"
+            )
+        results = json.loads(outputs.read_text(encoding="utf-8"))
+    scores["SPICE"] = float(np.mean([_as_float(item["scores"]["All"]["f"]) for item in results]))
     return None
+
+
+def _as_float(value: Any) -> float:
+    """SPICE's F-score as pycocoevalcap reads it: NaN where it is not a number (a clip without tuples)."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
 
 
 def format_metrics_table(

@@ -1,8 +1,12 @@
 """Caption metrics: pycocoevalcap scores checked against the metric definitions, computed here independently."""
 
+import json
 import math
+import os
+import re
 import shutil
 import socket
+import subprocess
 import sys
 import urllib.request
 import zipfile
@@ -12,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import pycocoevalcap.spice.spice
 import pytest
-from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from lavcap_hf import metrics as lavcap_metrics
 from lavcap_hf.metrics import (
     CAPTION_METRICS,
     compute_caption_metrics,
-    fallback_tokenize,
     format_metrics_table,
     missing_spice_files,
 )
@@ -250,32 +253,159 @@ def test_without_java_the_python_metrics_still_work(monkeypatch, tmp_path):
     assert "SPICE is unavailable" in scores["unavailable"]["SPIDEr"]
 
 
-TYPICAL_CAPTIONS = [
-    "A dog's barking, then a man shouts.",
-    "People are talking (quietly) while a high-pitched whistle blows!",
-    "Rain falls on a roof -- thunder rumbles in the distance...",
-    "It's raining; a car can't start and the engine won't turn over.",
-    "A 50-year-old engine idles at 3.5 km/h, then 1,000 people cheer",
-    "Birds chirp: \"tweet tweet\" as a woman says 'hello'",
-    "A vehicle’s horn honks – twice – in the U.S. city",
-    "  Wind   blows\u2028 hard\tand   leaves rustle  ",
+# Captions where the PTB tokenizer splits or keeps what a simple tokenizer would not (cannot -> can not, gonna ->
+# gon na; ol', '90s and C++ kept whole): the scores without Java must still be Java's.
+TRICKY_PREDICTIONS = [
+    "I cannot hear the old man, he's gonna leave.",
+    "Rock 'n' roll from the '90s plays on ol' radios",
+    "Someone wanna type C++ code at 5 p.m. in the U.S.",
+    "A 50-year-old engine idles; it can't start -- twice!",
+]
+TRICKY_REFERENCES = [
+    ["I cannot hear him, the man's gonna leave", "A man is gonna leave and I cannot hear"],
+    ["Rock 'n' roll of the '90s plays on the radio", "ol' radios play rock 'n' roll"],
+    ["A person wanna write C++ at 5 p.m.", "C++ code is typed in the U.S. at 5 p.m."],
+    ["An engine idles and can't start", "The 50-year-old engine won't start, it idles"],
 ]
 
 
 @needs_java
-def test_fallback_tokenize_matches_the_ptb_tokenizer_on_typical_captions():
-    normalised = [" ".join(caption.split()) for caption in TYPICAL_CAPTIONS]
-    ptb = PTBTokenizer().tokenize({i: [{"caption": c}] for i, c in enumerate(normalised)})
-    assert [fallback_tokenize(caption) for caption in TYPICAL_CAPTIONS] == [
-        ptb[i][0] for i in range(len(normalised))
+def test_without_java_the_scores_are_javas(monkeypatch, tmp_path):
+    """The Python tokenizer gives the jar's tokens, so BLEU, ROUGE-L and CIDEr-D do not depend on Java."""
+    with_java = compute_caption_metrics(TRICKY_PREDICTIONS, TRICKY_REFERENCES)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no java executable anywhere on PATH
+    without_java = compute_caption_metrics(TRICKY_PREDICTIONS, TRICKY_REFERENCES)
+    assert (with_java["tokenizer"], without_java["tokenizer"]) == ("ptb", "python-fallback")
+    for name in ("BLEU_1", "BLEU_2", "BLEU_3", "BLEU_4", "ROUGE_L", "CIDEr"):
+        assert without_java[name] == with_java[name], name
+
+
+# ------------------------------------------------------------------------------------ scores under any locale
+
+LOCALE_VARIABLES = ("LANG", "LANGUAGE", "LC_ALL", "LC_CTYPE", "LC_NUMERIC", "LC_MESSAGES", "LOCPATH")
+JVM_OPTION_VARIABLES = ("JAVA_TOOL_OPTIONS", "JDK_JAVA_OPTIONS", "_JAVA_OPTIONS")
+ENGLISH = {"user.language": "en", "user.country": "US"}
+
+
+@pytest.fixture(scope="module")
+def os_locales(tmp_path_factory):
+    """A LOCPATH folder holding de_DE.UTF-8, fr_FR.UTF-8 and tr_TR.UTF-8 compiled by glibc's localedef (from the
+    sources of Debian's `locales` package), or None where they are missing. Java reads LANG and LC_* only where the
+    OS has that locale, and falls back to en_US otherwise: a German user's machine has it, this one need not."""
+    localedef, folder = shutil.which("localedef"), tmp_path_factory.mktemp("locales")
+    for name in ("de_DE", "fr_FR", "tr_TR"):
+        if localedef is not None:
+            command = [localedef, "-i", name, "-f", "UTF-8", str(folder / f"{name}.UTF-8")]
+            subprocess.run(command, capture_output=True)
+        if not (folder / f"{name}.UTF-8").is_dir():
+            return None
+    return str(folder)
+
+
+def environment_with(settings, os_locales):
+    """This process's environment without its locale and JVM option settings, then `settings` (and LOCPATH)."""
+    skipped = LOCALE_VARIABLES + JVM_OPTION_VARIABLES
+    environment = {name: value for name, value in os.environ.items() if name not in skipped}
+    if os_locales is not None:
+        environment["LOCPATH"] = os_locales
+    return {**environment, **settings}
+
+
+def java_locale(command, environment):
+    """The user.* properties of a JVM started by `command` (with -XshowSettings added) in `environment`."""
+    shown = subprocess.run(
+        [*command, "-XshowSettings:properties", "-version"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stderr
+    return dict(re.findall(r"^\s+(user\.(?:language|country|script|variant)(?:\.\w+)?) = (.*)$", shown, re.M))
+
+
+@needs_java
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"LANG": "de_DE.UTF-8"},
+        {"LC_ALL": "fr_FR.UTF-8"},
+        {"LANG": "C.UTF-8", "LC_CTYPE": "tr_TR.UTF-8"},  # Java formats numbers in LC_CTYPE's locale
+        {"LC_MESSAGES": "de_DE.UTF-8"},
+        {"JAVA_TOOL_OPTIONS": "-Xss2m -Duser.language=de -Duser.country=DE"},
+        {"JDK_JAVA_OPTIONS": "-Duser.language=fr -Duser.country=FR"},
+        {
+            "_JAVA_OPTIONS": "-Duser.language=de -Duser.country=DE -Duser.language.format=de -Duser.country.format=DE"
+        },
+    ],
+    ids=[
+        "LANG",
+        "LC_ALL",
+        "LC_CTYPE",
+        "LC_MESSAGES",
+        "JAVA_TOOL_OPTIONS",
+        "JDK_JAVA_OPTIONS",
+        "_JAVA_OPTIONS",
+    ],
+)
+def test_the_scorers_jvms_run_in_english_whatever_locale_the_caller_has(settings, os_locales):
+    environment = environment_with(settings, os_locales)
+    plain = java_locale(["java"], environment)
+    if os_locales is None and plain == ENGLISH:
+        pytest.skip(
+            "this OS has no de_DE, fr_FR or tr_TR locale (no localedef or locale sources), so Java ignores it"
+        )
+    assert plain != ENGLISH  # the setting moves a JVM started without the scorers' options
+    java_environment = lavcap_metrics._java_environment(environment)
+    pinned = java_locale(lavcap_metrics._java_command([]), java_environment)
+    assert pinned == {**ENGLISH, "user.script": "", "user.variant": ""}
+    if "JAVA_TOOL_OPTIONS" in settings:  # the caller's other JVM options stay
+        assert java_environment["JAVA_TOOL_OPTIONS"] == "-Xss2m"
+
+
+SCORE_IN_A_PROCESS = """
+import json, sys
+from lavcap_hf.metrics import compute_caption_metrics
+with open(sys.argv[1], encoding="utf-8") as inputs:
+    predictions, references = json.load(inputs)
+print(json.dumps(compute_caption_metrics(predictions, references)))
+"""
+
+
+@needs_java
+@pytest.mark.slow
+def test_scores_of_a_german_user_equal_those_of_the_c_locale(os_locales, tmp_path):
+    """Scored in two fresh processes, one in the C locale and one as a German user: LANG=de_DE.UTF-8 (with the OS
+    locale where localedef could build it) and JVM options saying German too, so that Java runs in German even where
+    it could not. METEOR used to give no score there; every score must be the C locale's."""
+    predictions = [*TRICKY_PREDICTIONS, "Ein Hund bellt, während ein Mann in İstanbul spricht…"]
+    references = [
+        *TRICKY_REFERENCES,
+        ["Ein Hund bellt laut", "Ein Mann spricht und ein Hund bellt in İstanbul"],
     ]
-
-
-def test_fallback_tokenize_splits_clitics_and_drops_punctuation():
-    assert (
-        fallback_tokenize("A dog's bark, then (quiet) talk...") == "a dog 's bark then -lrb- quiet -rrb- talk"
-    )
-    assert fallback_tokenize("Can't stop -- it's high-pitched!") == "ca n't stop it 's high-pitched"
+    corpus = tmp_path / "corpus.json"
+    corpus.write_text(json.dumps([predictions, references]), encoding="utf-8")
+    german = {
+        "LANG": "de_DE.UTF-8",
+        "LANGUAGE": "de_DE:de",
+        "JAVA_TOOL_OPTIONS": "-Duser.language=de -Duser.country=DE",
+    }
+    runs = {
+        name: subprocess.Popen(
+            [sys.executable, "-c", SCORE_IN_A_PROCESS, str(corpus)],
+            env=environment_with(settings, os_locales),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name, settings in {"C": {"LANG": "C", "LC_ALL": "C"}, "de_DE": german}.items()
+    }
+    scores = {}
+    for name, run in runs.items():
+        out, err = run.communicate(timeout=900)
+        assert run.returncode == 0, f"scoring in the {name} locale failed:\n{err[-3000:]}"
+        scores[name] = json.loads(out.strip().splitlines()[-1])
+    assert isinstance(scores["C"]["METEOR"], float) and scores["C"]["tokenizer"] == "ptb"
+    assert scores["de_DE"] == scores["C"]
 
 
 @pytest.mark.parametrize(

@@ -599,21 +599,48 @@ def test_inconsistent_inputs_are_rejected():
         build_fusion("ot_tempcat", HIDDEN)
 
 
+# Each fusion type as stated here, independently of `FUSIONS`: the fused sequence's length at the paper's sizes (64
+# audio tokens, 20 visual), whether it trains with the OT alignment loss, which modalities it reads, and the
+# `fusion_type` values of the released code that compute it, spelled as there (models/lavcaps.py, the comments
+# beside its projections and configs/config_best.yaml; "ot_crossattn" is its OT branch's `"crossattn" in fusion_type`).
+FUSION_FACTS = {
+    # fusion type: (fused tokens at A=64, V=20; OT loss; reads audio; reads frames; released fusion_type values)
+    "ot_att": (84, True, True, True, ("ot_tempcat_QAV_add",)),
+    "ot_concat": (84, True, True, True, ("ot_tempcat", "ot_tempcat_bfQF", "ot_tempcat_afQF")),
+    "ot_channel_concat": (64, True, True, True, ("ot_chancat", "ot_chancat_bfQF", "ot_chancat_afQF")),
+    "ot_cross_attention": (64, True, True, True, ("ot_crossattn",)),
+    "concat": (104, False, True, True, ("tempcat_bfQF",)),
+    "channel_concat": (64, False, True, True, ("chancat_bfQF",)),
+    "audio_only": (64, False, True, False, ("crossattn",)),
+    "visual_only": (20, False, False, True, ()),
+    "concat_once": (84, False, True, True, ("tempcat_afQF",)),
+    "plain_cross_attention": (64, False, True, True, ()),
+}
+
+
 @pytest.mark.parametrize("fusion_type", FUSION_TYPES)
 def test_the_table_describes_what_each_module_does(fusion_type):
-    """`FUSIONS` is the one description: name, OT or not, modalities read and token layout match the module."""
+    """`FUSIONS` and the module it builds against `FUSION_FACTS`: fused length at the paper's sizes, OT or not,
+    modalities read."""
+    fused_tokens, ot_loss, reads_audio, reads_visual, _ = FUSION_FACTS[fusion_type]
     spec = FUSIONS[fusion_type]
     fusion = build_fusion(fusion_type, HIDDEN)
-    assert fusion.fusion_type == spec.name == fusion_type and fusion.spec is spec
-    assert isinstance(fusion, OptimalTransportFusion) == spec.uses_ot == (fusion_type in OT_FUSION_TYPES)
-    audio, visual = _features(2, 12, 5)
-    out = fusion(audio if spec.uses_audio else None, visual if spec.uses_visual else None)
-    assert out.fused.shape[1] == sum(spec.token_counts(12, 5))
-    assert (out.loss_v is not None) == spec.uses_ot
+    assert fusion.fusion_type == fusion_type
+    assert (spec.uses_ot, spec.uses_audio, spec.uses_visual) == (ot_loss, reads_audio, reads_visual)
+    assert isinstance(fusion, OptimalTransportFusion) == ot_loss
+    assert sum(spec.token_counts(64, 20)) == fused_tokens
+    audio, visual = _features(2, 64, 20)
+    out = fusion(audio if reads_audio else None, visual if reads_visual else None)
+    assert out.fused.shape == (2, fused_tokens, fusion.output_dim)
+    assert (out.loss_v is not None) == (out.loss_a is not None) == ot_loss
 
 
 def test_fusion_type_lists_derive_from_the_table():
-    assert FUSION_TYPES == tuple(FUSIONS) and len(set(FUSION_TYPES)) == len(FUSION_TYPES)
+    # Every type, in the order stated above (the paper's model first).
+    assert FUSION_TYPES == tuple(FUSION_FACTS)
     assert OT_FUSION_TYPES == ("ot_att", "ot_concat", "ot_channel_concat", "ot_cross_attention")
+    assert {name: spec.released_names for name, spec in FUSIONS.items()} == {
+        name: facts[-1] for name, facts in FUSION_FACTS.items()
+    }
     released = [name for spec in FUSIONS.values() for name in spec.released_names]
     assert len(released) == len(set(released)), "a released name maps to two fusion types"

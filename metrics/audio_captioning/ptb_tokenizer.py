@@ -1,0 +1,1 @@
+../../lavcap_hf/ptb_tokenizer.py
