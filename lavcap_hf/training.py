@@ -7,7 +7,8 @@ weight decay 1e-6 on matrices, lr 5e-6 reached by a linear warm-up from 2e-9 ove
 over the whole run (100 epochs), down to 1e-8 (`lavcap_lr_scheduler`); batch 4 per device, captions cut to 300
 tokens, SpecAugment (48 mel bins, 192 frames) on training clips only, one of 8 instructions drawn per example;
 CED's input BatchNorm statistics updated in training, in float32; the kept checkpoint is the one with the best
-teacher-forced token accuracy on the evaluation split; captions by beam search (4 beams, 200 new tokens).
+teacher-forced token accuracy on the evaluation split; evaluation captions decoded as the model's
+`generation_config` says (the released beam search, `lavcap_hf.configuration_lavcap.RELEASED_DECODING`).
 """
 
 from __future__ import annotations
@@ -46,9 +47,6 @@ from .modeling_lavcap import IGNORE_INDEX, LavCapForConditionalGeneration
 from .processing_lavcap import LavCapProcessor
 
 logger = logging.get_logger(__name__)
-
-DEFAULT_GENERATION = {"num_beams": 4, "max_new_tokens": 200, "do_sample": False}
-"""The paper's evaluation decoding."""
 
 # ----------------------------------------------------------------------------------------------------------------
 # Learning-rate schedule and token accuracy
@@ -244,7 +242,8 @@ class LavCapTrainerMixin:
     - evaluates as the release validates: teacher-forced loss (`eval_loss`) and token accuracy (`eval_token_accuracy`,
       correct argmax next tokens over all caption tokens of the split) on each clip's caption (that of its first
       entry, with the evaluation instruction), one forward pass per batch. With `caption_metrics` (and always in
-      `predict`) it also generates captions (`generation_kwargs`, beam 4 / 200 tokens by default) and, when the
+      `predict`) it also generates captions (the model's `generation_config`, overridden by `generation_kwargs`,
+      any `generate()` argument) and, when the
       clips have references, scores them with `score_captions` (on the main process; the scores are
       broadcast). The captions of the last generation are in
       `last_eval_predictions` and are written to `<output_dir>/captions-step<N>.jsonl`. The kept checkpoint is
@@ -285,7 +284,7 @@ class LavCapTrainerMixin:
             self.eval_data_collator = dataclasses.replace(
                 self.data_collator, training=False, teacher_forcing=True
             )
-        self.generation_kwargs = {**DEFAULT_GENERATION, **(generation_kwargs or {})}
+        self.generation_kwargs = dict(generation_kwargs or {})
         self.caption_metrics = caption_metrics
         self.warmup_start_lr = warmup_start_lr
         self._check_best_metric()
@@ -350,9 +349,14 @@ class LavCapTrainerMixin:
         return super()._get_train_sampler(train_dataset)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The Trainer's save, and the model's generation config next to adapters (peft writes none), so that every
+        checkpoint and output folder carries the decoding it was trained for (see `lavcap_hf.lora.load_trained`)."""
         unnested = nested_fsdp_units_removed(self.model) if getattr(self, "is_fsdp_enabled", False) else None
         with unnested or contextlib.nullcontext():
             super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, PeftModel) and self.args.should_save:
+            model.get_base_model().generation_config.save_pretrained(output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if getattr(self, "is_fsdp_enabled", False) and isinstance(
@@ -473,7 +477,8 @@ class LavCapTrainerMixin:
         return loss.detach(), token_accuracy_counts(outputs.logits, forced["labels"])
 
     def _generate(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """New token ids (B, T) generated from the left-padded prompts of `inputs`."""
+        """New token ids (B, T) generated from the left-padded prompts of `inputs`, with the model's generation
+        config under `generation_kwargs`."""
         processor = self.processor
         generation = dict(self.generation_kwargs)
         if processor is not None:
@@ -637,11 +642,22 @@ class LoraArguments:
 
 @dataclass
 class EvaluationArguments:
-    generation_num_beams: int = field(
-        default=4, metadata={"help": "Beams when generating evaluation captions."}
+    generation_num_beams: int | None = field(
+        default=None,
+        metadata={
+            "help": "Beams when generating evaluation captions (default: the model's generation_config)."
+        },
     )
-    generation_max_new_tokens: int = field(
-        default=200, metadata={"help": "New tokens per evaluation caption."}
+    generation_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "New tokens per evaluation caption (default: the model's generation_config)."},
+    )
+    generation_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Any other generate() settings of the evaluation captions, as a JSON object (a mapping in a YAML "
+            "config), e.g. '{\"length_penalty\": 1.2}'; each replaces the model's generation_config setting."
+        },
     )
     caption_metrics: bool = field(
         default=True,
@@ -651,6 +667,14 @@ class EvaluationArguments:
         },
     )
     eval_instruction: str | None = field(default=None, metadata={"help": "Evaluation prompt instruction."})
+
+    def generate_settings(self) -> dict[str, Any]:
+        """The `generate()` settings that replace the model's generation config's in evaluation: `generation_kwargs`
+        and the two named ones that are set."""
+        settings = self.generation_kwargs or {}
+        settings = json.loads(settings) if isinstance(settings, str) else dict(settings)
+        named = {"num_beams": self.generation_num_beams, "max_new_tokens": self.generation_max_new_tokens}
+        return {**settings, **{name: value for name, value in named.items() if value is not None}}
 
 
 @dataclass
@@ -876,10 +900,7 @@ def build_trainer(
         "eval_dataset": eval_dataset,
         "data_collator": collator,
         "eval_data_collator": eval_collator,
-        "generation_kwargs": {
-            "num_beams": evaluation.generation_num_beams,
-            "max_new_tokens": evaluation.generation_max_new_tokens,
-        },
+        "generation_kwargs": evaluation.generate_settings(),
         "caption_metrics": evaluation.caption_metrics,
         "warmup_start_lr": arguments.schedule.warmup_start_lr,
     }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -76,3 +77,23 @@ def save_component_parts(folder):
     ced = CedModel(CedConfig(target_length=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2))
     torch.save(ced.state_dict(), folder / "ced.pt")
     return folder / "llm", folder / "ced.pt"
+
+
+@contextlib.contextmanager
+def recorded_decoding(model):
+    """Within the block, the generation config each `model.generate()` decodes with (its settings resolved from the
+    arguments, a passed `generation_config` and the model's) is appended to the list it yields; read where the
+    library resolves them (`_prepare_generation_config`, on every supported release)."""
+    used = []
+    prepare = model._prepare_generation_config
+
+    def record(*args, **kwargs):
+        config, model_kwargs = prepare(*args, **kwargs)
+        used.append(config)
+        return config, model_kwargs
+
+    model._prepare_generation_config = record
+    try:
+        yield used
+    finally:
+        del model._prepare_generation_config
