@@ -31,7 +31,7 @@ from peft import LoraConfig, PeftModel
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import SchedulerType, set_seed
 from transformers.utils import logging
 
@@ -39,7 +39,7 @@ from ._compat import dtype_kwarg, processor_kwarg
 from .caption_generation import decode_captions, generate_caption_ids
 from .collator import CAPTION_PREFIX, LavCapDataCollator
 from .configuration_lavcap import LavCapConfig
-from .convert import build_from_components, load_language_model
+from .convert import build_from_components
 from .data import Clip, EpochShuffleSampler, LavCapDataset, group_clips, load_clips
 from .lora import apply_lora, lavcap_lora_config, merge_and_save
 from .metrics import CAPTION_METRICS, score_captions
@@ -766,61 +766,35 @@ def load_model_and_processor(
     """The starting model and its processor, from a LAVCap folder or from pretrained components.
 
     With `audio_tower_float32` and a half-precision `dtype`, the CED tower's weights are read in float32 from the
-    checkpoint (not cast back up from `dtype`).
+    checkpoint (not cast back up from `dtype`) and recorded in `config.float32_modules`, so that the run's folders
+    reload them in float32 too.
     """
     dtype = getattr(torch, arguments.dtype) if arguments.dtype else None
     keep_audio = arguments.audio_tower_float32 and dtype not in (None, torch.float32)
     if arguments.model_name_or_path:
         kwargs = {dtype_kwarg(): dtype} if dtype is not None else {}
         source = arguments.model_name_or_path
-        kept = ["audio_tower"] if keep_audio and LavCapConfig.from_pretrained(source).uses_audio else []
-        with kept_in_float32(LavCapForConditionalGeneration, kept):
-            model = LavCapForConditionalGeneration.from_pretrained(source, **kwargs)
+        config = LavCapConfig.from_pretrained(source)
+        if keep_audio and config.uses_audio:
+            kwargs["float32_modules"] = sorted({*config.float32_modules, "audio_tower"})
+        model = LavCapForConditionalGeneration.from_pretrained(source, **kwargs)
         return model, LavCapProcessor.from_pretrained(source)
     if not arguments.language_model:
         raise ValueError(
             "give --model_name_or_path (a LAVCap folder) or the components, at least --language_model"
         )
-    language_model, tokenizer = arguments.language_model, arguments.tokenizer_name
-    if keep_audio:
-        # A loaded LM and no dtype: build_from_components then leaves the front end in float32.
-        language_model = load_language_model(arguments.language_model, dtype)
-        tokenizer = tokenizer or arguments.language_model
     model, tokenizer = build_from_components(
         arguments.audio_encoder,
         arguments.vision_encoder,
-        language_model,
-        tokenizer,
-        dtype=None if keep_audio else dtype,
+        arguments.language_model,
+        arguments.tokenizer_name,
+        dtype=dtype,
+        float32_modules=["audio_tower"] if keep_audio else (),
         fusion_type=arguments.fusion_type,
         num_frames=arguments.num_frames,
         **({"visual_embed_dim": arguments.visual_embed_dim} if arguments.visual_embed_dim else {}),
     )
-    if keep_audio and model.model.vision_tower is not None:
-        model.model.vision_tower.to(dtype)
     return model, LavCapProcessor.from_model_config(model.config, tokenizer)
-
-
-@contextlib.contextmanager
-def kept_in_float32(model_class: type[PreTrainedModel], modules: Sequence[str]) -> Iterator[None]:
-    """`model_class.from_pretrained(..., dtype=float16 / bfloat16)` inside keeps `modules` in float32.
-
-    Uses the library's `_keep_in_fp32_modules_strict`, which `from_pretrained` reads from the new instance
-    (Transformers 4.55 copies the class attribute, 5.x also gathers the submodules' lists).
-    """
-    if not modules:
-        yield
-        return
-    own = "_keep_in_fp32_modules_strict" in vars(model_class)
-    previous = model_class._keep_in_fp32_modules_strict
-    model_class._keep_in_fp32_modules_strict = [*(previous or []), *modules]
-    try:
-        yield
-    finally:
-        if own:
-            model_class._keep_in_fp32_modules_strict = previous
-        else:
-            del model_class._keep_in_fp32_modules_strict
 
 
 def save_base_model(
