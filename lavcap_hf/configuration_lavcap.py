@@ -157,11 +157,13 @@ class LavCapGenerationConfig(GenerationConfig):
 
     @classmethod
     def for_model(
-        cls, source: str | os.PathLike, model_config: PretrainedConfig, **hub_options: Any
+        cls, source: str | os.PathLike | None, model_config: PretrainedConfig, **hub_options: Any
     ) -> LavCapGenerationConfig:
         """The generation config of the model folder or Hub repository `source`: its `generation_config.json`, else
         the released decoding with `model_config`'s token ids. Read here rather than by the library, which without
         the file builds a plain config from `config.json` (5.x) or keeps the new model's (4.x)."""
+        if source is None:  # weights given as a state dict
+            return cls.from_model_config(model_config)
         try:
             return cls.from_pretrained(source, **hub_options)
         except OSError:

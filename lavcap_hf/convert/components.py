@@ -264,6 +264,7 @@ def build_from_components(
         text_config=language_model.config,
         audio_token_id=audio_id,
         video_token_id=video_id,
+        float32_modules=float32_modules,
         **config_kwargs,
     )
     model = _assemble(config, language_model)
@@ -271,7 +272,6 @@ def build_from_components(
     _load_tower(
         model.model.vision_tower, load_state_dict(vision) if vision is not None else None, "vision", report
     )
-    model.config.float32_modules = list(float32_modules)
     if dtype is not None and dtype != "auto":  # the decoder and head came in that dtype
         cast_model(model, language_model.dtype, float32_modules)
     for name in ("bos_token_id", "eos_token_id"):
@@ -286,6 +286,9 @@ def cast_model(
     """Cast the language model, its head and every part of `model.model` but `float32_modules` to `dtype` (each
     tensor once), `float32_modules` to float32; record them in `config.float32_modules`, so that `from_pretrained`
     keeps them float32 whatever dtype it loads in. CED's BatchNorm is float32 in any case."""
+    unknown = sorted(set(float32_modules) - set(MediaModules._fields))
+    if unknown:
+        raise ValueError(f"float32_modules must be among {MediaModules._fields}, got {unknown}")
     model.model.language_model.to(dtype)
     model.lm_head.to(dtype)
     for name in MediaModules._fields:
