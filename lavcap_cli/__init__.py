@@ -98,6 +98,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--patience", type=int, default=4, help="validation losses without a new best before training stops"
     )
+    parser.add_argument(
+        "--num-beams",
+        type=int,
+        help="beams when captioning the held-out clips (default: the model's generation_config)",
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, help="new tokens per caption (default: the model's generation_config)"
+    )
 
 
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
@@ -198,7 +206,16 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> None:
         help="width of the precomputed video_embeds when there is no --vision (default 768, CLIP ViT-L/14)",
     )
     parser.add_argument(
-        "--dtype", choices=("float32", "float16", "bfloat16"), help="dtype of the saved model"
+        "--dtype",
+        choices=("float32", "float16", "bfloat16"),
+        help="dtype of the saved language model and CLIP (default: the language model's stored dtype); the LoRA "
+        "update is merged in float32 and rounded once to it",
+    )
+    parser.add_argument(
+        "--cast-all",
+        action="store_true",
+        help="also cast CED, the fusion (OT logit scale) and the projector to --dtype (default: they stay float32, as "
+        "the release ran them; CED's BatchNorm stays float32 either way)",
     )
     parser.add_argument("--output-dir", required=True, help="folder to save the model and tokenizer to")
 

@@ -143,6 +143,27 @@ def _generation_flags_first_step() -> bool:
 _FIRST_STEP_FLAGGED = _generation_flags_first_step()
 
 
+def _generate_merges_model_defaults() -> bool:
+    from transformers import GenerationMixin
+
+    return "use_model_defaults" in inspect.signature(GenerationMixin.generate).parameters
+
+
+_MERGES_MODEL_DEFAULTS = _generate_merges_model_defaults()
+
+
+def passed_generation_config_wins(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`generate()` keyword arguments under which a passed `generation_config` wins for every setting it holds.
+
+    4.x (`use_model_defaults`, on by default) replaces each of its settings that equals the library's default by the
+    model's, so a passed `num_beams=1` became the model's beam count; 5.x takes every setting it sets and the model's
+    for those it leaves unset (None), which is what it holds on 4.x, where every setting has a value.
+    """
+    if _MERGES_MODEL_DEFAULTS and kwargs.get("generation_config") is not None:
+        return {"use_model_defaults": False, **kwargs}
+    return kwargs
+
+
 def is_first_generation_step(kwargs: dict[str, Any]) -> bool:
     """Whether `prepare_inputs_for_generation` prepares a batch's first forward: 5.x says so with
     `is_first_iteration`; in 4.x that forward starts at cache position 0."""

@@ -19,7 +19,20 @@ SHARD_INDEXES = (SAFETENSORS_INDEX, "pytorch_model.bin.index.json")
 SAFETENSORS_WEIGHTS = "model.safetensors"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
 
-_HUB_OPTIONS = ("cache_dir", "revision", "subfolder", "token", "local_files_only")
+_HUB_OPTIONS = (
+    "cache_dir",
+    "force_download",
+    "proxies",
+    "revision",
+    "subfolder",
+    "token",
+    "local_files_only",
+)
+
+
+def hub_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The options among `from_pretrained`'s `kwargs` that say where and how to fetch a folder's files."""
+    return {k: kwargs[k] for k in _HUB_OPTIONS if k in kwargs}
 
 
 def shard_names(index_file: str | os.PathLike) -> list[str]:
@@ -50,7 +63,7 @@ def folder_weight_files(folder: Path) -> list[Path]:
 def checkpoint_shapes(source: str | os.PathLike, hub_kwargs: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of the safetensors weights (sharded or not) of a folder or Hub repository, read from the
     file headers without loading a tensor; `hub_kwargs` are `from_pretrained`'s (revision, token, ...)."""
-    options = {k: hub_kwargs[k] for k in _HUB_OPTIONS if k in hub_kwargs}
+    options = hub_options(hub_kwargs)
 
     def resolve(filename: str) -> str | None:
         return cached_file(source, filename, _raise_exceptions_for_missing_entries=False, **options)

@@ -6,7 +6,7 @@ import os
 import warnings
 from typing import Any
 
-from transformers import CLIPVisionConfig, PretrainedConfig
+from transformers import CLIPVisionConfig, GenerationConfig, PretrainedConfig
 from transformers.models.auto import CONFIG_MAPPING, AutoConfig
 
 from .optimal_transport import (
@@ -18,6 +18,9 @@ from .optimal_transport import (
     SINKHORN_ITERATIONS,
     FusionSpec,
 )
+
+FLOAT32_MODULE_CHOICES = ("audio_tower", "vision_tower", "fusion", "multi_modal_projector")
+"""The modules of `LavCapModel` between the media and the decoder, which `float32_modules` may keep in float32."""
 
 PIPELINE_TASK = "audio-visual-captioning"
 """The task name of `AudioVisualCaptioningPipeline`, as registered with transformers and recorded in saved configs."""
@@ -121,6 +124,55 @@ def _without_installed_pipeline(custom_pipelines: dict[str, Any]) -> dict[str, A
     return {task: spec for task, spec in custom_pipelines.items() if task != PIPELINE_TASK}
 
 
+RELEASED_DECODING = {"num_beams": 4, "max_new_tokens": 200, "do_sample": False}
+"""The released captioning decoding (the `generate` section of the release's configs/config_best.yaml): beam search,
+4 beams, up to 200 new tokens, no sampling. Its other settings change nothing here: `temperature` 1.0 and `top_p`
+0.9 act only when sampling; `repetition_penalty` and `length_penalty` 1.0 are the library's defaults; `min_length` 1
+counts the prompt embeddings there, which the library subtracts, leaving 0."""
+
+
+class LavCapGenerationConfig(GenerationConfig):
+    r"""The model's `generation_config`: a [`GenerationConfig`] whose unset decoding settings are the released ones.
+
+    Each setting of `RELEASED_DECODING` not given (as an argument, or as a key of a folder's
+    `generation_config.json`) takes the released value, so `generate()` without arguments decodes as the release
+    did; a folder's own settings win, and `generate()`'s arguments win over both. The released settings are always
+    written to `generation_config.json`, also where they equal the library's defaults (`num_beams` 1 on
+    transformers 4.x), so that a saved choice is read back as it was made.
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        for name, value in RELEASED_DECODING.items():
+            kwargs.setdefault(name, value)
+        super().__init__(**kwargs)
+
+    @classmethod
+    def from_model_config(cls, model_config: PretrainedConfig | dict) -> LavCapGenerationConfig:
+        """The token ids of `model_config`'s language model and the released decoding (transformers 4.x would
+        copy the model config's default decoding settings: a LAVCap config carries none of its own)."""
+        generation_config = super().from_model_config(model_config)
+        generation_config.update(**RELEASED_DECODING)
+        generation_config._original_object_hash = hash(generation_config)
+        return generation_config
+
+    @classmethod
+    def for_model(
+        cls, source: str | os.PathLike | None, model_config: PretrainedConfig, **hub_options: Any
+    ) -> LavCapGenerationConfig:
+        """The generation config of the model folder or Hub repository `source`: its `generation_config.json`, else
+        the released decoding with `model_config`'s token ids. Read here rather than by the library, which without
+        the file builds a plain config from `config.json` (5.x) or keeps the new model's (4.x)."""
+        if source is None:  # weights given as a state dict
+            return cls.from_model_config(model_config)
+        try:
+            return cls.from_pretrained(source, **hub_options)
+        except OSError:
+            return cls.from_model_config(model_config)
+
+    def to_diff_dict(self) -> dict[str, Any]:
+        return {**super().to_diff_dict(), **{name: getattr(self, name) for name in RELEASED_DECODING}}
+
+
 class LavCapConfig(PretrainedConfig):
     r"""Configuration of [`LavCapForConditionalGeneration`].
 
@@ -140,6 +192,9 @@ class LavCapConfig(PretrainedConfig):
         video_token_id: id of the `<|video|>` placeholder token.
         logit_scale_init: initial OT logit scale (ln(1/0.07)).
         logit_scale_max: the scale is clamped to [0, logit_scale_max] every forward (4.6052, as released).
+        float32_modules: modules of [`LavCapModel`] among `FLOAT32_MODULE_CHOICES` that stay float32 when the
+            model is loaded in half precision (`from_pretrained(dtype=...)`, `"auto"` included): `lavcap convert`
+            keeps CED, the fusion (the OT logit scale) and the projector in float32, as the release ran them.
     """
 
     model_type = "lavcap"
@@ -160,6 +215,7 @@ class LavCapConfig(PretrainedConfig):
         video_token_id: int | None = None,
         logit_scale_init: float = LOGIT_SCALE_INIT,
         logit_scale_max: float = LOGIT_SCALE_MAX,
+        float32_modules: list[str] | tuple[str, ...] = (),
         **kwargs: Any,
     ) -> None:
         if kwargs.get("custom_pipelines"):
@@ -187,6 +243,10 @@ class LavCapConfig(PretrainedConfig):
         self.video_token_id = video_token_id
         self.logit_scale_init = logit_scale_init
         self.logit_scale_max = logit_scale_max
+        unknown = sorted(set(float32_modules) - set(FLOAT32_MODULE_CHOICES))
+        if unknown:
+            raise ValueError(f"float32_modules must be among {FLOAT32_MODULE_CHOICES}, got {unknown}")
+        self.float32_modules = list(float32_modules)
         # The LM head shares the input embedding matrix exactly when the language model's config says so.
         kwargs.setdefault("tie_word_embeddings", getattr(self.text_config, "tie_word_embeddings", False))
         super().__init__(**kwargs)

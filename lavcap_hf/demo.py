@@ -190,13 +190,14 @@ def train_one(
     )
 
 
-def caption_held_out(folder: str, clips: list[Clip]) -> list[str]:
-    """Caption the held-out clips with the saved model, loaded back through the pipeline."""
+def caption_held_out(folder: str, clips: list[Clip], **generation: Any) -> list[str]:
+    """Caption the held-out clips with the saved model, loaded back through the pipeline, decoding as its
+    generation config says unless `generation` (`generate()` settings) says otherwise."""
     captioner = pipeline(TASK, model=folder, trust_remote_code=True, device="cpu")
     inputs = [
         {"audio": clip.audio, "sampling_rate": clip.sampling_rate, "frames": clip.video} for clip in clips
     ]
-    outputs = captioner(inputs, batch_size=16, num_beams=1, max_new_tokens=12)
+    outputs = captioner(inputs, batch_size=16, **generation)
     return [output[0]["caption"] for output in outputs]
 
 
@@ -243,14 +244,13 @@ def format_report(rows: list[DemoRow], num_examples: int = 6) -> str:
     return "\n".join(lines)
 
 
-def save_ot_picture(folder: str, clip: Clip, path: str) -> str:
+def save_ot_picture(folder: str, clip: Clip, path: str, **generation: Any) -> str:
     """Picture of the OT plan of `clip` (frames as thumbnails along their axis); returns the model's caption."""
     captioner = pipeline(TASK, model=folder, trust_remote_code=True, device="cpu")
     output = captioner(
         {"audio": clip.audio, "sampling_rate": clip.sampling_rate, "frames": clip.video},
         return_ot_plan=True,
-        num_beams=1,
-        max_new_tokens=12,
+        **generation,
     )[0]
     title = f"{clip.id}: reference '{clip.caption}', caption '{output['caption']}'"
     plot_ot_plan(output["ot_plan"], path, title=title, frames=clip.video)
@@ -276,9 +276,13 @@ def run_demo(
     num_valid: int = 30,
     eval_every: int = 50,
     patience: int = 4,
+    generation: dict[str, Any] | None = None,
 ) -> list[DemoRow]:
     """Train the demo's models (each until its validation loss stops improving, at most `steps` steps), caption
-    the held-out clips and write the report, `results.json` and `ot_plan.png` to `output_dir`."""
+    the held-out clips and write the report, `results.json` and `ot_plan.png` to `output_dir`. The captions are
+    decoded as each saved model's generation config says (the released beam search), with `generation`
+    (`generate()` settings) in its place where given."""
+    generation = generation or {}
     start = time.perf_counter()
     # The models are tiny: a second intra-op thread gains little and, on a busy 2-core machine, costs a lot.
     torch.set_num_threads(1)
@@ -317,11 +321,11 @@ def run_demo(
             + ("stopped by the early stopping" if training.converged else "stopped by the step cap")
             + f"; kept step {training.best_step} (validation loss {training.best_eval_loss:.3f})"
         )
-        captions = caption_held_out(folder, test_clips)
+        captions = caption_held_out(folder, test_clips, **generation)
         rows.append(evaluate_row(fusion_type, captions, splits["test"], training))
     picture = os.path.join(output_dir, "ot_plan.png")
     shown = test_clips[first_correct(rows[0], splits["test"])]
-    save_ot_picture(os.path.join(output_dir, "model-ot_att"), shown, picture)
+    save_ot_picture(os.path.join(output_dir, "model-ot_att"), shown, picture, **generation)
     report = format_report(rows)
     with open(os.path.join(output_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(report + "\n")
@@ -350,5 +354,10 @@ def run_demo_command(args: argparse.Namespace) -> int:
         num_valid=args.num_valid,
         eval_every=args.eval_every,
         patience=args.patience,
+        generation={
+            name: value
+            for name, value in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
+            if value is not None
+        },
     )
     return 0

@@ -17,6 +17,7 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 from transformers import PreTrainedModel
 
+from .configuration_lavcap import LavCapGenerationConfig
 from .modeling_lavcap import RUNNING_STAT_NORMS, LavCapForConditionalGeneration
 from .processing_lavcap import LavCapProcessor
 
@@ -148,7 +149,8 @@ def load_trained(
     """A fine-tuned model from a training checkpoint (or a finished run's output folder).
 
     Args:
-        checkpoint: folder with `adapter_config.json` and the adapter weights (what the Trainer saves).
+        checkpoint: folder with `adapter_config.json` and the adapter weights (what the Trainer saves); its
+            `generation_config.json`, where there is one, replaces the base model's.
         base_model: the model training started from, loaded or a folder; default: the base path recorded in
             `adapter_config.json`.
         merge: fold the adapters into the weights and return a plain `LavCapForConditionalGeneration`.
@@ -159,6 +161,10 @@ def load_trained(
         if not path:
             raise ValueError(f"{checkpoint}: adapter_config.json names no base model; pass base_model=")
         base_model = LavCapForConditionalGeneration.from_pretrained(path, **from_pretrained_kwargs)
+    try:  # the Trainer saves the model's generation config next to the adapters
+        base_model.generation_config = LavCapGenerationConfig.from_pretrained(checkpoint)
+    except OSError:  # a checkpoint without one decodes as its base model does
+        pass
     model = PeftModel.from_pretrained(base_model, checkpoint)
     return model.merge_and_unload() if merge else model
 

@@ -31,13 +31,15 @@ from ._compat import (
     accept_old_cache_name,
     as_cache,
     decoder_cache_kwargs,
+    dtype_kwarg,
     init,
     is_first_generation_step,
     multimodal_output_bases,
+    passed_generation_config_wins,
     register_key_renames,
 )
-from .checkpoint_files import checkpoint_shapes
-from .configuration_lavcap import PIPELINE_TASK, LavCapConfig
+from .checkpoint_files import checkpoint_shapes, hub_options
+from .configuration_lavcap import PIPELINE_TASK, LavCapConfig, LavCapGenerationConfig
 from .modeling_ced import CedModel
 from .optimal_transport import OT_FUSION_TYPES, build_fusion
 
@@ -143,14 +145,39 @@ class LavCapPreTrainedModel(PreTrainedModel):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any
     ):
-        """`PreTrainedModel.from_pretrained`, except that a checkpoint tensor whose shape differs from the model's
-        raises a ValueError naming each such key and both shapes (the library re-initialises it, or raises an error
-        that names neither), unless `ignore_mismatched_sizes=True` asks for the re-initialisation. Folders in the
-        older layout (a separate causal LM) load on every supported release."""
+        """`PreTrainedModel.from_pretrained`, except that:
+
+        - a checkpoint tensor whose shape differs from the model's raises a ValueError naming each such key and both
+          shapes (the library re-initialises it, or raises an error that names neither), unless
+          `ignore_mismatched_sizes=True` asks for the re-initialisation;
+        - folders in the older layout (a separate causal LM) load on every supported release;
+        - without a dtype, the folder's dtypes are kept on every release (5.x's default, `dtype="auto"`; 4.x would
+          load everything in float32): the language model's, and float32 for `config.float32_modules`;
+        - the generation config is a [`LavCapGenerationConfig`] on every release: the folder's
+          `generation_config.json` (each decoding setting it leaves out is the released one), or the released
+          decoding where the folder has none; a `generation_config=` argument is used as given.
+        """
         if _KEY_MAPPING_4X is not None and kwargs.get("key_mapping") is None:
             kwargs["key_mapping"] = _KEY_MAPPING_4X
+        if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
+            kwargs[dtype_kwarg()] = "auto"
         if kwargs.get("ignore_mismatched_sizes"):
-            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+            loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        else:
+            loaded = cls._from_pretrained_checking_shapes(
+                pretrained_model_name_or_path, *model_args, **kwargs
+            )
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        if model.can_generate() and kwargs.get("generation_config") is None:
+            model.generation_config = LavCapGenerationConfig.for_model(
+                pretrained_model_name_or_path, model.config, **hub_options(kwargs)
+            )
+        return loaded
+
+    @classmethod
+    def _from_pretrained_checking_shapes(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args: Any, **kwargs: Any
+    ):
         return_info = kwargs.pop("output_loading_info", False)
         model, info = super().from_pretrained(
             pretrained_model_name_or_path,
@@ -167,6 +194,18 @@ class LavCapPreTrainedModel(PreTrainedModel):
                 f"{'; '.join(problems)}"
             )
         return (model, info) if return_info else model
+
+    def _keep_float32_modules(self, media: nn.Module) -> None:
+        """Have `from_pretrained` keep `config.float32_modules` in float32 whatever dtype it loads in: the library's
+        `_keep_in_fp32_modules_strict`, read from the new instance (5.x also gathers the submodules' lists). Only
+        modules that exist and hold parameters are named (4.x refuses a name no parameter carries)."""
+        kept = [
+            name
+            for name in self.config.float32_modules
+            if getattr(media, name) is not None and any(True for _ in getattr(media, name).parameters())
+        ]
+        inherited = list(type(self)._keep_in_fp32_modules_strict or [])
+        self._keep_in_fp32_modules_strict = [*inherited, *kept] or None
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -330,6 +369,7 @@ class LavCapModel(LavCapPreTrainedModel):
             config
         )
         self.language_model = AutoModel.from_config(config.text_config)
+        self._keep_float32_modules(self)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -656,9 +696,13 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
     # The loss is the released recipe's: the mean over this batch's caption tokens plus the OT loss of its clips,
     # not a sum to be divided over a gradient-accumulation window; the Trainer scales it per step.
     accepts_loss_kwargs = False
+    generation_config_class = LavCapGenerationConfig
 
     def __init__(self, config: LavCapConfig) -> None:
         super().__init__(config)
+        # 5.x builds it from `generation_config_class`, 4.x a plain GenerationConfig.
+        if not isinstance(self.generation_config, LavCapGenerationConfig):
+            self.generation_config = LavCapGenerationConfig.from_model_config(config)
         self.model = LavCapModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         # Per instance, as the library's models whose tied names depend on their config: the head is tied (where
@@ -667,6 +711,7 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             "lm_head.weight": f"model.language_model.{_input_embedding_key(self.model)}"
         }
         self.register_load_state_dict_pre_hook(_rename_older_layout_keys)
+        self._keep_float32_modules(self.model)
         self.post_init()
         # After `post_init`, which copies the class's (empty) plan: the head is sharded as the decoder family's own
         # causal LM shards its head, and not at all where that family has no tensor-parallel plan.
@@ -678,13 +723,27 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         `register_for_auto_class` keeps one auto class per model class (AutoModelForCausalLM here), so the
         AutoModel entry is added here; the registered `audio-visual-captioning` pipeline is saved alongside as
         `custom_pipelines`, so that `pipeline(model=folder, trust_remote_code=True)` finds it.
+
+        The config's dtype is the language model's: the library records the first parameter's, CED's, which stays
+        float32 in a model that keeps `config.float32_modules` in float32, and `from_pretrained(dtype="auto")`
+        would then load the whole model in float32. `push_to_hub=True` uploads the folder once it is complete.
         """
         if getattr(type(self), "_auto_class", None) is not None:
             module = type(self).__module__.split(".")[-1]
             auto_map = getattr(self.config, "auto_map", None) or {}
             self.config.auto_map = {**auto_map, "AutoModel": f"{module}.{type(self).__name__}"}
             self._save_custom_pipeline(save_directory)
+        push_to_hub = kwargs.pop("push_to_hub", False)
         super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            setattr(self.config, dtype_kwarg(), self.language_model.dtype)
+            self.config.save_pretrained(save_directory)
+        if push_to_hub:
+            hub = ("commit_message", "private", "token", "create_pr", "revision")
+            self.push_to_hub(
+                kwargs.get("repo_id", os.path.basename(os.path.normpath(save_directory))),
+                **{name: kwargs[name] for name in hub if name in kwargs},
+            )
 
     def _save_custom_pipeline(self, save_directory: str | os.PathLike) -> None:
         from transformers.dynamic_module_utils import custom_object_save
@@ -845,7 +904,13 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         (`torch.compile(fullgraph=True)`; on CUDA with CUDA graphs), where the library compiles: on accelerators.
         It pays off over many calls of one shape (a corpus), not for one caption; off by default.
         The output holds the prompt ids then the new tokens, (B * num_return_sequences, L + new), as usual.
+
+        Settings: the arguments, then a `generation_config=` argument, then `self.generation_config` (a saved
+        folder's, else the released decoding: `LavCapGenerationConfig`). A passed `generation_config` wins for every
+        setting it holds on every supported release (4.x would replace its settings that equal the library's
+        defaults, `num_beams=1` among them, by the model's); pass it by keyword.
         """
+        kwargs = passed_generation_config_wins(kwargs)
         share_prefill = kwargs.pop("share_prefill", True)
         if kwargs.pop("compile_decoding", False):
             kwargs = _compiled_decoding(kwargs)
@@ -866,32 +931,40 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             kwargs = self._prefill_once_per_prompt(kwargs, copies)
         return super().generate(inputs, *args, **kwargs)
 
+    def _generation_setting(self, kwargs: dict[str, Any], name: str, default: Any) -> Any:
+        """The value `generate()` will use for setting `name`: the argument, else the passed `generation_config`'s,
+        else the model's (a None value is unset)."""
+        passed = kwargs.get("generation_config")
+        for value in (
+            kwargs.get(name),
+            getattr(passed, name, None),
+            getattr(self.generation_config, name, None),
+        ):
+            if value is not None:
+                return value
+        return default
+
     def _copies_per_prompt(self, kwargs: dict[str, Any]) -> int:
         """How many rows `generate()` makes of each prompt: its beams, or its returned samples without beams."""
-        config = kwargs.get("generation_config") or self.generation_config
-
-        def setting(name: str) -> int:
-            value = kwargs.get(name)
-            return int(value if value is not None else getattr(config, name, 1) or 1)
-
-        beams = setting("num_beams")
-        return beams if beams > 1 else setting("num_return_sequences")
+        beams = int(self._generation_setting(kwargs, "num_beams", 1))
+        return beams if beams > 1 else int(self._generation_setting(kwargs, "num_return_sequences", 1))
 
     def _can_share_prefill(self, kwargs: dict[str, Any]) -> bool:
         """A prompt given as ids, decoded with a dynamic cache that starts empty and by the model alone, without
         per-step attentions or hidden states (the first step's span the prompt), whose last token is not a
         placeholder (that token is read after the cache is repeated, without the media)."""
-        config = kwargs.get("generation_config") or self.generation_config
         input_ids = kwargs.get("input_ids")
         if input_ids is None or input_ids.shape[1] < 2 or kwargs.get("inputs_embeds") is not None:
             return False
-        if kwargs.get("use_cache", getattr(config, "use_cache", True)) is False or _given_cache(kwargs):
+        if self._generation_setting(kwargs, "use_cache", True) is False or _given_cache(kwargs):
             return False
-        if kwargs.get("cache_implementation", getattr(config, "cache_implementation", None)) is not None:
+        if self._generation_setting(kwargs, "cache_implementation", None) is not None:
             return False
-        for name in ("output_attentions", "output_hidden_states"):
-            if kwargs.get(name) or (kwargs.get(name) is None and getattr(config, name, False)):
-                return False
+        if any(
+            self._generation_setting(kwargs, name, False)
+            for name in ("output_attentions", "output_hidden_states")
+        ):
+            return False
         if any(kwargs.get(name) is not None for name in ("assistant_model", "prompt_lookup_num_tokens")):
             return False
         last = input_ids[:, -1:]

@@ -7,7 +7,8 @@ weight decay 1e-6 on matrices, lr 5e-6 reached by a linear warm-up from 2e-9 ove
 over the whole run (100 epochs), down to 1e-8 (`lavcap_lr_scheduler`); batch 4 per device, captions cut to 300
 tokens, SpecAugment (48 mel bins, 192 frames) on training clips only, one of 8 instructions drawn per example;
 CED's input BatchNorm statistics updated in training, in float32; the kept checkpoint is the one with the best
-teacher-forced token accuracy on the evaluation split; captions by beam search (4 beams, 200 new tokens).
+teacher-forced token accuracy on the evaluation split; evaluation captions decoded as the model's
+`generation_config` says (the released beam search, `lavcap_hf.configuration_lavcap.RELEASED_DECODING`).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from peft import LoraConfig, PeftModel
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import HfArgumentParser, PreTrainedModel, Trainer, TrainerCallback, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 from transformers.trainer_utils import SchedulerType, set_seed
 from transformers.utils import logging
 
@@ -38,7 +39,7 @@ from ._compat import dtype_kwarg, processor_kwarg
 from .caption_generation import decode_captions, generate_caption_ids
 from .collator import CAPTION_PREFIX, LavCapDataCollator
 from .configuration_lavcap import LavCapConfig
-from .convert import build_from_components, load_language_model
+from .convert import build_from_components
 from .data import Clip, EpochShuffleSampler, LavCapDataset, group_clips, load_clips
 from .lora import apply_lora, lavcap_lora_config, merge_and_save
 from .metrics import CAPTION_METRICS, score_captions
@@ -46,9 +47,6 @@ from .modeling_lavcap import IGNORE_INDEX, LavCapForConditionalGeneration
 from .processing_lavcap import LavCapProcessor
 
 logger = logging.get_logger(__name__)
-
-DEFAULT_GENERATION = {"num_beams": 4, "max_new_tokens": 200, "do_sample": False}
-"""The paper's evaluation decoding."""
 
 # ----------------------------------------------------------------------------------------------------------------
 # Learning-rate schedule and token accuracy
@@ -244,7 +242,8 @@ class LavCapTrainerMixin:
     - evaluates as the release validates: teacher-forced loss (`eval_loss`) and token accuracy (`eval_token_accuracy`,
       correct argmax next tokens over all caption tokens of the split) on each clip's caption (that of its first
       entry, with the evaluation instruction), one forward pass per batch. With `caption_metrics` (and always in
-      `predict`) it also generates captions (`generation_kwargs`, beam 4 / 200 tokens by default) and, when the
+      `predict`) it also generates captions (the model's `generation_config`, overridden by `generation_kwargs`,
+      any `generate()` argument) and, when the
       clips have references, scores them with `score_captions` (on the main process; the scores are
       broadcast). The captions of the last generation are in
       `last_eval_predictions` and are written to `<output_dir>/captions-step<N>.jsonl`. The kept checkpoint is
@@ -285,7 +284,7 @@ class LavCapTrainerMixin:
             self.eval_data_collator = dataclasses.replace(
                 self.data_collator, training=False, teacher_forcing=True
             )
-        self.generation_kwargs = {**DEFAULT_GENERATION, **(generation_kwargs or {})}
+        self.generation_kwargs = dict(generation_kwargs or {})
         self.caption_metrics = caption_metrics
         self.warmup_start_lr = warmup_start_lr
         self._check_best_metric()
@@ -373,9 +372,14 @@ class LavCapTrainerMixin:
         return super()._get_train_sampler(train_dataset)
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        """The Trainer's save, and the model's generation config next to adapters (peft writes none), so that every
+        checkpoint and output folder carries the decoding it was trained for (see `lavcap_hf.lora.load_trained`)."""
         unnested = nested_fsdp_units_removed(self.model) if getattr(self, "is_fsdp_enabled", False) else None
         with unnested or contextlib.nullcontext():
             super()._save(output_dir, state_dict)
+        model = self.accelerator.unwrap_model(self.model)
+        if isinstance(model, PeftModel) and self.args.should_save:
+            model.get_base_model().generation_config.save_pretrained(output_dir or self.args.output_dir)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         if getattr(self, "is_fsdp_enabled", False) and isinstance(
@@ -499,7 +503,8 @@ class LavCapTrainerMixin:
         return loss.detach(), token_accuracy_counts(outputs.logits, forced["labels"])
 
     def _generate(self, model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        """New token ids (B, T) generated from the left-padded prompts of `inputs`."""
+        """New token ids (B, T) generated from the left-padded prompts of `inputs`, with the model's generation
+        config under `generation_kwargs`."""
         processor = self.processor
         generation = dict(self.generation_kwargs)
         if processor is not None:
@@ -674,11 +679,22 @@ class LoraArguments:
 
 @dataclass
 class EvaluationArguments:
-    generation_num_beams: int = field(
-        default=4, metadata={"help": "Beams when generating evaluation captions."}
+    generation_num_beams: int | None = field(
+        default=None,
+        metadata={
+            "help": "Beams when generating evaluation captions (default: the model's generation_config)."
+        },
     )
-    generation_max_new_tokens: int = field(
-        default=200, metadata={"help": "New tokens per evaluation caption."}
+    generation_max_new_tokens: int | None = field(
+        default=None,
+        metadata={"help": "New tokens per evaluation caption (default: the model's generation_config)."},
+    )
+    generation_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Any other generate() settings of the evaluation captions, as a JSON object (a mapping in a YAML "
+            "config), e.g. '{\"length_penalty\": 1.2}'; each replaces the model's generation_config setting."
+        },
     )
     caption_metrics: bool = field(
         default=True,
@@ -688,6 +704,14 @@ class EvaluationArguments:
         },
     )
     eval_instruction: str | None = field(default=None, metadata={"help": "Evaluation prompt instruction."})
+
+    def generate_settings(self) -> dict[str, Any]:
+        """The `generate()` settings that replace the model's generation config's in evaluation: `generation_kwargs`
+        and the two named ones that are set."""
+        settings = self.generation_kwargs or {}
+        settings = json.loads(settings) if isinstance(settings, str) else dict(settings)
+        named = {"num_beams": self.generation_num_beams, "max_new_tokens": self.generation_max_new_tokens}
+        return {**settings, **{name: value for name, value in named.items() if value is not None}}
 
 
 @dataclass
@@ -779,61 +803,35 @@ def load_model_and_processor(
     """The starting model and its processor, from a LAVCap folder or from pretrained components.
 
     With `audio_tower_float32` and a half-precision `dtype`, the CED tower's weights are read in float32 from the
-    checkpoint (not cast back up from `dtype`).
+    checkpoint (not cast back up from `dtype`) and recorded in `config.float32_modules`, so that the run's folders
+    reload them in float32 too.
     """
     dtype = getattr(torch, arguments.dtype) if arguments.dtype else None
     keep_audio = arguments.audio_tower_float32 and dtype not in (None, torch.float32)
     if arguments.model_name_or_path:
         kwargs = {dtype_kwarg(): dtype} if dtype is not None else {}
         source = arguments.model_name_or_path
-        kept = ["audio_tower"] if keep_audio and LavCapConfig.from_pretrained(source).uses_audio else []
-        with kept_in_float32(LavCapForConditionalGeneration, kept):
-            model = LavCapForConditionalGeneration.from_pretrained(source, **kwargs)
+        config = LavCapConfig.from_pretrained(source)
+        if keep_audio and config.uses_audio:
+            kwargs["float32_modules"] = sorted({*config.float32_modules, "audio_tower"})
+        model = LavCapForConditionalGeneration.from_pretrained(source, **kwargs)
         return model, LavCapProcessor.from_pretrained(source)
     if not arguments.language_model:
         raise ValueError(
             "give --model_name_or_path (a LAVCap folder) or the components, at least --language_model"
         )
-    language_model, tokenizer = arguments.language_model, arguments.tokenizer_name
-    if keep_audio:
-        # A loaded LM and no dtype: build_from_components then leaves the front end in float32.
-        language_model = load_language_model(arguments.language_model, dtype)
-        tokenizer = tokenizer or arguments.language_model
     model, tokenizer = build_from_components(
         arguments.audio_encoder,
         arguments.vision_encoder,
-        language_model,
-        tokenizer,
-        dtype=None if keep_audio else dtype,
+        arguments.language_model,
+        arguments.tokenizer_name,
+        dtype=dtype,
+        float32_modules=["audio_tower"] if keep_audio else (),
         fusion_type=arguments.fusion_type,
         num_frames=arguments.num_frames,
         **({"visual_embed_dim": arguments.visual_embed_dim} if arguments.visual_embed_dim else {}),
     )
-    if keep_audio and model.model.vision_tower is not None:
-        model.model.vision_tower.to(dtype)
     return model, LavCapProcessor.from_model_config(model.config, tokenizer)
-
-
-@contextlib.contextmanager
-def kept_in_float32(model_class: type[PreTrainedModel], modules: Sequence[str]) -> Iterator[None]:
-    """`model_class.from_pretrained(..., dtype=float16 / bfloat16)` inside keeps `modules` in float32.
-
-    Uses the library's `_keep_in_fp32_modules_strict`, which `from_pretrained` reads from the new instance
-    (Transformers 4.55 copies the class attribute, 5.x also gathers the submodules' lists).
-    """
-    if not modules:
-        yield
-        return
-    own = "_keep_in_fp32_modules_strict" in vars(model_class)
-    previous = model_class._keep_in_fp32_modules_strict
-    model_class._keep_in_fp32_modules_strict = [*(previous or []), *modules]
-    try:
-        yield
-    finally:
-        if own:
-            model_class._keep_in_fp32_modules_strict = previous
-        else:
-            del model_class._keep_in_fp32_modules_strict
 
 
 def save_base_model(
@@ -913,10 +911,7 @@ def build_trainer(
         "eval_dataset": eval_dataset,
         "data_collator": collator,
         "eval_data_collator": eval_collator,
-        "generation_kwargs": {
-            "num_beams": evaluation.generation_num_beams,
-            "max_new_tokens": evaluation.generation_max_new_tokens,
-        },
+        "generation_kwargs": evaluation.generate_settings(),
         "caption_metrics": evaluation.caption_metrics,
         "warmup_start_lr": arguments.schedule.warmup_start_lr,
     }

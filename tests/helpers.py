@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -97,3 +98,23 @@ def record_generation_settings(monkeypatch) -> list[dict]:
 
     monkeypatch.setattr(LavCapForConditionalGeneration, "generate", generate)
     return settings
+
+
+@contextlib.contextmanager
+def recorded_decoding(model):
+    """Within the block, the generation config each `model.generate()` decodes with (its settings resolved from the
+    arguments, a passed `generation_config` and the model's) is appended to the list it yields; read where the
+    library resolves them (`_prepare_generation_config`, on every supported release)."""
+    used = []
+    prepare = model._prepare_generation_config
+
+    def record(*args, **kwargs):
+        config, model_kwargs = prepare(*args, **kwargs)
+        used.append(config)
+        return config, model_kwargs
+
+    model._prepare_generation_config = record
+    try:
+        yield used
+    finally:
+        del model._prepare_generation_config

@@ -29,6 +29,7 @@ from transformers import (
 
 from lavcap_cli import add_convert_arguments
 from lavcap_hf import CedModel, LavCapForConditionalGeneration
+from lavcap_hf._compat import dtype_kwarg
 from lavcap_hf.convert import (
     OFFICIAL_FUSION_TYPES,
     build_from_components,
@@ -39,6 +40,7 @@ from lavcap_hf.convert import (
     load_clip_vision_weights,
     load_state_dict,
     official_config_kwargs,
+    part_dtypes,
     run_convert,
 )
 from lavcap_hf.lora import apply_lora, lavcap_lora_config
@@ -750,3 +752,79 @@ def test_convert_command_saves_a_loadable_model(
     batch = lavcap_batch(merged)
     with torch.no_grad():
         torch.testing.assert_close(loaded(**batch).logits, merged(**batch).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def float16_llm_folder(llm_folder, tmp_path_factory):
+    """The tiny LLaMA stored in float16, as meta-llama/Llama-2-7b-chat-hf is, with its tokenizer."""
+    folder = tmp_path_factory.mktemp("llama-float16")
+    LlamaForCausalLM.from_pretrained(llm_folder).to(torch.float16).save_pretrained(folder)
+    PreTrainedTokenizerFast.from_pretrained(llm_folder).save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("dtype", "cast_all", "expected"),
+    [("bfloat16", False, torch.bfloat16), ("bfloat16", True, torch.bfloat16), (None, False, torch.float16)],
+    ids=["bfloat16", "bfloat16-cast-all", "stored-dtype"],
+)
+def test_conversion_merges_in_float32_rounds_once_and_keeps_ced_and_the_projector_float32(
+    dtype, cast_all, expected, released, release, float16_llm_folder, tmp_path
+) -> None:
+    """LoRA merged into a float16-stored LLaMA: each merged weight is the float32 sum rounded once to the target dtype
+    (bf16 rounding of W, then of W + update, loses most of a small update). CED (BatchNorm included), the OT logit
+    scale and the projector stay float32 unless `--cast-all`, also through `from_pretrained`; the report says so."""
+    checkpoint = tmp_path / "checkpoint_best.pth"
+    torch.save(released.checkpoint(trainable_only=True), checkpoint)
+    torch.save(release, tmp_path / "ced.pt")
+    parser = argparse.ArgumentParser()
+    add_convert_arguments(parser)
+    argv = ["--audio", str(tmp_path / "ced.pt"), "--text", str(float16_llm_folder)]
+    argv += ["--checkpoint", str(checkpoint), "--num-frames", "4", "--visual-embed-dim", str(WIDTH)]
+    argv += ["--output-dir", str(tmp_path / "out")] + (["--dtype", dtype] if dtype else [])
+    argv += ["--cast-all"] if cast_all else []
+    report = run_convert(parser.parse_args(argv))
+
+    stored = LlamaForCausalLM.from_pretrained(
+        float16_llm_folder, **{dtype_kwarg(): torch.float16}
+    ).state_dict()
+    llama = released.llama_decoder.base_model.model.model
+    ced = released.audio_encoder.base_model.model
+    kept = expected if cast_all else torch.float32
+    norm = {"weight", "bias", "running_mean", "running_var"}
+    for loading in ({}, {dtype_kwarg(): "auto"}, {dtype_kwarg(): torch.bfloat16}):
+        model = LavCapForConditionalGeneration.from_pretrained(tmp_path / "out", **loading)
+        if model.language_model.dtype == expected:  # not cast again by loading a float16 folder in bf16
+            for i in range(2):
+                attention, ours = llama.layers[i].self_attn, model.language_model.layers[i].self_attn
+                for name in ("q_proj", "v_proj"):
+                    weight = stored[f"model.layers.{i}.self_attn.{name}.weight"]
+                    merged = (weight.float() + released.lora_update(getattr(attention, name))).to(expected)
+                    assert torch.equal(getattr(ours, name).weight, merged), (loading, i, name)
+                key = f"model.layers.{i}.self_attn.k_proj.weight"
+                assert torch.equal(ours.k_proj.weight, stored[key].to(expected))
+        tower = model.model.audio_tower
+        for i in range(LAYERS):
+            q, _, v = release[f"blocks.{i}.attn.qkv.weight"].chunk(3)
+            attention = ced.blocks[i].attn
+            for name, weight in (("q_proj", q), ("v_proj", v)):
+                merged = weight + released.lora_update(getattr(attention, name))
+                assert torch.equal(getattr(tower.blocks[i].attn, name).weight, merged.to(kept))
+        assert {p.dtype for p in tower.blocks.parameters()} == {kept}
+        projector = model.model.multi_modal_projector
+        assert torch.equal(projector.weight, released.speech_llama_proj.weight.to(kept))
+        assert model.model.fusion.logit_scale.dtype == kept and model.model.fusion.logit_scale.item() == 3.0
+        assert {getattr(tower.init_bn, n).dtype for n in norm} == {torch.float32}
+        assert torch.equal(tower.init_bn.running_mean, ced.init_bn[1].running_mean)
+        if model.language_model.dtype == expected:
+            assert part_dtypes(model) == report.dtypes, loading
+    kept_name = str(kept).removeprefix("torch.")
+    assert report.dtypes == {
+        "language_model": str(expected).removeprefix("torch."),
+        "lm_head": str(expected).removeprefix("torch."),
+        "audio_tower": kept_name,
+        "audio_tower.init_bn": "float32",
+        "fusion": kept_name,
+        "multi_modal_projector": kept_name,
+    }
+    assert f"audio_tower {kept_name}; audio_tower.init_bn float32" in report.summary()

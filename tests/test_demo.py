@@ -7,10 +7,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from transformers import GenerationMixin
 
+from lavcap_cli import parse_command_line
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf.configuration_lavcap import RELEASED_DECODING
 from lavcap_hf.demo import caption_held_out, decode_clips, demo_config, run_demo
-from lavcap_hf.synthetic import score_caption
+from lavcap_hf.synthetic import generate_dataset, score_caption
 from lavcap_hf.testing_utils import word_level_tokenizer
 
 
@@ -32,6 +35,8 @@ def test_short_demo_trains_models_that_beat_an_untrained_one(tmp_path, capsys) -
         assert run.best_step % every == 0 and 0 < run.best_step <= run.steps <= cap
         assert run.steps - run.best_step == patience * every if run.converged else run.steps == cap
         assert not (tmp_path / f"model-{row.fusion_type}" / "checkpoints").exists()
+        written = json.loads((tmp_path / f"model-{row.fusion_type}" / "generation_config.json").read_text())
+        assert {name: written[name] for name in RELEASED_DECODING} == RELEASED_DECODING
 
     records = [json.loads(line) for line in (tmp_path / "data" / "test.jsonl").read_text().splitlines()]
     for record in records:
@@ -55,3 +60,31 @@ def test_short_demo_trains_models_that_beat_an_untrained_one(tmp_path, capsys) -
             untrained_sound,
         )
         assert row.scores["BLEU_1"] > 0.3
+
+
+def test_demo_captions_decode_as_the_model_says_unless_told_otherwise(tmp_path, monkeypatch) -> None:
+    """The held-out captions use the saved model's generation config (the released decoding); `generate()`
+    settings, which `lavcap demo --num-beams/--max-new-tokens` give, replace it."""
+    records = generate_dataset(tmp_path / "data", 0, 2, seed=0, duration_range=(1.0, 1.2), size=32)["test"]
+    clips = decode_clips(records, "decoding")
+    tokenizer = word_level_tokenizer(r["caption"] for r in records)
+    torch.manual_seed(0)
+    config = demo_config("ot_att", tokenizer)
+    LavCapForConditionalGeneration(config).save_pretrained(tmp_path / "model")
+    LavCapProcessor.from_model_config(config, tokenizer).save_pretrained(tmp_path / "model")
+    used = []
+    prepare = GenerationMixin._prepare_generation_config
+
+    def record(self, *args, **kwargs):
+        config, model_kwargs = prepare(self, *args, **kwargs)
+        used.append({name: getattr(config, name) for name in RELEASED_DECODING})
+        return config, model_kwargs
+
+    # On the library's class: the pipeline may load the folder's own copy of the model code (4.x).
+    monkeypatch.setattr(GenerationMixin, "_prepare_generation_config", record)
+    assert len(caption_held_out(str(tmp_path / "model"), clips)) == 2
+    assert used == [RELEASED_DECODING]
+    caption_held_out(str(tmp_path / "model"), clips, num_beams=1, max_new_tokens=3)
+    assert used[1] == {**RELEASED_DECODING, "num_beams": 1, "max_new_tokens": 3}
+    default, chosen = (parse_command_line(["demo", *flags]) for flags in ([], ["--num-beams", "2"]))
+    assert (default.num_beams, default.max_new_tokens, chosen.num_beams) == (None, None, 2)

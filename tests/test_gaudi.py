@@ -139,7 +139,7 @@ def test_gaudi_arguments_config_and_trainer_follow_the_recipe(tmp_path) -> None:
         "min_lr": 1e-8
     }
     assert recipe["per_device_train_batch_size"] == 4 and recipe["remove_unused_columns"] is False
-    assert recipe["num_beams"] == 4 and recipe["max_new_tokens"] == 200
+    assert recipe["num_beams"] is None and recipe["max_new_tokens"] is None  # the model's generation_config
 
     overridden = result["overridden"]
     assert overridden["learning_rate"] == 1e-5

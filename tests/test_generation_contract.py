@@ -1,23 +1,28 @@
 """The library's generation and model contract, which transformers' own generation tests (not in its sdist) check
 for every model: assisted decoding, decoding without a cache, continuing from a cache, `inputs_embeds` with media,
-tuple outputs, the encoders' outputs, per-step attentions and hidden states, padding-free (packed) batches, and
-folders saved in the older layout (a separate causal LM)."""
+tuple outputs, the encoders' outputs, per-step attentions and hidden states, padding-free (packed) batches,
+folders saved in the older layout (a separate causal LM), and the model's `generation_config` (the released
+decoding by default, then the folder's, then `generate()`'s arguments)."""
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 
 import pytest
 import torch
+from helpers import recorded_decoding
 from safetensors.torch import load_file, save_file
 from test_modeling_lavcap import make_batch, media
-from transformers import DataCollatorWithFlattening
+from transformers import DataCollatorWithFlattening, GenerationConfig
 
 from lavcap_hf import LavCapForConditionalGeneration
+from lavcap_hf.configuration_lavcap import RELEASED_DECODING
 from lavcap_hf.modeling_lavcap import KEY_RENAMES_FROM_SEPARATE_LM
 from lavcap_hf.testing_utils import tiny_lavcap_config
 
-GREEDY = {"do_sample": False, "max_new_tokens": 5, "min_new_tokens": 5}
+GREEDY = {"num_beams": 1, "do_sample": False, "max_new_tokens": 5, "min_new_tokens": 5}
 
 
 @pytest.fixture(scope="module")
@@ -59,18 +64,16 @@ def test_decoding_without_a_cache_sees_the_whole_sequence_at_every_step(model, b
 def test_generation_continues_from_a_cache(model, batch) -> None:
     """A second `generate()` from the first one's cache and sequences gives the tokens of one long run."""
     with torch.no_grad():
-        long = model.generate(**batch, do_sample=False, max_new_tokens=6, min_new_tokens=6)
+        long = model.generate(**batch, **{**GREEDY, "max_new_tokens": 6, "min_new_tokens": 6})
         first = model.generate(
-            **batch, do_sample=False, max_new_tokens=3, min_new_tokens=3, return_dict_in_generate=True
+            **batch, **{**GREEDY, "max_new_tokens": 3, "min_new_tokens": 3}, return_dict_in_generate=True
         )
         cache_name = "cache" if hasattr(first, "cache") else "past_key_values"
         mask = torch.cat([batch["attention_mask"], torch.ones_like(first.sequences[:, -3:])], dim=1)
         second = model.generate(
             input_ids=first.sequences,
             attention_mask=mask,
-            do_sample=False,
-            max_new_tokens=3,
-            min_new_tokens=3,
+            **{**GREEDY, "max_new_tokens": 3, "min_new_tokens": 3},
             **{cache_name: getattr(first, cache_name)},
         )
     assert torch.equal(second, long)
@@ -240,7 +243,7 @@ def test_static_cache_and_a_compiled_decoding_step_give_the_eager_tokens(model, 
     [
         ({"num_beams": 3, "do_sample": False}, 3),
         ({"num_beams": 3, "num_return_sequences": 2, "do_sample": False}, 3),
-        ({"do_sample": True, "num_return_sequences": 2}, 2),
+        ({"num_beams": 1, "do_sample": True, "num_return_sequences": 2}, 2),
     ],
     ids=["beams", "beams-returning-two", "samples"],
 )
@@ -267,3 +270,90 @@ def test_the_prompt_is_read_once_per_clip_and_the_tokens_do_not_change(
     assert first_reads == [(clips, length - 1), (clips * copies, 1)]
     assert reads[0] == (clips * copies, length)
     assert torch.equal(shared, per_beam)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Decoding settings: the model's generation_config
+
+
+def decoding(config: GenerationConfig) -> dict:
+    return {name: getattr(config, name) for name in RELEASED_DECODING}
+
+
+def test_the_released_decoding_is_the_release_config_generate_section() -> None:
+    """configs/config_best.yaml of the release, `generate:`: max_new_tokens 200, num_beams 4, do_sample False."""
+    assert RELEASED_DECODING == {"num_beams": 4, "max_new_tokens": 200, "do_sample": False}
+
+
+@pytest.fixture(scope="module")
+def saved_folder(model, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("generation") / "model"
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize("generation_file", ["saved", "none", "token-ids-only"])
+def test_a_saved_folder_decodes_as_released_without_arguments(saved_folder, batch, generation_file, tmp_path):
+    """`generate(**inputs)` on a loaded folder decodes with the released beams and length: the tokens of explicit
+    `num_beams=4, max_new_tokens=200`, not those of the library's greedy 20 tokens. Also for a folder without
+    generation_config.json, or with one that holds token ids only (as this package saved them before)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for file in saved_folder.iterdir():
+        (folder / file.name).write_bytes(file.read_bytes())
+    saved = json.loads((folder / "generation_config.json").read_text())
+    assert decoding(GenerationConfig(**saved)) == RELEASED_DECODING
+    if generation_file == "none":
+        (folder / "generation_config.json").unlink()
+    elif generation_file == "token-ids-only":
+        ids = {k: saved[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        (folder / "generation_config.json").write_text(json.dumps(ids))
+    loaded = LavCapForConditionalGeneration.from_pretrained(folder).eval()
+    with recorded_decoding(loaded) as used, torch.no_grad():
+        by_default = loaded.generate(**batch)
+        released = loaded.generate(**batch, **RELEASED_DECODING)
+        library_default = loaded.generate(**batch, num_beams=1, max_new_tokens=20, do_sample=False)
+    assert decoding(used[0]) == RELEASED_DECODING and used[0].eos_token_id == saved["eos_token_id"]
+    assert torch.equal(by_default, released)
+    assert by_default.shape != library_default.shape or not torch.equal(by_default, library_default)
+
+
+def test_generate_arguments_and_a_passed_generation_config_win(saved_folder, batch) -> None:
+    """An argument wins over the model's settings; so does a passed generation config for every setting it holds,
+    `num_beams=1` included (transformers 4.x would take the model's beams for a setting at the library default)."""
+    loaded = LavCapForConditionalGeneration.from_pretrained(saved_folder).eval()
+    edited = copy.deepcopy(loaded.generation_config)
+    edited.num_beams, edited.max_new_tokens = 1, 4
+    with recorded_decoding(loaded) as used, torch.no_grad():
+        loaded.generate(**batch, max_new_tokens=1)
+        loaded.generate(**batch, num_beams=1, max_new_tokens=3)
+        loaded.generate(**batch, generation_config=edited)
+        loaded.generate(**batch, generation_config=edited, max_new_tokens=2)
+    assert [(c.num_beams, c.max_new_tokens) for c in used] == [(4, 1), (1, 3), (1, 4), (1, 2)]
+    assert decoding(loaded.generation_config) == RELEASED_DECODING  # the passed settings did not stick
+
+
+def test_a_folder_generation_config_wins_over_the_released_decoding(model, batch, tmp_path) -> None:
+    """The settings of a folder's generation_config.json win; each decoding setting it leaves out is the released
+    one. A saved greedy choice reads back greedy on every release (4.x writes nothing for a setting at its
+    default unless told to)."""
+    greedy = copy.deepcopy(model)
+    greedy.generation_config.num_beams, greedy.generation_config.max_new_tokens = 1, 6
+    greedy.save_pretrained(tmp_path / "greedy")
+    written = json.loads((tmp_path / "greedy" / "generation_config.json").read_text())
+    assert written["num_beams"] == 1 and written["max_new_tokens"] == 6
+    loaded = LavCapForConditionalGeneration.from_pretrained(tmp_path / "greedy").eval()
+    model.save_pretrained(tmp_path / "partial")
+    settings = json.loads((tmp_path / "partial" / "generation_config.json").read_text())
+    partial = {k: v for k, v in settings.items() if k not in RELEASED_DECODING}
+    (tmp_path / "partial" / "generation_config.json").write_text(json.dumps({**partial, "num_beams": 2}))
+    two_beams = LavCapForConditionalGeneration.from_pretrained(tmp_path / "partial").eval()
+    with (
+        recorded_decoding(loaded) as greedy_used,
+        recorded_decoding(two_beams) as partial_used,
+        torch.no_grad(),
+    ):
+        loaded.generate(**batch)
+        two_beams.generate(**batch)
+    assert decoding(greedy_used[0]) == {**RELEASED_DECODING, "num_beams": 1, "max_new_tokens": 6}
+    assert decoding(partial_used[0]) == {**RELEASED_DECODING, "num_beams": 2}

@@ -371,6 +371,7 @@ def test_greedy_generate_equals_stepwise_argmax_and_encodes_once(
         attention_mask=batch["attention_mask"],
         **media(batch),
         max_new_tokens=8,
+        num_beams=1,
         do_sample=False,
         suppress_tokens=model.placeholder_token_ids,
     )
@@ -381,7 +382,7 @@ def test_greedy_generate_equals_stepwise_argmax_and_encodes_once(
 
 def test_batched_left_padded_generation_equals_one_by_one(model: LavCapForConditionalGeneration) -> None:
     batch = make_batch(model.config, [1, 6], seed=4)
-    kwargs = {"max_new_tokens": 6, "do_sample": False}
+    kwargs = {"max_new_tokens": 6, "num_beams": 1, "do_sample": False}
     together = model.generate(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **media(batch), **kwargs
     )
@@ -407,9 +408,10 @@ def test_beam_search_and_sampling_encode_once(model: LavCapForConditionalGenerat
     # Once, on the 2 clips: the fused prompt embeddings are repeated for the beams, not the media.
     assert beams.shape[0] == 4 and counter.batch_sizes == [2]
     torch.manual_seed(0)
-    first = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=0, temperature=1.5)
+    sampling = {"max_new_tokens": 5, "num_beams": 1, "do_sample": True, "top_k": 0, "temperature": 1.5}
+    first = model.generate(**inputs, **sampling)
     torch.manual_seed(0)
-    again = model.generate(**inputs, max_new_tokens=5, do_sample=True, top_k=0, temperature=1.5)
+    again = model.generate(**inputs, **sampling)
     assert torch.equal(first, again) and counter.calls == 3
 
 

@@ -16,12 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import save_component_parts, save_scene_model
+from helpers import recorded_decoding, save_component_parts, save_scene_model
 from transformers import TrainingArguments, pipeline
 from transformers.trainer_utils import set_seed
 
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
+from lavcap_hf._compat import processor_kwarg
 from lavcap_hf.collator import LavCapDataCollator
+from lavcap_hf.configuration_lavcap import RELEASED_DECODING
 from lavcap_hf.data import LavCapDataset, group_clips, load_manifest
 from lavcap_hf.lora import apply_lora, load_trained, merge_and_save, merge_checkpoint
 from lavcap_hf.synthetic import generate_dataset
@@ -168,6 +170,10 @@ def test_fine_tune_logs_both_losses_trains_only_adapters_and_reloads(
     # A merged plain folder loads with from_pretrained and in the pipeline, and behaves as the adapters do.
     merged_dir = tmp_path / "merged"
     merge_and_save(trainer.model, merged_dir, processor)
+    # The checkpoint, the run's folder and the merged folder carry the released decoding settings.
+    for folder in (output / "checkpoint-30", output, merged_dir):
+        written = json.loads((folder / "generation_config.json").read_text())
+        assert {k: written[k] for k in RELEASED_DECODING} == RELEASED_DECODING, folder
     merged = LavCapForConditionalGeneration.from_pretrained(merged_dir).eval()
     with torch.no_grad():
         torch.testing.assert_close(merged(**batch).logits, expected_logits, rtol=1e-4, atol=1e-5)
@@ -475,10 +481,13 @@ def test_yaml_config_gives_defaults_and_the_command_line_overrides_them(tmp_path
     }
     warmup = getattr(training, "warmup_ratio", None) or training.warmup_steps
     assert warmup == 0.02
-    assert (
-        arguments.evaluation.generation_num_beams == 4
-        and arguments.evaluation.generation_max_new_tokens == 200
+    # Evaluation captions decode as the model's generation_config says; the options override any setting.
+    assert arguments.evaluation.generate_settings() == {}
+    overridden = parse_arguments(
+        ["--config", str(config), "--use_cpu", "true", "--generation_num_beams", "2"]
+        + ["--generation_kwargs", '{"length_penalty": 0.5, "num_beams": 3}']
     )
+    assert overridden.evaluation.generate_settings() == {"length_penalty": 0.5, "num_beams": 2}
     assert arguments.lora.lora_alpha == 32 and arguments.lora.lora_dropout == 0.1
     assert training.remove_unused_columns is False and arguments.gaudi is False
 
@@ -486,6 +495,33 @@ def test_yaml_config_gives_defaults_and_the_command_line_overrides_them(tmp_path
     bad.write_text("learning_rate: 1e-5\nlearning_rat: 3\n")
     with pytest.raises(ValueError, match=r"unknown argument\(s\) \['learning_rat'\]"):
         parse_arguments(["--config", str(bad)])
+
+
+def test_evaluation_captions_decode_as_the_model_generation_config_says(workspace, tmp_path) -> None:
+    """The Trainer's evaluation captions use the model's generation config (edited here to 3 beams and 5 tokens),
+    and `generation_kwargs` (what the --generation_* options give) override any setting."""
+    processor = LavCapProcessor.from_pretrained(workspace / "model")
+    clips = group_clips(load_manifest(workspace / "data" / "test.jsonl"))
+    args = TrainingArguments(
+        output_dir=str(tmp_path), use_cpu=True, report_to="none", remove_unused_columns=False
+    )
+    used = {}
+    for name, overrides in (("model's", None), ("overridden", {"num_beams": 2, "length_penalty": 0.5})):
+        model = LavCapForConditionalGeneration.from_pretrained(workspace / "model")
+        model.generation_config.num_beams, model.generation_config.max_new_tokens = 3, 5
+        dataset = LavCapDataset(clips, num_frames=model.config.num_frames)
+        trainer = LavCapTrainer(
+            model=model,
+            args=args,
+            caption_metrics=False,
+            generation_kwargs=overrides,
+            **{processor_kwarg(LavCapTrainer): processor},
+        )
+        with recorded_decoding(model) as used[name]:
+            sequences = trainer.predict(dataset).predictions[0]
+        assert sequences.shape[1] <= model.generation_config.max_new_tokens
+    assert {(c.num_beams, c.max_new_tokens, c.length_penalty) for c in used["model's"]} == {(3, 5, 1.0)}
+    assert {(c.num_beams, c.max_new_tokens, c.length_penalty) for c in used["overridden"]} == {(2, 5, 0.5)}
 
 
 def test_trainer_needs_the_raw_columns(workspace, tmp_path) -> None:

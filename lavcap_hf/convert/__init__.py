@@ -24,8 +24,10 @@ Layouts read here (key names as released):
 from .checkpoints import StateDictSource, load_state_dict, read_checkpoint, state_dict_of
 from .command import run_convert
 from .components import (
+    FLOAT32_PARTS,
     add_placeholder_tokens,
     build_from_components,
+    cast_model,
     ced_config_from_state_dict,
     clip_vision_config,
     from_pretrained_components,
@@ -33,6 +35,7 @@ from .components import (
     load_clip_vision_weights,
     load_language_model,
     normalize_ced_state_dict,
+    part_dtypes,
 )
 from .official import (
     OFFICIAL_FUSION_TYPES,
@@ -45,12 +48,14 @@ from .official import (
 from .report import ConversionReport
 
 __all__ = [
+    "FLOAT32_PARTS",
     "OFFICIAL_FUSION_TYPES",
     "OFFICIAL_LORA_ALPHA",
     "ConversionReport",
     "StateDictSource",
     "add_placeholder_tokens",
     "build_from_components",
+    "cast_model",
     "ced_config_from_state_dict",
     "clip_vision_config",
     "convert_official_checkpoint",
@@ -63,6 +68,7 @@ __all__ = [
     "normalize_ced_state_dict",
     "official_config_kwargs",
     "official_lora_settings",
+    "part_dtypes",
     "read_checkpoint",
     "run_convert",
     "state_dict_of",

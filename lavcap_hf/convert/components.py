@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,10 @@ _CED_DROPPED = (
     ("outputlayer.", "AudioSet classifier head of CED: LAVCap uses the patch tokens"),
     ("output_layer.", "AudioSet classifier head of CED: LAVCap uses the patch tokens"),
 )
+FLOAT32_PARTS = ("audio_tower", "fusion", "multi_modal_projector")
+"""The parts `lavcap convert` keeps in float32, as the release ran them: CED, the fusion (the OT logit scale, and the
+cross-attention where there is one) and the projector."""
+
 _CLIP_DROPPED = (
     ("text_model.", "CLIP text tower: LAVCap encodes frames only"),
     ("text_projection.", "CLIP text projection: LAVCap encodes frames only"),
@@ -212,6 +216,7 @@ def build_from_components(
     dtype: torch.dtype | str | None = None,
     device_map: Any = None,
     report: ConversionReport | None = None,
+    float32_modules: Sequence[str] = (),
     **config_kwargs: Any,
 ) -> tuple[LavCapForConditionalGeneration, PreTrainedTokenizerBase]:
     """Build LAVCap from its pretrained parts, as the paper does before training.
@@ -224,10 +229,13 @@ def build_from_components(
         text: a causal LM, loaded (a `PreTrainedModel`) or a folder / Hub id for `AutoModelForCausalLM`.
         tokenizer: the LM's tokenizer or where to load it from (default: `text`); it gets `[PAD]` when it has no
             pad token and the `<|audio|>` / `<|video|>` placeholders, and the LM's embeddings grow to fit.
-        dtype: dtype of the LM (passed to `from_pretrained`); the rest of the model is cast to the LM's dtype too.
+        dtype: dtype of the LM (passed to `from_pretrained`); the rest of the model is cast to the LM's dtype too,
+            but for `float32_modules`. `"auto"` loads the LM in its stored dtype and leaves the rest in float32.
         device_map: passed to the LM's `from_pretrained`; the towers, fusion and projector stay on the CPU
             (move them with `.to(...)`: `model.model.audio_tower`, `.vision_tower`, `.fusion`, `.multi_modal_projector`).
         report: filled with what happened to every component tensor.
+        float32_modules: parts that stay float32 (e.g. `FLOAT32_PARTS`), recorded in the config so that
+            `from_pretrained` keeps them float32 (see `cast_model`).
         config_kwargs: `LavCapConfig` arguments (`fusion_type`, `num_frames`, ...); `audio_config` /
             `vision_config` replace the configs read from the checkpoints.
 
@@ -256,6 +264,7 @@ def build_from_components(
         text_config=language_model.config,
         audio_token_id=audio_id,
         video_token_id=video_id,
+        float32_modules=float32_modules,
         **config_kwargs,
     )
     model = _assemble(config, language_model)
@@ -263,14 +272,53 @@ def build_from_components(
     _load_tower(
         model.model.vision_tower, load_state_dict(vision) if vision is not None else None, "vision", report
     )
-    if dtype is not None:  # the towers, fusion and projector; the decoder and head came in that dtype
-        for name in MediaModules._fields:
-            if getattr(model.model, name) is not None:
-                getattr(model.model, name).to(language_model.dtype)
+    if dtype is not None and dtype != "auto":  # the decoder and head came in that dtype
+        cast_model(model, language_model.dtype, float32_modules)
     for name in ("bos_token_id", "eos_token_id"):
         setattr(model.generation_config, name, getattr(language_model.generation_config, name, None))
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     return model, tokenizer
+
+
+def cast_model(
+    model: LavCapForConditionalGeneration, dtype: torch.dtype, float32_modules: Sequence[str] = ()
+) -> None:
+    """Cast the language model, its head and every part of `model.model` but `float32_modules` to `dtype` (each
+    tensor once), `float32_modules` to float32; record them in `config.float32_modules`, so that `from_pretrained`
+    keeps them float32 whatever dtype it loads in. CED's BatchNorm is float32 in any case."""
+    unknown = sorted(set(float32_modules) - set(MediaModules._fields))
+    if unknown:
+        raise ValueError(f"float32_modules must be among {MediaModules._fields}, got {unknown}")
+    model.model.language_model.to(dtype)
+    model.lm_head.to(dtype)
+    for name in MediaModules._fields:
+        module = getattr(model.model, name)
+        if module is not None:
+            module.to(torch.float32 if name in float32_modules else dtype)
+    model.config.float32_modules = list(float32_modules)
+
+
+def part_dtypes(model: LavCapForConditionalGeneration) -> dict[str, str]:
+    """The dtype(s) of each part's floating-point parameters and saved buffers: the language model, its head, the
+    towers (CED's BatchNorm on its own, as `audio_tower.init_bn`), the fusion and the projector."""
+    parts: dict[str, nn.Module] = {"language_model": model.model.language_model, "lm_head": model.lm_head}
+    for name in MediaModules._fields:
+        part = getattr(model.model, name)
+        if part is None:
+            continue
+        parts[name] = part
+        norms = [(n, m) for n, m in part.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        parts.update({f"{name}.{norm_name}": norm for norm_name, norm in norms})
+    dtypes = {}
+    for name, part in parts.items():
+        nested = tuple(other[len(name) + 1 :] + "." for other in parts if other.startswith(name + "."))
+        found = {
+            str(tensor.dtype).removeprefix("torch.")
+            for key, tensor in part.state_dict().items()
+            if tensor.is_floating_point() and not key.startswith(nested)
+        }
+        dtypes[name] = ", ".join(sorted(found))
+    return dtypes
 
 
 def from_pretrained_components(

@@ -144,10 +144,12 @@ def convert_official_checkpoint(
     checkpoint: StateDictSource,
     model: LavCapForConditionalGeneration | PeftModel,
     lora_alpha: float | None = None,
+    merged_dtype: torch.dtype | None = None,
 ) -> ConversionReport:
     """Write a released LAVCap training checkpoint into `model`, built beforehand from the same components.
 
-    With a plain model, the LoRA factors are merged into the base weights (`W + alpha / r * B @ A`); with a
+    With a plain model, the LoRA factors are merged into the base weights (`W + alpha / r * B @ A`, computed in
+    float32 and rounded once to `merged_dtype`); with a
     `PeftModel` from `lavcap_hf.lora.apply_lora` (same rank and alpha, see `official_lora_settings`) they are
     loaded into its adapters, and the projector and OT logit scale into its `modules_to_save` copies.
 
@@ -156,6 +158,8 @@ def convert_official_checkpoint(
             `weights_only=True`.
         model: the model to write into.
         lora_alpha: LoRA alpha of both towers; default: the checkpoint's config, else 32 (the released default).
+        merged_dtype: dtype of the merged weights; default: each weight's own. `lavcap convert` keeps them float32
+            and casts each part once to its final dtype afterwards.
 
     Returns:
         The report: which keys were written where, which were skipped and why, and which model tensors the
@@ -198,7 +202,7 @@ def convert_official_checkpoint(
             "enc_lora_alpha" if module.startswith("model.audio_tower.") else "dec_lora_alpha"
         )
         alpha = float(lora_alpha if lora_alpha is not None else (tower_alpha or OFFICIAL_LORA_ALPHA))
-        _apply_lora(base, module, factors, alpha, adapter)
+        _apply_lora(base, module, factors, alpha, adapter, merged_dtype)
         for key in lora_sources[module]:
             report.mapped[key] = f"{module}.weight (+ LoRA)"
     for key in _plain_keys(base, adapter):
@@ -278,9 +282,15 @@ def _copy_tensor(root: nn.Module, key: str, tensor: torch.Tensor, adapter: str |
 
 
 def _apply_lora(
-    root: nn.Module, module_path: str, factors: dict[str, torch.Tensor], alpha: float, adapter: str | None
+    root: nn.Module,
+    module_path: str,
+    factors: dict[str, torch.Tensor],
+    alpha: float,
+    adapter: str | None,
+    merged_dtype: torch.dtype | None = None,
 ) -> None:
-    """Load LoRA factors A (r, in), B (out, r) into the adapter of `module_path`, or merge them into its weight."""
+    """Load LoRA factors A (r, in), B (out, r) into the adapter of `module_path`, or merge them into its weight:
+    `W + alpha / r * B @ A` in float32, stored in `merged_dtype` (default: the weight's dtype)."""
     if set(factors) != {"A", "B"}:
         raise ValueError(f"LoRA of {module_path} has factors {sorted(factors)}, expected A and B")
     lora_a, lora_b = factors["A"], factors["B"]
@@ -303,13 +313,13 @@ def _apply_lora(
             module.lora_B[adapter].weight.copy_(lora_b)
         return
     weight = _unwrap(module, adapter).weight
-    delta = (alpha / rank) * (lora_b.double() @ lora_a.double())
+    delta = (alpha / rank) * (lora_b.float() @ lora_a.float())
     if delta.shape != weight.shape:
         raise ValueError(
             f"{module_path}: LoRA update of shape {tuple(delta.shape)} for a weight {tuple(weight.shape)}"
         )
-    with torch.no_grad():
-        weight.copy_(weight.double() + delta.to(weight.device))
+    merged = weight.detach().float() + delta.to(weight.device)
+    weight.data = merged.to(merged_dtype or weight.dtype)
 
 
 def _plain_keys(root: nn.Module, adapter: str | None) -> list[str]:

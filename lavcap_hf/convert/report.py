@@ -15,11 +15,14 @@ class ConversionReport:
             `... (+ LoRA)` for a LoRA factor merged into or loaded next to a weight).
         skipped: source key -> why it was not used.
         missing: target key the source did not provide -> where its value comes from instead.
+        dtypes: part of the saved model (`language_model`, `lm_head`, `audio_tower`, `audio_tower.init_bn`,
+            `vision_tower`, `fusion`, `multi_modal_projector`) -> the dtype its tensors ended in.
     """
 
     mapped: dict[str, str] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
     missing: dict[str, str] = field(default_factory=dict)
+    dtypes: dict[str, str] = field(default_factory=dict)
 
     def merge(self, other: ConversionReport, source_prefix: str = "", target_prefix: str = "") -> None:
         """Add `other`'s entries, its source keys prefixed by `source_prefix`, its target keys by `target_prefix`."""
@@ -38,4 +41,6 @@ class ConversionReport:
             for reason, keys in by_reason.items():
                 shown = ", ".join(keys[:examples]) + (", ..." if len(keys) > examples else "")
                 lines.append(f"  {len(keys)} x {reason}: {shown}")
+        if self.dtypes:
+            lines.append("dtypes: " + "; ".join(f"{part} {dtype}" for part, dtype in self.dtypes.items()))
         return "\n".join(lines)
