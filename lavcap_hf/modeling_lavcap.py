@@ -900,6 +900,7 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         (`multimodal_embeds`, (B, N, d_llm)) for the beams, and each forward that reads the placeholders (the
         prefill, or every step without a cache) merges them into the prompt's embeddings.
         `share_prefill=False` turns the shared prefill off (the captions are the same).
+        The placeholder tokens are never generated (`suppress_tokens` adds to them).
         `compile_decoding=True` decodes over a static cache with the decoding step compiled as one graph
         (`torch.compile(fullgraph=True)`; on CUDA with CUDA graphs), where the library compiles: on accelerators.
         It pays off over many calls of one shape (a corpus), not for one caption; off by default.
@@ -911,6 +912,7 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         defaults, `num_beams=1` among them, by the model's); pass it by keyword.
         """
         kwargs = passed_generation_config_wins(kwargs)
+        kwargs["suppress_tokens"] = self._suppressed_tokens(kwargs)
         share_prefill = kwargs.pop("share_prefill", True)
         if kwargs.pop("compile_decoding", False):
             kwargs = _compiled_decoding(kwargs)
@@ -930,6 +932,14 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         if share_prefill and copies > 1 and self._can_share_prefill(kwargs):
             kwargs = self._prefill_once_per_prompt(kwargs, copies)
         return super().generate(inputs, *args, **kwargs)
+
+    def _suppressed_tokens(self, kwargs: dict[str, Any]) -> list[int] | None:
+        """The tokens `generate()` never emits: the ones the settings name, and the placeholders, which the
+        released model could not emit (its vocabulary has none: the fused vectors enter as embeddings) and which
+        would be read back as placeholders without media."""
+        tokens = list(self._generation_setting(kwargs, "suppress_tokens", None) or [])
+        tokens += [token for token in self.placeholder_token_ids if token not in tokens]
+        return tokens or None
 
     def _generation_setting(self, kwargs: dict[str, Any], name: str, default: Any) -> Any:
         """The value `generate()` will use for setting `name`: the argument, else the passed `generation_config`'s,

@@ -118,7 +118,9 @@ def test_outputs_carry_the_encoders_hidden_states_and_attentions(model, batch) -
     assert len(out.attentions) == config.text_config.num_hidden_layers
 
 
-@pytest.mark.parametrize("settings", [{"num_beams": 2}, {"do_sample": True}], ids=["beams", "samples"])
+@pytest.mark.parametrize(
+    "settings", [{"num_beams": 2}, {"do_sample": True, "num_beams": 1}], ids=["beams", "samples"]
+)
 def test_per_step_attentions_and_hidden_states_span_the_prompt_with_several_rows_per_clip(
     model, batch, settings
 ) -> None:
@@ -357,3 +359,21 @@ def test_a_folder_generation_config_wins_over_the_released_decoding(model, batch
         two_beams.generate(**batch)
     assert decoding(greedy_used[0]) == {**RELEASED_DECODING, "num_beams": 1, "max_new_tokens": 6}
     assert decoding(partial_used[0]) == {**RELEASED_DECODING, "num_beams": 2}
+
+
+def test_generate_never_emits_a_placeholder_token(model, batch) -> None:
+    """The released model has no placeholder tokens in its vocabulary: a head that ranks them first still gives
+    captions without them, with beams and greedy, also next to the caller's own `suppress_tokens`."""
+    favouring = copy.deepcopy(model)
+    with torch.no_grad():
+        for token_id in favouring.placeholder_token_ids:
+            favouring.lm_head.weight[token_id] = 50 * favouring.lm_head.weight.abs().max()
+    prompt_length = batch["input_ids"].shape[1]
+    for settings in ({"num_beams": 1}, {"num_beams": 3}, {"num_beams": 2, "suppress_tokens": [7]}):
+        with torch.no_grad():
+            new = favouring.generate(**batch, max_new_tokens=4, min_new_tokens=4, **settings)[
+                :, prompt_length:
+            ]
+        emitted = set(new.flatten().tolist())
+        assert emitted and not emitted & set(favouring.placeholder_token_ids), settings
+        assert 7 not in emitted or "suppress_tokens" not in settings
