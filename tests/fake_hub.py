@@ -140,6 +140,10 @@ class FakeHub:
                 data = json.dumps({"error": code}).encode()
                 self.send_response(status)
                 self.send_header("X-Error-Code", code)
+                if (
+                    code == "EntryNotFound"
+                ):  # as the Hub: the client records the file as missing at this commit
+                    self.send_header("X-Repo-Commit", COMMIT)
                 self.send_header("Content-Type", "application/json")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()

@@ -669,6 +669,17 @@ print(json.dumps(results))
 """
 
 
+HUB_LOAD_OFFLINE = """
+import json
+from transformers import AutoTokenizer
+from lavcap_hf import LavCapProcessor
+
+tokenizer = AutoTokenizer.from_pretrained("someone/tokenizer")
+processor = LavCapProcessor.from_pretrained("someone/named-templates", tokenizer=tokenizer)
+print(json.dumps(processor.chat_template))
+"""
+
+
 @pytest.fixture(scope="module")
 def from_the_hub(tokenizer, tmp_path_factory) -> dict:
     """Processors loaded from Hub repos, with what was saved there and the requests the Hub got.
@@ -692,8 +703,18 @@ def from_the_hub(tokenizer, tmp_path_factory) -> dict:
             timeout=300,
         )
     assert result.returncode == 0, result.stderr[-3000:]
+    # Once downloaded, the same repos load offline, named templates listed in the cache.
+    offline = subprocess.run(
+        [sys.executable, "-c", HUB_LOAD_OFFLINE],
+        capture_output=True,
+        text=True,
+        env={**hub.environment(root / "cache"), "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert offline.returncode == 0, offline.stderr[-3000:]
     return {
         "loaded": json.loads(result.stdout.splitlines()[-1]),
+        "offline": json.loads(offline.stdout.splitlines()[-1]),
         "saved": {
             name: json.loads(json.dumps(loaded_summary(p)))
             for name, p in (("subfolder", captioner), ("named", named))
@@ -716,6 +737,10 @@ def test_named_chat_templates_load_from_the_hub(from_the_hub) -> None:
     loaded = from_the_hub["loaded"]["named"]
     assert sorted(loaded["chat_template"]) == ["default", "short"]
     assert loaded == from_the_hub["saved"]["named"]
+
+
+def test_named_chat_templates_load_offline_from_the_cache(from_the_hub) -> None:
+    assert from_the_hub["offline"] == from_the_hub["saved"]["named"]["chat_template"]
 
 
 def test_a_processor_config_missing_on_the_hub_is_an_error(from_the_hub) -> None:
