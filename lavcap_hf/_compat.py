@@ -210,3 +210,18 @@ def _weight_init_functions() -> Any:
 
 init = _weight_init_functions()
 """Weight initialisers for `_init_weights` (`init.normal_`, `init.uniform_`, `init.kaiming_uniform_`, ...)."""
+
+
+def pipeline_generate_kwargs(
+    pipeline: Any, generate_kwargs: dict[str, Any], **overrides: Any
+) -> dict[str, Any]:
+    """The `generate()` arguments of one call of a generating pipeline (`_pipeline_calls_generate = True`): the
+    call's arguments over those given when the pipeline was built, over the model's `generation_config`, plus the
+    pipeline's `overrides`. 5.x merges them in `Pipeline._prepare_generate_kwargs`; 4.55 folds the model's
+    generation config and the build's arguments into `pipeline.generation_config` when the pipeline is built."""
+    prepare = getattr(pipeline, "_prepare_generate_kwargs", None)
+    if prepare is not None:
+        return prepare(generate_kwargs, **overrides)
+    kwargs = {**generate_kwargs, **overrides}
+    kwargs.setdefault("generation_config", pipeline.generation_config)
+    return kwargs

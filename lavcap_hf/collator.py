@@ -70,7 +70,7 @@ class LavCapDataCollator:
             audio=audio,
             videos=frames,
             video_embeds=embeds,
-            text=captions,
+            captions=captions,
             sampling_rate=sampling_rate,
             instruction=instruction,
             spec_augment=self.training and self.spec_augment,

@@ -30,6 +30,34 @@ USES_VISUAL = tuple(name for name, spec in FUSIONS.items() if spec.uses_visual)
 RENAMED_FUSION_TYPES = {former: spec.name for spec in FUSIONS.values() for former in spec.former_names}
 """Former `fusion_type` values -> current names; configs saved with a former name load under the current one."""
 
+LLAMA2_VOCAB_SIZE = 32000
+"""Tokens of the LLaMA-2 tokenizer the paper's decoder (LLaMA-2-7B-chat) was trained with."""
+PAPER_PAD_TOKEN_ID, PAPER_AUDIO_TOKEN_ID, PAPER_VIDEO_TOKEN_ID = range(
+    LLAMA2_VOCAB_SIZE, LLAMA2_VOCAB_SIZE + 3
+)
+"""Ids that `add_lavcap_special_tokens` gives `[PAD]`, `<|audio|>` and `<|video|>` on the LLaMA-2 tokenizer, in the
+order it adds them (as `lavcap convert` does)."""
+
+
+def paper_text_config(**overrides: Any) -> PretrainedConfig:
+    """LLaMA-2-7B's config with its vocabulary grown by `[PAD]` and the two placeholder tokens (32,003 rows), `[PAD]`
+    as pad token: the decoder of the paper's model as `lavcap convert` builds it."""
+    settings = {
+        "vocab_size": PAPER_VIDEO_TOKEN_ID + 1,
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": PAPER_PAD_TOKEN_ID,
+    }
+    return CONFIG_MAPPING["llama"](**{**settings, **overrides})
+
 
 class CedConfig(PretrainedConfig):
     r"""Configuration of [`CedModel`], the CED audio transformer (Dinkel et al., 2023).
@@ -100,12 +128,10 @@ class CedConfig(PretrainedConfig):
         return self.target_length // self.patch_size
 
 
-def _sub_config(value: Any, default_type: str | None) -> PretrainedConfig | None:
-    """Build a sub-config from a config, a dict with `model_type`, or None (then `default_type`'s defaults)."""
+def _sub_config(value: PretrainedConfig | dict, default_type: str) -> PretrainedConfig:
+    """Build a sub-config from a config or a dict with `model_type` (`default_type` when it has none)."""
     if isinstance(value, PretrainedConfig):
         return value
-    if value is None:
-        return None if default_type is None else CONFIG_MAPPING[default_type]()
     value = dict(value)
     return CONFIG_MAPPING[value.pop("model_type", default_type)](**value)
 
@@ -180,7 +206,8 @@ class LavCapConfig(PretrainedConfig):
         audio_config: [`CedConfig`] (or dict) of the audio encoder.
         vision_config: CLIP vision config (or dict) of the frozen frame encoder, or None when the model only ever gets
             precomputed `video_embeds`.
-        text_config: config (or dict with `model_type`) of any causal LM; LLaMA by default.
+        text_config: config (or dict with `model_type`) of any causal LM. None: the paper's, LLaMA-2-7B with the
+            vocabulary grown by `[PAD]`, `<|audio|>` and `<|video|>` (`paper_text_config`).
         fusion_type: one of `FUSION_TYPES` (see `lavcap_hf.optimal_transport.FUSIONS`); a name in
             `RENAMED_FUSION_TYPES` is replaced by its current name with a FutureWarning.
         ot_loss_weight: weight of the OT alignment loss in `loss = lm_loss + ot_loss`.
@@ -188,8 +215,9 @@ class LavCapConfig(PretrainedConfig):
         sinkhorn_iterations: Sinkhorn iterations.
         num_frames: frames per clip (visual tokens).
         visual_embed_dim: width of one frame's visual embedding (CLIP's `projection_dim`, 768 for ViT-L/14).
-        audio_token_id: id of the `<|audio|>` placeholder token in the text vocabulary.
-        video_token_id: id of the `<|video|>` placeholder token.
+        audio_token_id: id of the `<|audio|>` placeholder token in the text vocabulary. None with the default
+            `text_config`: 32001, the id `add_lavcap_special_tokens` gives it on the LLaMA-2 tokenizer.
+        video_token_id: id of the `<|video|>` placeholder token (None with the default `text_config`: 32002).
         logit_scale_init: initial OT logit scale (ln(1/0.07)).
         logit_scale_max: the scale is clamped to [0, logit_scale_max] every forward (4.6052, as released).
         float32_modules: modules of [`LavCapModel`] among `FLOAT32_MODULE_CHOICES` that stay float32 when the
@@ -230,6 +258,11 @@ class LavCapConfig(PretrainedConfig):
         if vision_config is None:
             # Precomputed frame features only: no vision sub-config to serialise or to set a dtype on.
             self.sub_configs = {k: v for k, v in type(self).sub_configs.items() if k != "vision_config"}
+        if text_config is None:
+            # The paper's decoder, whose vocabulary has room for the tokens the processor adds.
+            text_config = paper_text_config()
+            audio_token_id = PAPER_AUDIO_TOKEN_ID if audio_token_id is None else audio_token_id
+            video_token_id = PAPER_VIDEO_TOKEN_ID if video_token_id is None else video_token_id
         self.text_config = _sub_config(text_config, "llama")
         self.fusion_type = fusion_type
         self.ot_loss_weight = ot_loss_weight

@@ -156,8 +156,8 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
                 int32 are scaled to [-1, 1]; float arrays are used as they are.
             sampling_rate: rate of `raw_audio` in Hz; other rates than `self.sampling_rate` are resampled
                 (`resample`). None means `self.sampling_rate` (with a warning, as a wrong rate goes unnoticed).
-            videos: None, one uint8 RGB video (num_frames, H, W, 3), a list of them (one per clip) or an array
-                (B, num_frames, H, W, 3).
+            videos: None, one uint8 RGB video (num_frames, H, W, 3) or channels-first (num_frames, 3, H, W), a
+                list of them (one per clip) or an array (B, num_frames, H, W, 3).
             spec_augment: apply one frequency and one time mask per clip (training only).
             generator: numpy Generator or seed for the SpecAugment masks.
             return_tensors: "np", "pt", ... as in Transformers.
@@ -298,7 +298,7 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
     # crop run on torchvision (5.x calls torchvision's functional transforms, 4.55 imports them), which this package
     # does not depend on; Pillow's bicubic resize here also keeps the released CLIP preprocessing bit for bit.
     def preprocess_videos(self, videos, batch_size: int | None = None) -> np.ndarray:
-        """uint8 videos (one (num_frames, H, W, 3) array or a list of them) -> float32
+        """uint8 videos (one (num_frames, H, W, 3) or (num_frames, 3, H, W) array or a list of them) -> float32
         (B, num_frames, 3, image_size, image_size); `batch_size`, when given, must match the number of videos."""
         if not isinstance(videos, (list, tuple)):
             videos = np.asarray(videos)
@@ -317,10 +317,14 @@ class LavCapFeatureExtractor(SequenceFeatureExtractor):
         return np.stack([self._preprocess_frames(np.asarray(video)) for video in videos])
 
     def _preprocess_frames(self, video: np.ndarray) -> np.ndarray:
-        """uint8 RGB (num_frames, H, W, 3) -> float32 (num_frames, 3, image_size, image_size)."""
+        """uint8 RGB (num_frames, H, W, 3), or channels-first (num_frames, 3, H, W) -> float32
+        (num_frames, 3, image_size, image_size)."""
+        if video.ndim == 4 and video.shape[-1] != 3 and video.shape[1] == 3:
+            video = video.transpose(0, 2, 3, 1)
         if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
             raise ValueError(
-                f"a video must be uint8 RGB (frames, height, width, 3), got {video.dtype} {video.shape}"
+                "a video must be uint8 RGB (frames, height, width, 3) or (frames, 3, height, width), got "
+                f"{video.dtype} {video.shape}"
             )
         if video.shape[0] != self.num_frames:
             raise ValueError(

@@ -8,8 +8,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from transformers import GenerationConfig
 from transformers.pipelines.base import ChunkPipeline
 
+from ._compat import pipeline_generate_kwargs
 from .configuration_lavcap import PIPELINE_TASK as TASK
 
 # Imported here too because `media` needs it: transformers 4.55 copies only this file's own relative imports into its
@@ -31,8 +33,10 @@ class AudioVisualCaptioningPipeline(ChunkPipeline):
     - `{"audio": array, "sampling_rate": int, "frames": uint8 (F, H, W, 3)}`;
     - `{"audio": array, "sampling_rate": int, "video_embeds": (F, 768)}`.
 
-    Generation keyword arguments (`num_beams`, `max_new_tokens`, ...) pass through to `generate()`, also as
-    `generate_kwargs={...}`. `return_ot_plan=True` adds the OT plan (V, A) of each clip to its result.
+    Decoding follows transformers' generating pipelines: the model's `generation_config` gives the defaults;
+    generation arguments (`num_beams`, `max_new_tokens`, `num_return_sequences`, ...) given when the pipeline is
+    built, then those of the call (flat or as `generate_kwargs={...}`), override them. `return_ot_plan=True` adds
+    the OT plan (V, A) of each clip to each of its results.
 
     Clips longer than the model's audio window (`max_length` fbank frames, 10.24 s): `long_audio="truncate"`
     (default) captions the first window and logs a warning; `long_audio="windows"` captions every consecutive
@@ -40,8 +44,15 @@ class AudioVisualCaptioningPipeline(ChunkPipeline):
     (start, end) in seconds, the windows following each other. A file's windows each get the frames of their own
     time span; the `frames` or `video_embeds` of a dict input serve every window.
 
-    Returns `[{"caption": str}]` per input (plus `"ot_plan"` on request), or one such dict per window.
+    Returns, per input, a list of `{"caption": str}` with one dict per returned sequence (`num_return_sequences`,
+    best first), as the text-generation pipeline does (plus `"ot_plan"` on request); with windows, the dicts of
+    each window in turn, each with its `"timestamp"`.
     """
+
+    _pipeline_calls_generate = True
+    # No pipeline defaults (an empty config: 4.55 needs one): the model's generation_config is the one home of the
+    # decoding settings.
+    _default_generation_config = GenerationConfig()
 
     _load_processor = True
     _load_tokenizer = False
@@ -73,6 +84,11 @@ class AudioVisualCaptioningPipeline(ChunkPipeline):
             if long_audio not in LONG_AUDIO_MODES:
                 raise ValueError(f"long_audio must be one of {LONG_AUDIO_MODES}, got {long_audio!r}")
             preprocess["long_audio"] = long_audio
+        given_twice = set(generate_kwargs or {}) & set(kwargs)
+        if given_twice:
+            raise ValueError(
+                f"{sorted(given_twice)} given twice, in generate_kwargs and as arguments: pass each once"
+            )
         forward = {"generate_kwargs": {**(generate_kwargs or {}), **kwargs}}
         if return_ot_plan is not None:
             forward["return_ot_plan"] = return_ot_plan
@@ -126,6 +142,20 @@ class AudioVisualCaptioningPipeline(ChunkPipeline):
             if unknown:
                 raise ValueError(
                     f"unknown input keys {sorted(unknown)}: use audio, sampling_rate, frames, video_embeds"
+                )
+            # The processor prepares one modality alone; a caption needs every one the model reads.
+            if self.processor.num_audio_tokens and inputs.get("audio") is None:
+                raise ValueError(
+                    "this model captions audio: give the input's `audio` and its `sampling_rate`"
+                )
+            if (
+                self.model.config.uses_visual
+                and inputs.get("frames") is None
+                and inputs.get("video_embeds") is None
+            ):
+                raise ValueError(
+                    "this model uses the frames: give the input's `frames` (uint8 (frames, height, width, 3)) or "
+                    "`video_embeds`"
                 )
             if inputs.get("audio") is not None and inputs.get("sampling_rate") is None:
                 # A raw waveform says nothing of its rate; the pipeline does not guess it.
@@ -192,12 +222,13 @@ class AudioVisualCaptioningPipeline(ChunkPipeline):
             plan, encoded = encoded_media.ot_plan, {"multimodal_embeds": encoded_media.multimodal_embeds}
         else:
             encoded = media  # generate() encodes them
+        generate_kwargs = pipeline_generate_kwargs(self, generate_kwargs, return_dict_in_generate=False)
         sequences = self.model.generate(**prompt, **encoded, **generate_kwargs)
-        # A tensor (one entry per clip) so that batched outputs split per clip like the sequences.
-        prompt_length = torch.full((len(sequences),), model_inputs["input_ids"].shape[1])
+        # (B * n, T) -> (B, n, T): the n returned sequences of each clip stay with it when a batch is split per clip.
+        batch = model_inputs["input_ids"].shape[0]
         out = {
-            "sequences": sequences,
-            "prompt_length": prompt_length,
+            "sequences": sequences.view(batch, -1, sequences.shape[-1]),
+            "prompt_length": torch.full((batch,), model_inputs["input_ids"].shape[1]),
             "timestamp": timestamp,
             "is_last": is_last,
         }
@@ -206,17 +237,19 @@ class AudioVisualCaptioningPipeline(ChunkPipeline):
         return out
 
     def postprocess(self, model_outputs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """One result per clip (or window): the caption, plus `timestamp` and `ot_plan` where present."""
+        """The results of one input: each window's (one window without `long_audio="windows"`), one dict per
+        returned sequence, with `timestamp` and `ot_plan` where present."""
         return [result for output in model_outputs for result in self._results(output)]
 
     def _results(self, output: dict[str, Any]) -> list[dict[str, Any]]:
+        """One dict per returned sequence of one clip or window; `output` holds it as a batch of one."""
         prompt_length = int(output["prompt_length"].reshape(-1)[0])
-        captions = self.processor.batch_decode(output["sequences"], prompt_length=prompt_length)
-        results: list[dict[str, Any]] = [{"caption": caption} for caption in captions]
-        for result in results:
-            if output["timestamp"] is not None:
-                result["timestamp"] = tuple(output["timestamp"])
+        (sequences,) = output["sequences"]  # (n, T)
+        captions = self.processor.batch_decode(sequences, prompt_length=prompt_length)
+        extra: dict[str, Any] = {}
+        if output["timestamp"] is not None:
+            extra["timestamp"] = tuple(output["timestamp"])
         if "ot_plan" in output:
-            for result, plan in zip(results, output["ot_plan"], strict=True):
-                result["ot_plan"] = plan.float().cpu().numpy().astype(np.float32)
-        return results
+            (plan,) = output["ot_plan"]  # the clip's plan, shared by its captions
+            extra["ot_plan"] = plan.float().cpu().numpy().astype(np.float32)
+        return [{"caption": caption, **extra} for caption in captions]

@@ -34,7 +34,6 @@ LEGACY_CHAT_TEMPLATE_FILE = "chat_template.json"
 ADDITIONAL_CHAT_TEMPLATES_DIR = "additional_chat_templates"
 ASSISTANT_MARK = re.compile(r"ASSISTANT\s*:")
 PLACEHOLDER = re.compile(f"{re.escape(AUDIO_TOKEN)}|{re.escape(VIDEO_TOKEN)}")
-PLACEHOLDER_RUN = re.compile(f"((?:{PLACEHOLDER.pattern})+)")
 MAX_CAPTION_LENGTH = 300
 """Caption tokens kept in training by default: the released `max_txt_len`."""
 
@@ -119,7 +118,12 @@ class LavCapProcessor(ProcessorMixin):
     then, for training, the caption and EOS. The placeholder counts follow the model's fusion type
     (`LavCapConfig.placeholder_counts`); the model swaps the placeholders for the fused audio-visual vectors.
     As in the released code, the text on each side of the placeholders and the caption are tokenised separately
-    (see `_tokenize`).
+    (see `_tokenize`), and BOS comes first whenever the tokenizer has one.
+
+    `text` is the prompt, as for llava and qwen2-audio: one per clip, with one `<|audio|>` and one `<|video|>`
+    (what `apply_chat_template` renders from a conversation with an audio and a video entry), each expanded here to
+    the model's count. Without `text`, the processor writes the prompt above around `instruction`. Reference
+    captions (training) go in `captions`.
 
     Args:
         feature_extractor: [`LavCapFeatureExtractor`] (fbank and frame preprocessing).
@@ -154,6 +158,9 @@ class LavCapProcessor(ProcessorMixin):
             )
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token: call add_lavcap_special_tokens(tokenizer)")
+        # The placeholders a prompt (`text`) carries, once per clip, as the library's multimodal processors name them.
+        self.audio_token, self.video_token = AUDIO_TOKEN, VIDEO_TOKEN
+        self.audio_token_id, self.video_token_id = tokenizer.convert_tokens_to_ids([AUDIO_TOKEN, VIDEO_TOKEN])
         super().__init__(feature_extractor, tokenizer, chat_template=chat_template or CHAT_TEMPLATE)
 
     @classmethod
@@ -181,15 +188,25 @@ class LavCapProcessor(ProcessorMixin):
 
     def build_prompt(self, instruction: str = DEFAULT_INSTRUCTION) -> str:
         """The prompt text with each placeholder expanded to the model's token count."""
+        return self._expand(self._render_prompt(instruction))
+
+    def _render_prompt(self, instruction: str) -> str:
+        """The chat template's prompt around `instruction`, one placeholder per modality the model reads."""
         content: list[dict[str, str]] = []
         if self.num_audio_tokens:
             content.append({"type": "audio"})
         if self.num_video_tokens:
             content.append({"type": "video"})
         content.append({"type": "text", "text": instruction})
-        text = self._render([{"role": "user", "content": content}])
-        text = text.replace(AUDIO_TOKEN, AUDIO_TOKEN * self.num_audio_tokens, 1)
-        return text.replace(VIDEO_TOKEN, VIDEO_TOKEN * self.num_video_tokens, 1)
+        return self._render([{"role": "user", "content": content}])
+
+    def _expand(self, prompt: str) -> str:
+        """`prompt` with each placeholder repeated to the model's count."""
+        return PLACEHOLDER.sub(lambda match: match.group() * self._placeholder_counts[match.group()], prompt)
+
+    @property
+    def _placeholder_counts(self) -> dict[str, int]:
+        return {AUDIO_TOKEN: self.num_audio_tokens, VIDEO_TOKEN: self.num_video_tokens}
 
     def _render(self, messages: list[dict[str, Any]]) -> str:
         template = self.chat_template
@@ -221,32 +238,47 @@ class LavCapProcessor(ProcessorMixin):
         audio: np.ndarray | Sequence[np.ndarray] | None = None,
         videos: np.ndarray | Sequence[np.ndarray] | None = None,
         video_embeds: np.ndarray | Sequence[np.ndarray] | None = None,
+        captions: str | Sequence[str] | None = None,
         instruction: str | Sequence[str] | None = None,
         generator: np.random.Generator | int | None = None,
         **kwargs: Unpack[LavCapProcessorKwargs],
     ) -> BatchFeature:
-        """Featurise a batch of clips and build the prompts (plus labels when captions are given).
+        """Featurise a batch of clips and build their prompts (plus labels when reference captions are given).
+
+        As with llava's and qwen2-audio's processors, `text` is the prompt: one per clip, holding one `<|audio|>`
+        where its audio goes and one `<|video|>` where its frames go (as `apply_chat_template` renders them); the
+        processor expands each to the model's placeholder count. Without `text`, the processor writes the paper's
+        prompt around `instruction`. Reference captions, for training, go in `captions`.
+
+        Each modality may come alone (e.g. audio without frames, or a text-only prompt): the processor prepares what
+        it is given, and the model says what it lacks when it runs.
 
         Args:
-            text: reference captions (training): appended after the prompt with EOS, and `labels` returned.
-            audio: waveforms (samples,) or (samples, channels), one or a list; needed unless the model is
-                `visual_only`.
-            videos: uint8 RGB frames (num_frames, H, W, 3), one per clip.
+            text: the prompt(s), e.g. `apply_chat_template(conversation, tokenize=False)`; None for the paper's
+                prompt with `instruction`.
+            audio: waveforms (samples,) or (samples, channels), one or a list, one per clip; ignored by a
+                `visual_only` model's processor (no `<|audio|>` placeholders).
+            videos: uint8 RGB frames, (num_frames, H, W, 3) or channels-first (num_frames, 3, H, W), one per clip
+                (a list, a 5-D array, or one list per conversation as `apply_chat_template` passes them).
             video_embeds: precomputed CLIP embeddings (num_frames, 768) per clip, instead of `videos`.
-            instruction: instruction(s) in the prompt (default: "Please describe the audio.").
+            captions: reference captions (training): appended after each prompt with EOS, and `labels` returned.
+            instruction: instruction(s) of the paper's prompt (default: "Please describe the audio."); not with
+                `text`, which holds its own.
             generator: numpy Generator or seed for the SpecAugment masks and the random instructions (default:
                 fresh entropy); the masks are drawn first.
             kwargs: `LavCapProcessorKwargs`, flat or per modality (`text_kwargs={...}`, `audio_kwargs={...}`):
                 text: `padding` (True / "longest", the default; "max_length" with `max_length`; False),
                 `max_length`, `pad_to_multiple_of`, `padding_side` ("left", the default, for generation; "right"
-                is fine for training), `max_caption_length` (caption tokens kept before EOS; None keeps the
-                released 300), `random_instruction` (draw one of the paper's 8 instructions per clip).
-                audio: `sampling_rate` (Hz of `audio`; default: the feature extractor's), `spec_augment`
-                (training only). `return_tensors`: "pt" (the default), "np" or None. The fbank length and the
-                frame size are the model's (the feature extractor's settings), not call options.
+                is fine for training), `add_special_tokens` (BOS; default True), `return_offsets_mapping` (the
+                span in `text` of each token, a placeholder's span for each of its tokens), `max_caption_length`
+                (caption tokens kept before EOS; None keeps the released 300), `random_instruction` (draw one of
+                the paper's 8 instructions per clip). audio: `sampling_rate` (Hz of `audio`; default: the
+                feature extractor's), `spec_augment` (training only). `return_tensors`: "pt" (the default), "np"
+                or None. The fbank length, frame count and frame size are the model's (the feature extractor's
+                settings), not call options.
         Returns:
-            `input_ids`, `attention_mask` (B, L), `input_features` (B, 1024, 64), `pixel_values_videos`
-            (B, 20, 3, 224, 224) or `video_embeds` (B, 20, 768), and `labels` (B, L) when `text` is given.
+            `input_ids`, `attention_mask` (B, L); `input_features` (B, 1024, 64) with audio; `pixel_values_videos`
+            (B, 20, 3, 224, 224) with videos or `video_embeds` (B, 20, 768); `labels` (B, L) with captions.
         """
         if kwargs.get("images") is not None:
             raise ValueError("LAVCap takes no images: pass the clip's frames as `videos`")
@@ -257,12 +289,24 @@ class LavCapProcessor(ProcessorMixin):
             LavCapProcessorKwargs, tokenizer_init_kwargs=tokenizer_settings, **kwargs
         )
         text_kwargs, audio_kwargs = settings["text_kwargs"], settings["audio_kwargs"]
-        data: dict[str, Any] = {}
-        batch = None
         generator = np.random.default_rng(generator)
-        if self.num_audio_tokens:
-            if audio is None:
-                raise ValueError("this model captions audio: pass `audio` (and its `sampling_rate`)")
+        data = self._featurise(audio, videos, video_embeds, audio_kwargs, generator)
+        prompts = self._prompts(text, instruction, data, text_kwargs, generator)
+        data.update(self._tokenize(prompts, self._captions(captions, len(prompts)), text_kwargs))
+        return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"))
+
+    def _featurise(
+        self,
+        audio: Any,
+        videos: Any,
+        video_embeds: Any,
+        audio_kwargs: dict[str, Any],
+        generator: np.random.Generator,
+    ) -> dict[str, np.ndarray]:
+        """`input_features`, `pixel_values_videos` and `video_embeds` of the media given, one row per clip."""
+        data: dict[str, np.ndarray] = {}
+        videos = None if videos is None else _one_video_per_clip(videos)
+        if audio is not None and self.num_audio_tokens:
             features = self.feature_extractor(
                 audio,
                 sampling_rate=audio_kwargs.get("sampling_rate"),
@@ -270,36 +314,47 @@ class LavCapProcessor(ProcessorMixin):
                 spec_augment=audio_kwargs.get("spec_augment", False),
                 generator=generator,
             )
-            data["input_features"] = features["input_features"]
-            batch = len(data["input_features"])
-            if "pixel_values_videos" in features:
-                data["pixel_values_videos"] = features["pixel_values_videos"]
+            data.update(features)
         elif videos is not None:
-            frames = self.feature_extractor.preprocess_videos(videos)
-            data["pixel_values_videos"] = frames
-            batch = len(frames)
+            data["pixel_values_videos"] = self.feature_extractor.preprocess_videos(videos)
         if video_embeds is not None:
             data["video_embeds"] = self._stack_video_embeds(video_embeds)
-            batch = batch if batch is not None else len(data["video_embeds"])
-        self._check_visual_inputs(data, batch)
-        if batch is None:
-            raise ValueError("no media given: pass `audio`, `videos` or `video_embeds`")
-        captions = self._captions(text, batch)
-        random_instruction = text_kwargs.get("random_instruction", False)
-        prompts = [
-            self.build_prompt(i)
-            for i in self._instructions(instruction, batch, random_instruction, generator)
-        ]
-        data.update(self._tokenize(prompts, captions, text_kwargs))
-        return BatchFeature(data, tensor_type=text_kwargs.get("return_tensors"))
-
-    def _check_visual_inputs(self, data: dict[str, Any], batch: int | None) -> None:
-        has_visual = "pixel_values_videos" in data or "video_embeds" in data
-        if self.num_video_tokens and not has_visual:
-            raise ValueError("this model uses the frames: pass `videos` (uint8 frames) or `video_embeds`")
+        batch = len(next(iter(data.values()))) if data else None
         for key in ("pixel_values_videos", "video_embeds"):
-            if key in data and batch is not None and len(data[key]) != batch:
+            if key in data and len(data[key]) != batch:
                 raise ValueError(f"got {len(data[key])} entries in {key} for {batch} clips")
+        return data
+
+    def _prompts(
+        self,
+        text: str | Sequence[str] | None,
+        instruction: str | Sequence[str] | None,
+        media: dict[str, np.ndarray],
+        text_kwargs: dict[str, Any],
+        generator: np.random.Generator,
+    ) -> list[str]:
+        """One prompt per clip, each placeholder once (`_tokenize` expands them): `text`, checked against the
+        media, or the paper's prompt around the instructions."""
+        random_instruction = text_kwargs.get("random_instruction", False)
+        if text is None:
+            if not media:
+                raise ValueError(
+                    "nothing to process: pass `audio`, `videos` or `video_embeds` (the model's prompt is written "
+                    "around `instruction`), or a prompt as `text`"
+                )
+            batch = len(next(iter(media.values())))
+            instructions = self._instructions(instruction, batch, random_instruction, generator)
+            return [self._render_prompt(i) for i in instructions]
+        if instruction is not None or random_instruction:
+            raise ValueError(
+                "`text` is the whole prompt, instruction included: pass either `text` or `instruction` / "
+                "`random_instruction`"
+            )
+        prompts = [text] if isinstance(text, str) else list(text)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"text must be a prompt or a list of prompts (strings), got {text!r}")
+        _check_placeholders(prompts, media)
+        return prompts
 
     def _stack_video_embeds(self, video_embeds: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
         embeds = np.asarray(video_embeds, dtype=np.float32)
@@ -319,10 +374,10 @@ class LavCapProcessor(ProcessorMixin):
         return embeds
 
     @staticmethod
-    def _captions(text: str | Sequence[str] | None, batch: int) -> list[str] | None:
-        if text is None:
+    def _captions(captions: str | Sequence[str] | None, batch: int) -> list[str] | None:
+        if captions is None:
             return None
-        captions = [text] if isinstance(text, str) else list(text)
+        captions = [captions] if isinstance(captions, str) else list(captions)
         if len(captions) != batch:
             raise ValueError(f"got {len(captions)} captions for {batch} clips")
         for caption in captions:
@@ -332,21 +387,29 @@ class LavCapProcessor(ProcessorMixin):
 
     def _tokenize(
         self, prompts: list[str], captions: list[str] | None, text_kwargs: dict[str, Any]
-    ) -> dict[str, np.ndarray | list[list[int]]]:
+    ) -> dict[str, np.ndarray | list[list[Any]]]:
         """Token-level concatenation `BOS + prompt (+ caption + EOS)`, padded to (B, L); labels on caption + EOS only.
 
         The released LAVCap tokenises `"USER: <Speech>"`, `"</Speech> {instruction}\nASSISTANT:"` and the caption
         each on its own, so with Llama-2's SentencePiece tokenizer each starts with the word-start marker `▁`
         (`▁</`, `▁A`), whatever its `legacy` setting; tokenising the prompt as one string would not reproduce that.
+        With `return_offsets_mapping`, `offset_mapping` (B, L, 2) gives each token's span in its prompt: (0, 0) for
+        BOS, the caption and the padding.
         """
         tok = self.tokenizer
-        bos = [tok.bos_token_id] if tok.bos_token_id is not None else []
-        rows = [bos + ids for ids in self._prompt_ids(prompts)]
+        with_offsets = bool(text_kwargs.get("return_offsets_mapping"))
+        add_bos = text_kwargs.get("add_special_tokens", True) and tok.bos_token_id is not None
+        bos = [tok.bos_token_id] if add_bos else []
+        rows, spans = [], []
+        for ids, offsets in zip(*self._prompt_ids(prompts, with_offsets), strict=True):
+            rows.append(bos + ids)
+            spans.append([(0, 0)] * len(bos) + offsets)
         label_rows = [[IGNORE_INDEX] * len(row) for row in rows]
         if captions is not None:
             targets = self._caption_ids(captions, text_kwargs.get("max_caption_length"))
             rows = [row + target for row, target in zip(rows, targets, strict=True)]
             label_rows = [labels + target for labels, target in zip(label_rows, targets, strict=True)]
+            spans = [row + [(0, 0)] * len(target) for row, target in zip(spans, targets, strict=True)]
         width = _padded_width([len(row) for row in rows], text_kwargs)
         side = text_kwargs.get("padding_side") or "left"
         out = {
@@ -355,25 +418,47 @@ class LavCapProcessor(ProcessorMixin):
         }
         if captions is not None:
             out["labels"] = _pad(label_rows, IGNORE_INDEX, side, width)
+        if with_offsets:
+            out["offset_mapping"] = _pad(spans, (0, 0), side, width)
         return out
 
-    def _prompt_ids(self, prompts: list[str]) -> list[list[int]]:
-        """Ids of each prompt without BOS: text between placeholder runs tokenised piece by piece, one id per
-        placeholder."""
-        pieces = [PLACEHOLDER_RUN.split(prompt) for prompt in prompts]  # text, run, text, ...
-        texts = sorted({text for parts in pieces for text in parts[::2] if text})
-        encoded = self.tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
-        ids_of = dict(zip(texts, encoded, strict=True))
-        rows = []
-        for parts in pieces:
+    def _prompt_ids(
+        self, prompts: list[str], with_offsets: bool = False
+    ) -> tuple[list[list[int]], list[list[tuple[int, int]]]]:
+        """Ids of each prompt without BOS, and each id's (start, end) characters in the prompt: text between
+        placeholders tokenised piece by piece, each placeholder expanded to the model's count of its id (every one
+        spanning the placeholder). Spans are empty lists unless `with_offsets` (a fast tokenizer's offsets)."""
+        segments = [_segments(prompt) for prompt in prompts]
+        texts = sorted(
+            {
+                prompt[a:b]
+                for prompt, parts in zip(prompts, segments, strict=True)
+                for a, b, kind in parts
+                if not kind
+            }
+        )
+        encoded = (
+            self.tokenizer(texts, add_special_tokens=False, return_offsets_mapping=with_offsets)
+            if texts
+            else {}
+        )
+        ids_of = dict(zip(texts, encoded.get("input_ids", []), strict=True))
+        offsets_of = dict(zip(texts, encoded.get("offset_mapping", [[]] * len(texts)), strict=True))
+        counts = self._placeholder_counts
+        rows, spans = [], []
+        for prompt, parts in zip(prompts, segments, strict=True):
             row: list[int] = []
-            for index, part in enumerate(parts):
-                if index % 2:
-                    row += self.tokenizer.convert_tokens_to_ids(PLACEHOLDER.findall(part))
-                elif part:
-                    row += ids_of[part]
+            row_spans: list[tuple[int, int]] = []
+            for start, end, placeholder in parts:
+                if placeholder:
+                    row += [self.tokenizer.convert_tokens_to_ids(placeholder)] * counts[placeholder]
+                    row_spans += [(start, end)] * counts[placeholder] if with_offsets else []
+                else:
+                    row += ids_of[prompt[start:end]]
+                    row_spans += [(start + a, start + b) for a, b in offsets_of[prompt[start:end]]]
             rows.append(row)
-        return rows
+            spans.append(row_spans)
+        return rows, spans
 
     def _caption_ids(self, captions: list[str], max_caption_length: int | None) -> list[list[int]]:
         """Ids of each caption, cut to `max_caption_length` (300 when None), then EOS."""
@@ -422,10 +507,10 @@ class LavCapProcessor(ProcessorMixin):
 
     @property
     def model_input_names(self) -> list[str]:
-        """What a call with captions and all media returns (`video_embeds` replaces `pixel_values_videos` when the
-        frames' CLIP embeddings are given instead of the frames; `labels` come with captions only)."""
+        """What a call with all media returns (`video_embeds` replaces `pixel_values_videos` when the frames' CLIP
+        embeddings are given instead of the frames; `labels` come with reference captions)."""
         audio = ["input_features"] if self.num_audio_tokens else []
-        return ["input_ids", "attention_mask", *audio, "pixel_values_videos", "labels"]
+        return ["input_ids", "attention_mask", *audio, "pixel_values_videos"]
 
     def _get_num_multimodal_tokens(
         self,
@@ -486,7 +571,9 @@ class LavCapProcessor(ProcessorMixin):
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any
     ) -> "LavCapProcessor":
-        """Load the tokenizer, the feature extractor and the processor settings from a folder or Hub repo."""
+        """Load the tokenizer, the feature extractor, `processor_config.json` and the chat templates from a folder or
+        Hub repo, all from its `subfolder` when one is given. `processor_config.json` must be there (the placeholder
+        counts are the model's, with no default); the chat templates are optional (the built-in one otherwise)."""
         # AutoTokenizer reads the folder's config.json, whose auto_map needs the caller's trust_remote_code (without
         # it, Transformers asks on stdin where this package is not installed).
         trust_remote_code = kwargs.pop("trust_remote_code", None)
@@ -497,17 +584,18 @@ class LavCapProcessor(ProcessorMixin):
         feature_extractor = kwargs.pop("feature_extractor", None) or LavCapFeatureExtractor.from_pretrained(
             pretrained_model_name_or_path, **kwargs
         )
-        settings_path = _resolve_file(pretrained_model_name_or_path, PROCESSOR_CONFIG, kwargs)
-        settings = {}
-        if settings_path is not None:
-            with open(settings_path, encoding="utf-8") as f:
-                settings = json.load(f)
+        files = _SavedFiles(str(pretrained_model_name_or_path), kwargs)
+        with open(files.resolve(PROCESSOR_CONFIG, required=True), encoding="utf-8") as f:
+            settings = json.load(f)
+        missing = sorted({"num_audio_tokens", "num_video_tokens"} - settings.keys())
+        if missing:
+            raise ValueError(f"{files.describe(PROCESSOR_CONFIG)} lacks {missing}: save the processor again")
         return cls(
             feature_extractor,
             tokenizer,
-            num_audio_tokens=settings.get("num_audio_tokens", 64),
-            num_video_tokens=settings.get("num_video_tokens", 20),
-            chat_template=_read_chat_templates(pretrained_model_name_or_path, kwargs),
+            num_audio_tokens=settings["num_audio_tokens"],
+            num_video_tokens=settings["num_video_tokens"],
+            chat_template=_read_chat_templates(files),
         )
 
 
@@ -558,14 +646,19 @@ def _padded_width(lengths: list[int], text_kwargs: dict[str, Any]) -> int | None
     return -(-width // multiple) * multiple if multiple else width
 
 
-def _pad(rows: list[list[int]], value: int, side: str, width: int | None) -> np.ndarray | list[list[int]]:
-    """(B, width) int64 with `rows` padded on `side`; the rows themselves when `width` is None (no padding)."""
+def _pad(
+    rows: list[list[Any]], value: int | tuple[int, int], side: str, width: int | None
+) -> np.ndarray | list[list[Any]]:
+    """(B, width) int64 (B, width, 2 for pairs such as offsets) with `rows` padded with `value` on `side`; the rows
+    themselves when `width` is None (no padding)."""
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
     if width is None:
         return [list(row) for row in rows]
-    out = np.full((len(rows), width), value, dtype=np.int64)
+    out = np.full((len(rows), width, *np.shape(value)), value, dtype=np.int64)
     for i, row in enumerate(rows):
+        if not row:
+            continue
         if side == "left":
             out[i, width - len(row) :] = row
         else:
@@ -573,21 +666,130 @@ def _pad(rows: list[list[int]], value: int, side: str, width: int | None) -> np.
     return out
 
 
-def _resolve_file(path_or_id: str | os.PathLike, filename: str, hub_kwargs: dict[str, Any]) -> str | None:
-    """Local path of `filename` in a folder or Hub repo, or None when it has none."""
-    if os.path.isdir(path_or_id):
-        local = os.path.join(path_or_id, filename)
-        return local if os.path.exists(local) else None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError
+def _segments(prompt: str) -> list[tuple[int, int, str | None]]:
+    """(start, end, placeholder) spans covering `prompt`: each placeholder token, and the text between them (None)."""
+    parts: list[tuple[int, int, str | None]] = []
+    end = 0
+    for match in PLACEHOLDER.finditer(prompt):
+        if match.start() > end:
+            parts.append((end, match.start(), None))
+        parts.append((match.start(), match.end(), match.group()))
+        end = match.end()
+    if end < len(prompt):
+        parts.append((end, len(prompt), None))
+    return parts
 
-    names = ("revision", "cache_dir", "token", "local_files_only")
-    try:
-        return hf_hub_download(
-            str(path_or_id), filename, **{k: hub_kwargs[k] for k in names if k in hub_kwargs}
+
+def _check_placeholders(prompts: list[str], media: dict[str, np.ndarray]) -> None:
+    """Each prompt holds at most one placeholder of each kind, `<|audio|>` first, and one for every medium given
+    (one clip per prompt); ValueError naming the problem."""
+    for token, keys in (
+        (AUDIO_TOKEN, ("input_features",)),
+        (VIDEO_TOKEN, ("pixel_values_videos", "video_embeds")),
+    ):
+        counts = [prompt.count(token) for prompt in prompts]
+        if max(counts) > 1:
+            raise ValueError(
+                f"a prompt holds {max(counts)} {token}: each prompt takes one clip, so one {token} (the processor "
+                "expands it to the model's count)"
+            )
+        given = [key for key in keys if key in media]
+        if not given:
+            continue
+        clips = len(media[given[0]])
+        if clips != len(prompts):
+            raise ValueError(
+                f"got {len(prompts)} prompts for {clips} clips in {given[0]}: give one prompt per clip"
+            )
+        if not all(counts):
+            raise ValueError(
+                f"`text` is the prompt, and each needs one {token} where its clip's {given[0]} go (as "
+                "apply_chat_template writes it); reference captions go in `captions`"
+            )
+    for prompt in prompts:
+        if (
+            AUDIO_TOKEN in prompt
+            and VIDEO_TOKEN in prompt
+            and prompt.index(VIDEO_TOKEN) < prompt.index(AUDIO_TOKEN)
+        ):
+            raise ValueError(
+                f"{VIDEO_TOKEN} comes before {AUDIO_TOKEN} in the prompt {prompt!r}: the model fills the audio "
+                "placeholders first"
+            )
+
+
+def _one_video_per_clip(videos: Any) -> Any:
+    """`videos` as the feature extractor takes them: one video per clip. `apply_chat_template` passes one list per
+    conversation (`[[video], [video]]`); each must hold exactly one video."""
+    if isinstance(videos, (list, tuple)) and videos and all(isinstance(v, (list, tuple)) for v in videos):
+        counts = [len(v) for v in videos]
+        if any(count != 1 for count in counts):
+            raise ValueError(
+                f"got {counts} videos per conversation: each clip (conversation) takes exactly one video"
+            )
+        return [v[0] for v in videos]
+    return videos
+
+
+HUB_KWARGS = ("subfolder", "revision", "cache_dir", "token", "local_files_only", "force_download", "proxies")
+"""`from_pretrained` arguments that say where the processor's files are."""
+
+
+class _SavedFiles:
+    """The files of a saved processor in a folder or Hub repo, at its `subfolder`: found with the library's
+    `cached_file` (which downloads them from the Hub), named templates listed in the folder or repo."""
+
+    def __init__(self, path_or_id: str, kwargs: dict[str, Any]) -> None:
+        self.path_or_id = path_or_id
+        self.hub_kwargs = {key: kwargs[key] for key in HUB_KWARGS if kwargs.get(key) is not None}
+        self.subfolder = self.hub_kwargs.get("subfolder", "")
+
+    def describe(self, filename: str) -> str:
+        """Where `filename` is looked for, for messages."""
+        path = "/".join(part for part in (self.subfolder, filename) if part)
+        return f"{path} of {self.path_or_id}"
+
+    def resolve(self, filename: str, required: bool = False) -> str | None:
+        """Local path of `filename`, downloaded if need be; None when there is none and it is not `required`."""
+        from transformers.utils import cached_file
+
+        resolved = cached_file(
+            self.path_or_id, filename, **self.hub_kwargs, _raise_exceptions_for_missing_entries=False
         )
-    except EntryNotFoundError:
-        return None
+        if resolved is None and required:
+            raise OSError(f"{self.describe(filename)} not found: LavCapProcessor.from_pretrained needs it")
+        return resolved
+
+    def list(self, folder: str, suffix: str) -> list[str]:
+        """Names of the `suffix` files in `folder` (under the subfolder), sorted; [] when there is no such folder.
+        From the Hub, the repo's listing, else (offline) the cached snapshot's."""
+        if os.path.isdir(self.path_or_id):
+            return sorted(p.name for p in Path(self.path_or_id, self.subfolder, folder).glob(f"*{suffix}"))
+        from huggingface_hub import HfApi, constants, snapshot_download
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+
+        in_repo = "/".join(part for part in (self.subfolder, folder) if part)
+        revision, token = self.hub_kwargs.get("revision"), self.hub_kwargs.get("token")
+        if not (self.hub_kwargs.get("local_files_only") or constants.HF_HUB_OFFLINE):
+            try:
+                entries = HfApi().list_repo_tree(
+                    self.path_or_id, path_in_repo=in_repo, revision=revision, token=token
+                )
+                return sorted(Path(e.path).name for e in entries if e.path.endswith(suffix))
+            except EntryNotFoundError:
+                return []
+            except (HfHubHTTPError, OSError):  # offline or unreachable: what the cache holds
+                pass
+        try:
+            snapshot = snapshot_download(
+                self.path_or_id,
+                revision=revision,
+                cache_dir=self.hub_kwargs.get("cache_dir"),
+                local_files_only=True,
+            )
+        except LocalEntryNotFoundError:
+            return []
+        return sorted(p.name for p in Path(snapshot, in_repo).glob(f"*{suffix}"))
 
 
 def _named_templates(chat_template: str | dict[str, str]) -> dict[str, str]:
@@ -614,20 +816,20 @@ def _write_chat_templates(save_directory: str | os.PathLike, templates: dict[str
     return [str(path) for path in paths.values()]
 
 
-def _read_chat_templates(
-    path_or_id: str | os.PathLike, hub_kwargs: dict[str, Any]
-) -> str | dict[str, str] | None:
+def _read_chat_templates(files: _SavedFiles) -> str | dict[str, str] | None:
     """The saved chat template: `chat_template.jinja` (with the named ones of `additional_chat_templates/`, a
     dict), else the older `chat_template.json`, else None (the built-in template)."""
-    jinja = _resolve_file(path_or_id, CHAT_TEMPLATE_FILE, hub_kwargs)
+    jinja = files.resolve(CHAT_TEMPLATE_FILE)
     if jinja is not None:
         default = Path(jinja).read_text(encoding="utf-8")
-        additional = Path(jinja).parent / ADDITIONAL_CHAT_TEMPLATES_DIR
-        if not additional.is_dir():
-            return default
-        named = {path.stem: path.read_text(encoding="utf-8") for path in sorted(additional.glob("*.jinja"))}
-        return {"default": default, **named}
-    legacy = _resolve_file(path_or_id, LEGACY_CHAT_TEMPLATE_FILE, hub_kwargs)
+        named = {
+            Path(name).stem: Path(
+                files.resolve(f"{ADDITIONAL_CHAT_TEMPLATES_DIR}/{name}", required=True)
+            ).read_text(encoding="utf-8")
+            for name in files.list(ADDITIONAL_CHAT_TEMPLATES_DIR, ".jinja")
+        }
+        return {"default": default, **named} if named else default
+    legacy = files.resolve(LEGACY_CHAT_TEMPLATE_FILE)
     if legacy is None:
         return None
     with open(legacy, encoding="utf-8") as f:

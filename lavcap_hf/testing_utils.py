@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from transformers import CLIPVisionConfig, LlamaConfig
 
-from .configuration_lavcap import CedConfig, LavCapConfig
+from .configuration_lavcap import (
+    PAPER_AUDIO_TOKEN_ID,
+    PAPER_VIDEO_TOKEN_ID,
+    CedConfig,
+    LavCapConfig,
+    paper_text_config,
+)
 from .tiny import tiny_lavcap_config, word_level_tokenizer
 
 __all__ = ["paper_sized_config", "small_lavcap_config", "tiny_lavcap_config", "word_level_tokenizer"]
@@ -59,14 +65,14 @@ def small_lavcap_config(
 
 
 def paper_sized_config(
-    audio_token_id: int = 32001,
-    video_token_id: int = 32002,
-    vocab_size: int = 32003,
+    audio_token_id: int = PAPER_AUDIO_TOKEN_ID,
+    video_token_id: int = PAPER_VIDEO_TOKEN_ID,
+    vocab_size: int = PAPER_VIDEO_TOKEN_ID + 1,
     with_vision: bool = True,
 ) -> LavCapConfig:
     """The paper's dimensions with random weights: CED-base, CLIP ViT-L/14 (224 px, 768-d projection) and
-    LLaMA-2-7B (32000 tokens + `[PAD]` + the two placeholders by default). For meta-device counts and GPU benchmarks;
-    `with_vision=False` for the precomputed-feature set-up."""
+    LLaMA-2-7B (32000 tokens + `[PAD]` + the two placeholders by default: `LavCapConfig()`'s decoder). For
+    meta-device counts and GPU benchmarks; `with_vision=False` for the precomputed-feature set-up."""
     vision = None
     if with_vision:
         vision = CLIPVisionConfig(
@@ -79,24 +85,10 @@ def paper_sized_config(
             projection_dim=768,
             hidden_act="quick_gelu",
         )
-    text = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=4096,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=False,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
     return LavCapConfig(
         audio_config=CedConfig(),
         vision_config=vision,
-        text_config=text,
+        text_config=paper_text_config(vocab_size=vocab_size),
         visual_embed_dim=768,
         audio_token_id=audio_token_id,
         video_token_id=video_token_id,

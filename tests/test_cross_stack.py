@@ -104,7 +104,7 @@ PROCESS_THERE = textwrap.dedent(
     from lavcap_hf import LavCapProcessor
     processor = LavCapProcessor.from_pretrained(sys.argv[1])
     out = processor(audio=np.zeros(8000, np.float32), sampling_rate=16000, videos=np.zeros((4, 8, 8, 3), np.uint8),
-                    text="a bird chirps", return_tensors="np")
+                    captions="a bird chirps", return_tensors="np")
     np.save(sys.argv[2], out["input_ids"])
     """
 )
@@ -129,7 +129,7 @@ def test_processor_saved_here_loads_there(tmp_path: Path) -> None:
         audio=np.zeros(8000, np.float32),
         sampling_rate=16000,
         videos=np.zeros((4, 8, 8, 3), np.uint8),
-        text="a bird chirps",
+        captions="a bird chirps",
         return_tensors="np",
     )["input_ids"]
     np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), here)

@@ -50,9 +50,9 @@ def processor(base_model, tokenizer) -> LavCapProcessor:
 
 
 def build_case(
-    case: str, dtype: torch.dtype, base_model, processor, text: str | None = CAPTION
+    case: str, dtype: torch.dtype, base_model, processor, caption: str | None = CAPTION
 ) -> tuple[LavCapForConditionalGeneration, dict]:
-    """A copy of the tiny model in `dtype`, edited for the case, and its inputs (prompt, plus `text` as labels)."""
+    """A copy of the tiny model in `dtype`, edited for the case, and its inputs (prompt, plus `caption` as labels)."""
     model = copy.deepcopy(base_model).to(dtype)
     rng = np.random.default_rng(0)
     audio = 0.3 * rng.standard_normal(RATE).astype(np.float32)
@@ -77,7 +77,7 @@ def build_case(
             final_norm.weight.mul_(LARGE[dtype])
             embeds = LARGE[dtype] * rng.standard_normal((NUM_FRAMES, model.config.visual_embed_dim))
             media = {"video_embeds": embeds.astype(np.float32)}
-    inputs = processor(audio=audio, sampling_rate=RATE, text=text, **media)
+    inputs = processor(audio=audio, sampling_rate=RATE, captions=caption, **media)
     for key in ("input_features", "pixel_values_videos", "video_embeds"):
         if key in inputs:
             inputs[key] = inputs[key].to(dtype)
@@ -164,7 +164,7 @@ def test_forward_keeps_ot_and_logits_finite(case: str, dtype: torch.dtype, base_
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_generate_gives_finite_scores(case: str, dtype: torch.dtype, base_model, processor) -> None:
-    model, prompt = build_case(case, dtype, base_model, processor, text=None)
+    model, prompt = build_case(case, dtype, base_model, processor, caption=None)
     with torch.no_grad():
         generated = model.generate(
             **prompt,

@@ -358,3 +358,107 @@ def test_every_fusion_type_captions_a_video_in_process(fusion_type: str, workdir
     assert result[0]["caption"] == expected
     assert result[0]["ot_plan"].shape == (config.num_frames, config.num_audio_tokens)
     assert len(front_end_calls) == 1
+
+
+# -- several return sequences, batches and generation defaults --------------------------------------------------
+
+CLIPS = ("clip.mp4", "clip.mkv", "clip.webm")
+
+
+def reference_captions(
+    reference: Reference, inputs: dict[str, torch.Tensor], **generate_kwargs: Any
+) -> list[str]:
+    """Every returned sequence of `model.generate` on one clip alone, decoded after the prompt."""
+    with torch.no_grad():
+        sequences = reference.model.generate(**inputs, **generate_kwargs)
+    return reference.processor.batch_decode(sequences, prompt_length=inputs["input_ids"].shape[1])
+
+
+@pytest.fixture(scope="module")
+def av_pipe(av_reference):
+    return pipeline(TASK, model=av_reference.model, processor=av_reference.processor)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_each_clip_gets_its_own_return_sequences_at_any_batch_size(
+    av_pipe, av_reference, workdir, batch_size
+) -> None:
+    """As the text-generation pipeline: a list of n dicts per input, the clip's own n best beams in order."""
+    settings = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": 4}
+    results = av_pipe([str(workdir / name) for name in CLIPS], batch_size=batch_size, **settings)
+    expected = [reference_captions(av_reference, av_reference.inputs(workdir / n), **settings) for n in CLIPS]
+    assert [[r["caption"] for r in result] for result in results] == expected
+    assert all(set(r) == {"caption"} for result in results for r in result)
+    # Each clip's beams differ from each other and the clips' from another clip's, so rows handed to the wrong clip
+    # or beam would be noticed.
+    assert all(len(set(captions)) == len(captions) for captions in expected)
+    assert len({tuple(captions) for captions in expected}) > 1
+
+
+def test_each_caption_is_paired_with_its_clips_ot_plan(av_pipe, av_reference, workdir) -> None:
+    settings = {"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 3}
+    paths = [str(workdir / name) for name in CLIPS]
+    results = av_pipe(paths, batch_size=3, return_ot_plan=True, **settings)
+    for result, name in zip(results, CLIPS, strict=True):
+        inputs = av_reference.inputs(workdir / name)
+        assert [r["caption"] for r in result] == reference_captions(av_reference, inputs, **settings)
+        for caption in result:
+            np.testing.assert_allclose(caption["ot_plan"], av_reference.ot_plan(inputs), atol=1e-5, rtol=0)
+
+
+def test_windows_keep_their_return_sequences_together(av_pipe, av_reference, tmp_path) -> None:
+    """`long_audio="windows"` with n sequences: window after window, each window's n captions with its timestamp,
+    batched or not."""
+    path = tmp_path / "long.mp4"
+    write_media(path, noise_frames(30, 7), 10, stereo_tone(440, 880, seconds=3.0), RATE)
+    settings = {"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": 3}
+    results = av_pipe(str(path), long_audio="windows", **settings)
+    processor, extractor = av_reference.processor, av_reference.processor.feature_extractor
+    audio = load_media(path, sampling_rate=extractor.sampling_rate, need_frames=False).audio
+    windows = extractor.split_windows(audio, extractor.sampling_rate)
+    spans = list(dict.fromkeys(r["timestamp"] for r in results))
+    assert len(windows) == len(spans) == 3
+    frames = load_media(path, num_frames=extractor.num_frames, need_audio=False, frame_spans=spans).frames
+    expected = []
+    for index, (window, span) in enumerate(zip(windows, spans, strict=True)):
+        window_frames = frames[index * extractor.num_frames : (index + 1) * extractor.num_frames]
+        inputs = processor(audio=window, sampling_rate=extractor.sampling_rate, videos=window_frames)
+        expected += [
+            {"caption": c, "timestamp": span} for c in reference_captions(av_reference, inputs, **settings)
+        ]
+    assert results == expected
+    assert av_pipe([str(path)] * 2, batch_size=4, long_audio="windows", **settings) == [expected] * 2
+
+
+@pytest.fixture(scope="module")
+def beam_folder(tmp_path_factory) -> Path:
+    """A tiny model whose saved generation_config.json decodes with 3 beams and at most 5 new tokens."""
+    folder = tmp_path_factory.mktemp("beams") / "model"
+    # (A seed whose captions differ between these settings on both stacks; the test checks that they do.)
+    model, processor = tiny_model("ot_att", seed=4)
+    model.generation_config.num_beams = 3
+    model.generation_config.max_new_tokens = 5
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def test_the_models_generation_config_gives_the_defaults_and_arguments_override_it(
+    beam_folder, workdir
+) -> None:
+    reference = Reference.from_folder(beam_folder)
+    assert reference.model.generation_config.num_beams == 3  # read back from generation_config.json
+    inputs = reference.inputs(workdir / "clip.mp4")
+    saved = reference_captions(reference, inputs, num_beams=3, max_new_tokens=5)
+    greedy = reference_captions(reference, inputs, num_beams=1, max_new_tokens=5)
+    library_defaults = reference_captions(reference, inputs, num_beams=1, max_new_tokens=20)
+    assert len({saved[0], greedy[0], library_defaults[0]}) == 3  # the checks below can tell them apart
+    pipe = pipeline(TASK, model=str(beam_folder))
+    assert pipe(str(workdir / "clip.mp4")) == [{"caption": saved[0]}]
+    assert pipe(str(workdir / "clip.mp4"), num_beams=1) == [{"caption": greedy[0]}]
+    assert pipe(str(workdir / "clip.mp4"), generate_kwargs={"num_beams": 1}) == [{"caption": greedy[0]}]
+    # Arguments given when the pipeline is built hold for every call, beside the call's own.
+    built = pipeline(TASK, model=str(beam_folder), max_new_tokens=20)
+    assert built(str(workdir / "clip.mp4"), num_beams=1) == [{"caption": library_defaults[0]}]
+    with pytest.raises(ValueError, match="given twice"):
+        pipe(str(workdir / "clip.mp4"), num_beams=1, generate_kwargs={"num_beams": 2})

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import json
 import random
+import re
+import subprocess
+import sys
 
 import jinja2
 import numpy as np
 import pytest
 import torch
+from fake_hub import FakeHub
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoProcessor, PreTrainedTokenizerFast
 
@@ -108,7 +112,7 @@ def test_processor_outputs_train_and_generate_with_the_model(fusion_type: str, t
     model = LavCapForConditionalGeneration(config).eval()
     media = media_kwargs(fusion_type, 2)
     with torch.no_grad():
-        out = model(**processor(**media, text=CAPTIONS[1:]))
+        out = model(**processor(**media, captions=CAPTIONS[1:]))
     assert torch.isfinite(out.loss) and out.loss > 0
     prompts = processor(**media)
     generated = model.generate(**prompts, max_new_tokens=3, do_sample=False)
@@ -122,7 +126,7 @@ def test_processor_outputs_train_and_generate_with_the_model(fusion_type: str, t
 def test_labels_are_the_caption_and_eos_only(padding_side: str | None, tokenizer) -> None:
     processor = make_processor("ot_att", tokenizer)
     side = {} if padding_side is None else {"padding_side": padding_side}
-    batch = processor(**media_kwargs("ot_att", 3), text=CAPTIONS, **side)
+    batch = processor(**media_kwargs("ot_att", 3), captions=CAPTIONS, **side)
     prompt = prompt_ids(tokenizer, expected_prompt(*processor_counts(processor)))
     width = batch["input_ids"].shape[1]
     assert width == len(prompt) + max(len(word_ids(tokenizer, c)) for c in CAPTIONS) + 1
@@ -149,7 +153,7 @@ def test_labels_are_the_caption_and_eos_only(padding_side: str | None, tokenizer
 
 def test_max_caption_length_truncates_the_caption_and_keeps_eos(tokenizer) -> None:
     processor = make_processor("audio_only", tokenizer)
-    batch = processor(**media_kwargs("audio_only", 1), text=CAPTIONS[0], max_caption_length=3)
+    batch = processor(**media_kwargs("audio_only", 1), captions=CAPTIONS[0], max_caption_length=3)
     labels = batch["labels"][0]
     assert labels[labels != -100].tolist() == [*word_ids(tokenizer, CAPTIONS[0])[:3], tokenizer.eos_token_id]
 
@@ -235,13 +239,13 @@ def test_save_and_load_give_the_same_outputs(fusion_type: str, tokenizer, tmp_pa
     processor = make_processor(fusion_type, tokenizer)
     processor.save_pretrained(tmp_path)
     media = media_kwargs(fusion_type, 2)
-    expected = processor(**media, text=CAPTIONS[1:])
+    expected = processor(**media, captions=CAPTIONS[1:])
     for loaded in (LavCapProcessor.from_pretrained(tmp_path), AutoProcessor.from_pretrained(tmp_path)):
         assert isinstance(loaded, LavCapProcessor)
         assert processor_counts(loaded) == processor_counts(processor)
         assert loaded.chat_template == processor.chat_template
         assert loaded.feature_extractor.to_dict() == processor.feature_extractor.to_dict()
-        got = loaded(**media, text=CAPTIONS[1:])
+        got = loaded(**media, captions=CAPTIONS[1:])
         assert sorted(got) == sorted(expected)
         for key in expected:
             assert torch.equal(got[key], expected[key]), key
@@ -269,7 +273,9 @@ def test_video_embeds_pass_through_to_the_model(tokenizer) -> None:
     processor = LavCapProcessor.from_model_config(config, tokenizer)
     audio, _ = make_media(2)
     embeds = np.random.default_rng(1).standard_normal((2, config.num_frames, config.visual_embed_dim))
-    batch = processor(audio=audio, sampling_rate=SAMPLING_RATE, video_embeds=list(embeds), text=CAPTIONS[1:])
+    batch = processor(
+        audio=audio, sampling_rate=SAMPLING_RATE, video_embeds=list(embeds), captions=CAPTIONS[1:]
+    )
     assert "pixel_values_videos" not in batch
     assert batch["video_embeds"].dtype == torch.float32
     torch.testing.assert_close(batch["video_embeds"], torch.from_numpy(embeds).float())
@@ -305,12 +311,22 @@ def test_tokenizer_without_placeholders_or_pad_is_rejected(
 @pytest.mark.parametrize(
     ("fusion_type", "kwargs", "message"),
     [
-        ("ot_att", {"text": CAPTIONS}, "got 3 captions for 2 clips"),
-        ("ot_att", {"text": ["birds sing", ""]}, "non-empty"),
-        ("ot_att", {"text": ["birds sing", "   "]}, "non-empty"),
-        ("ot_att", {"videos": None}, "pass `videos`"),
-        ("ot_att", {"audio": None}, "pass `audio`"),
-        ("visual_only", {"videos": None}, "pass `videos`"),
+        ("ot_att", {"captions": CAPTIONS}, "got 3 captions for 2 clips"),
+        ("ot_att", {"captions": ["birds sing", ""]}, "non-empty"),
+        ("ot_att", {"captions": ["birds sing", "   "]}, "non-empty"),
+        ("visual_only", {"videos": None}, "nothing to process"),
+        # `text` is the prompt: a caption given there (the former meaning of `text`) is named as such.
+        ("ot_att", {"text": CAPTIONS[1:]}, "reference captions go in `captions`"),
+        (
+            "ot_att",
+            {"text": [f"{AUDIO_TOKEN} a", f"{AUDIO_TOKEN} b"]},
+            f"each needs one {re.escape(VIDEO_TOKEN)}",
+        ),
+        ("ot_att", {"text": f"{AUDIO_TOKEN}{VIDEO_TOKEN}"}, "got 1 prompts for 2 clips"),
+        ("ot_att", {"text": [f"{AUDIO_TOKEN * 2}{VIDEO_TOKEN}"] * 2}, "holds 2"),
+        ("ot_att", {"text": [f"{VIDEO_TOKEN}{AUDIO_TOKEN}"] * 2}, "before"),
+        ("ot_att", {"text": [f"{AUDIO_TOKEN}{VIDEO_TOKEN}"] * 2, "instruction": "x"}, "either `text` or"),
+        ("ot_att", {"videos": [[np.zeros((4, 8, 8, 3), np.uint8)] * 2, []]}, r"got \[2, 0\] videos per"),
         ("ot_att", {"videos": None, "video_embeds": np.zeros((2, 4, 32, 1))}, "video_embeds must be"),
         ("ot_att", {"videos": None, "video_embeds": np.zeros(32)}, "video_embeds must be"),
         ("ot_att", {"videos": None, "video_embeds": np.zeros((2, 3, 32))}, "num_frames=4"),
@@ -329,17 +345,17 @@ def test_processing_kwargs_flat_and_per_modality_give_the_same_batch(tokenizer) 
     processor = make_processor("ot_att", tokenizer)
     media = media_kwargs("ot_att", 2)
     rate = media.pop("sampling_rate")
-    flat = processor(**media, text=CAPTIONS[1:], sampling_rate=rate, padding="max_length", max_length=64)
+    flat = processor(**media, captions=CAPTIONS[1:], sampling_rate=rate, padding="max_length", max_length=64)
     nested = processor(
         **media,
-        text=CAPTIONS[1:],
+        captions=CAPTIONS[1:],
         text_kwargs={"padding": "max_length", "max_length": 64},
         audio_kwargs={"sampling_rate": rate},
     )
     assert flat["input_ids"].shape == (2, 64)
     for key in flat:
         assert torch.equal(flat[key], nested[key]), key
-    longest = processor(**media, text=CAPTIONS[1:], sampling_rate=rate)
+    longest = processor(**media, captions=CAPTIONS[1:], sampling_rate=rate)
     assert longest["input_ids"].shape[1] < 64
     assert torch.equal(
         flat["input_ids"][:, -longest["input_ids"].shape[1] :], longest["input_ids"]
@@ -415,3 +431,320 @@ def test_images_are_refused(tokenizer) -> None:
     processor = make_processor("ot_att", tokenizer)
     with pytest.raises(ValueError, match="pass the clip's frames as `videos`"):
         processor(**media_kwargs("ot_att", 1), images=[np.zeros((8, 8, 3), np.uint8)])
+
+
+# -- the prompt as `text`, chat templates, one modality at a time ---------------------------------------------
+
+
+def conversation(audio: np.ndarray, video: np.ndarray, instruction: str) -> list[dict]:
+    """One user turn with the clip's audio, its frames and an instruction, as a chat-template user writes it."""
+    content = [{"type": "audio", "audio": audio}, {"type": "video", "video": video}]
+    return [{"role": "user", "content": [*content, {"type": "text", "text": instruction}]}]
+
+
+def chat_templates_take_audio_arrays() -> bool:
+    """Whether `apply_chat_template` can take an audio entry holding an array here: transformers 4.55's
+    `load_audio` requires librosa even for arrays, 5.x returns arrays as they are."""
+    from transformers.audio_utils import load_audio
+
+    try:
+        load_audio(np.zeros(160, np.float32), sampling_rate=SAMPLING_RATE)
+    except ImportError:
+        return False
+    return True
+
+
+def assert_same_batch(got, expected) -> None:
+    assert sorted(got) == sorted(expected)
+    for key in expected:
+        assert torch.equal(torch.as_tensor(got[key]), torch.as_tensor(expected[key])), key
+
+
+def test_text_is_the_prompt_with_one_placeholder_per_clip(tokenizer) -> None:
+    """The chat template's prompt as `text` gives what the processor's own prompt gives, captions and labels too."""
+    processor = make_processor("ot_att", tokenizer)
+    media = media_kwargs("ot_att", 2)
+    instructions = list(TRAINING_INSTRUCTIONS[:2])
+    prompts = [expected_prompt(1, 1, instruction) for instruction in instructions]
+    assert_same_batch(processor(text=prompts, **media), processor(**media, instruction=instructions))
+    assert_same_batch(
+        processor(text=prompts, captions=CAPTIONS[1:], **media),
+        processor(**media, instruction=instructions, captions=CAPTIONS[1:]),
+    )
+    expanded = processor(text=prompts, **media)["input_ids"]
+    assert ((expanded == processor.audio_token_id).sum(-1) == processor.num_audio_tokens).all()
+    assert ((expanded == processor.video_token_id).sum(-1) == processor.num_video_tokens).all()
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_apply_chat_template_builds_inputs_that_generate_takes(batch_size: int, tokenizer) -> None:
+    """`apply_chat_template(tokenize=True, return_dict=True)` on conversations with an audio and a video entry: the
+    library renders each prompt and hands the media to the processor (the videos one list per conversation); the
+    result is the processor's own batch, and `generate()` captions from it."""
+    if not chat_templates_take_audio_arrays():
+        pytest.skip(
+            "this transformers loads every audio entry of a conversation with librosa, which is not installed"
+        )
+    config = make_config("ot_att", tokenizer)
+    processor = LavCapProcessor.from_model_config(config, tokenizer)
+    audio, videos = make_media(batch_size)
+    instructions = list(TRAINING_INSTRUCTIONS[:batch_size])
+    conversations = [conversation(*clip) for clip in zip(audio, videos, instructions, strict=True)]
+    inputs = processor.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    expected = processor(audio=audio, sampling_rate=SAMPLING_RATE, videos=videos, instruction=instructions)
+    assert_same_batch(inputs, expected)
+    torch.manual_seed(0)
+    model = LavCapForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+        reference = model.generate(**expected, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, reference)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_apply_chat_template_builds_a_visual_only_models_inputs(tokenizer) -> None:
+    """The chat-template path with video entries only (no audio to load, so on every transformers): a
+    `visual_only` model's batch, which `generate()` takes."""
+    config = make_config("visual_only", tokenizer)
+    processor = LavCapProcessor.from_model_config(config, tokenizer)
+    _, videos = make_media(2)
+    instructions = list(TRAINING_INSTRUCTIONS[:2])
+    conversations = [
+        [{"role": "user", "content": [{"type": "video", "video": v}, {"type": "text", "text": i}]}]
+        for v, i in zip(videos, instructions, strict=True)
+    ]
+    inputs = processor.apply_chat_template(
+        conversations, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+    )
+    expected = processor(videos=videos, instruction=instructions)
+    assert_same_batch(inputs, expected)
+    torch.manual_seed(0)
+    model = LavCapForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        generated = model.generate(**inputs, max_new_tokens=3, do_sample=False)
+    assert torch.equal(generated, model.generate(**expected, max_new_tokens=3, do_sample=False))
+
+
+def test_each_modality_alone_is_prepared_and_the_model_names_what_it_lacks(tokenizer) -> None:
+    """An audio-visual model's processor takes audio alone, frames alone or a text-only prompt; the model, not the
+    processor, refuses a forward without the frames it needs."""
+    config = make_config("ot_att", tokenizer)
+    processor = LavCapProcessor.from_model_config(config, tokenizer)
+    audio, videos = make_media(2)
+    both = processor(audio=audio, sampling_rate=SAMPLING_RATE, videos=videos)
+    audio_alone = processor(audio=audio, sampling_rate=SAMPLING_RATE)
+    assert sorted(audio_alone) == ["attention_mask", "input_features", "input_ids"]
+    assert torch.equal(audio_alone["input_features"], both["input_features"])
+    assert torch.equal(audio_alone["input_ids"], both["input_ids"])  # the model's prompt, all placeholders
+    frames_alone = processor(videos=videos)
+    assert sorted(frames_alone) == ["attention_mask", "input_ids", "pixel_values_videos"]
+    assert torch.equal(frames_alone["pixel_values_videos"], both["pixel_values_videos"])
+    text_alone = processor(text="USER: birds sing\nASSISTANT:")
+    assert sorted(text_alone) == ["attention_mask", "input_ids"]
+    assert text_alone["input_ids"][0].tolist() == prompt_ids(tokenizer, "USER: birds sing\nASSISTANT:")
+    torch.manual_seed(0)
+    model = LavCapForConditionalGeneration(config).eval()
+    with pytest.raises(ValueError, match="pixel_values_videos"):
+        model(**audio_alone)
+    with pytest.raises(ValueError, match="input_features"):
+        model(**frames_alone)
+
+
+def test_channels_first_frames_give_the_same_pixels(tokenizer) -> None:
+    processor = make_processor("ot_att", tokenizer)
+    audio, videos = make_media(2)
+    last = processor(audio=audio, sampling_rate=SAMPLING_RATE, videos=videos)
+    first = processor(
+        audio=audio, sampling_rate=SAMPLING_RATE, videos=[v.transpose(0, 3, 1, 2) for v in videos]
+    )
+    assert torch.equal(first["pixel_values_videos"], last["pixel_values_videos"])
+    batched = processor(
+        audio=audio, sampling_rate=SAMPLING_RATE, videos=np.stack(videos).transpose(0, 1, 4, 2, 3)
+    )
+    assert torch.equal(batched["pixel_values_videos"], last["pixel_values_videos"])
+
+
+def test_offsets_map_every_token_to_its_prompt_characters(tokenizer) -> None:
+    """`return_offsets_mapping`: the span in the prompt of each token; all tokens of a placeholder span it."""
+    processor = make_processor("ot_att", tokenizer)
+    media = media_kwargs("ot_att", 2)
+    prompts = [expected_prompt(1, 1, instruction) for instruction in TRAINING_INSTRUCTIONS[:2]]
+    batch = processor(text=prompts, **media, return_offsets_mapping=True, padding_side="right")
+    for prompt, ids, mask, offsets in zip(
+        prompts, batch["input_ids"], batch["attention_mask"], batch["offset_mapping"], strict=True
+    ):
+        real = mask.bool()
+        assert offsets[~real].eq(0).all() and offsets[0].tolist() == [0, 0]  # padding and BOS
+        for token_id, (start, end) in zip(ids[real][1:].tolist(), offsets[real][1:].tolist(), strict=True):
+            text = prompt[start:end]
+            if token_id in (processor.audio_token_id, processor.video_token_id):
+                assert text == tokenizer.convert_ids_to_tokens(token_id)
+            else:
+                assert tokenizer.convert_tokens_to_ids(text) == token_id
+
+
+# -- loading from folders, subfolders and the Hub -------------------------------------------------------------
+
+
+def save_with_named_template(folder, tokenizer, fusion_type: str = "concat") -> LavCapProcessor:
+    """A processor with a named chat template beside its default one, saved in `folder`."""
+    processor = make_processor(fusion_type, tokenizer)
+    processor.chat_template = {"default": processor.chat_template, "short": "{{ messages[0]['role'] }}"}
+    processor.save_pretrained(folder)
+    return processor
+
+
+def save_two_processors(root, tokenizer) -> LavCapProcessor:
+    """A `concat` processor with a named chat template saved in `root/captioner`, and an `audio_only` processor with
+    another default template and no named one at `root`: reading the root instead of the subfolder gives other
+    counts and templates. (The root holds no named template: transformers' own `AutoProcessor` lists those of the
+    root whatever the subfolder, and fails on one the subfolder lacks.)"""
+    captioner = save_with_named_template(root / "captioner", tokenizer)
+    other = make_processor("audio_only", tokenizer)
+    other.chat_template = other.chat_template.replace("ASSISTANT:", "A:")
+    other.save_pretrained(root)
+    assert processor_counts(other) != processor_counts(captioner)
+    return captioner
+
+
+def loaded_summary(processor: LavCapProcessor) -> dict:
+    """What a loaded processor read from its files."""
+    return {
+        "counts": list(processor_counts(processor)),
+        "chat_template": processor.chat_template,
+        "feature_extractor": processor.feature_extractor.to_dict(),
+        "vocab": len(processor.tokenizer),
+    }
+
+
+def test_subfolder_is_honoured_for_every_processor_file(tokenizer, tmp_path) -> None:
+    captioner = save_two_processors(tmp_path, tokenizer)
+    expected = loaded_summary(captioner)
+    for loader in (LavCapProcessor, AutoProcessor):
+        loaded = loader.from_pretrained(tmp_path, subfolder="captioner")
+        assert loaded_summary(loaded) == expected, loader.__name__
+
+
+def test_a_missing_processor_config_is_an_error_not_a_default(tokenizer, tmp_path) -> None:
+    """Without `processor_config.json` the placeholder counts are unknown: loading names the missing file instead of
+    falling back to the paper's 64 / 20 (which a tiny or `audio_only` model cannot take)."""
+    save_two_processors(tmp_path, tokenizer)
+    (tmp_path / "captioner" / "processor_config.json").unlink()
+    with pytest.raises(OSError, match=r"captioner/processor_config\.json of .* not found"):
+        LavCapProcessor.from_pretrained(tmp_path, subfolder="captioner")
+    (tmp_path / "processor_config.json").unlink()
+    with pytest.raises(OSError, match=r"processor_config\.json of .* not found"):
+        LavCapProcessor.from_pretrained(tmp_path)
+
+
+HUB_LOAD = """
+import json, sys
+import lavcap_hf
+from transformers import AutoProcessor, AutoTokenizer
+
+results = {}
+# The repo with named templates is read with a tokenizer of another repo: loading the repo's own tokenizer also
+# fetches the templates (as the tokenizer's), which would hide whether the processor reads them. (And transformers
+# 4.55's AutoProcessor cannot read named templates from the Hub: its listing keeps the ".jinja" it appends again.)
+tokenizer = AutoTokenizer.from_pretrained("someone/tokenizer")
+for name, loader, repo, kwargs in (
+    ("subfolder", AutoProcessor, "someone/two-models", {"subfolder": "captioner"}),
+    ("named", lavcap_hf.LavCapProcessor, "someone/named-templates", {"tokenizer": tokenizer}),
+):
+    processor = loader.from_pretrained(repo, **kwargs)
+    results[name] = {
+        "counts": [processor.num_audio_tokens, processor.num_video_tokens],
+        "chat_template": processor.chat_template,
+        "feature_extractor": processor.feature_extractor.to_dict(),
+        "vocab": len(processor.tokenizer),
+    }
+try:  # (AutoProcessor returns the tokenizer of a folder without processor_config.json, as for any model)
+    lavcap_hf.LavCapProcessor.from_pretrained("someone/two-models", subfolder="incomplete")
+    results["missing"] = None
+except OSError as error:
+    results["missing"] = str(error)
+print(json.dumps(results))
+"""
+
+
+HUB_LOAD_OFFLINE = """
+import json
+from transformers import AutoTokenizer
+from lavcap_hf import LavCapProcessor
+
+tokenizer = AutoTokenizer.from_pretrained("someone/tokenizer")
+processor = LavCapProcessor.from_pretrained("someone/named-templates", tokenizer=tokenizer)
+print(json.dumps(processor.chat_template))
+"""
+
+
+@pytest.fixture(scope="module")
+def from_the_hub(tokenizer, tmp_path_factory) -> dict:
+    """Processors loaded from Hub repos, with what was saved there and the requests the Hub got.
+
+    The Hub's servers cannot run here: `fake_hub.FakeHub` serves the repos over HTTP in their place, and the loading
+    runs in a process whose `huggingface_hub` is pointed at it, downloads and cache as from the Hub.
+    """
+    root = tmp_path_factory.mktemp("hub")
+    hub_root = root / "hub" / "someone"
+    captioner = save_two_processors(hub_root / "two-models", tokenizer)
+    named = save_with_named_template(hub_root / "named-templates", tokenizer, "ot_att")
+    tokenizer.save_pretrained(hub_root / "tokenizer")
+    save_with_named_template(hub_root / "two-models" / "incomplete", tokenizer)
+    (hub_root / "two-models" / "incomplete" / "processor_config.json").unlink()
+    with FakeHub(root / "hub") as hub:
+        result = subprocess.run(
+            [sys.executable, "-c", HUB_LOAD],
+            capture_output=True,
+            text=True,
+            env=hub.environment(root / "cache"),
+            timeout=300,
+        )
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Once downloaded, the same repos load offline, named templates listed in the cache.
+    offline = subprocess.run(
+        [sys.executable, "-c", HUB_LOAD_OFFLINE],
+        capture_output=True,
+        text=True,
+        env={**hub.environment(root / "cache"), "HF_HUB_OFFLINE": "1"},
+        timeout=300,
+    )
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    return {
+        "loaded": json.loads(result.stdout.splitlines()[-1]),
+        "offline": json.loads(offline.stdout.splitlines()[-1]),
+        "saved": {
+            name: json.loads(json.dumps(loaded_summary(p)))
+            for name, p in (("subfolder", captioner), ("named", named))
+        },
+        "requests": hub.requests,
+    }
+
+
+def test_every_file_of_a_subfolder_loads_from_the_hub(from_the_hub) -> None:
+    assert from_the_hub["loaded"]["subfolder"] == from_the_hub["saved"]["subfolder"]
+    assert any(
+        path.endswith("/captioner/additional_chat_templates/short.jinja")
+        for _, path in from_the_hub["requests"]
+    )
+
+
+def test_named_chat_templates_load_from_the_hub(from_the_hub) -> None:
+    """The templates of `additional_chat_templates/` are listed in the repo and downloaded, not looked for beside the
+    one downloaded `chat_template.jinja` (where they never are)."""
+    loaded = from_the_hub["loaded"]["named"]
+    assert sorted(loaded["chat_template"]) == ["default", "short"]
+    assert loaded == from_the_hub["saved"]["named"]
+
+
+def test_named_chat_templates_load_offline_from_the_cache(from_the_hub) -> None:
+    assert from_the_hub["offline"] == from_the_hub["saved"]["named"]["chat_template"]
+
+
+def test_a_processor_config_missing_on_the_hub_is_an_error(from_the_hub) -> None:
+    assert (
+        "incomplete/processor_config.json of someone/two-models not found"
+        in from_the_hub["loaded"]["missing"]
+    )

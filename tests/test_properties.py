@@ -211,6 +211,8 @@ def frames_problem(frames: np.ndarray) -> str | None:
     if len(videos) != 1:
         return f"got {len(videos)} videos for 1 audio clips"
     video = videos[0]
+    if video.shape[-1] != 3 and video.shape[1] == 3:  # channels-first
+        video = video.transpose(0, 2, 3, 1)
     if video.shape[-1] != 3 or video.dtype != np.uint8:
         return "uint8 RGB"
     if video.shape[0] != NUM_FRAMES:
@@ -397,10 +399,10 @@ def test_captions_give_labels_or_a_named_error(processor, tokenizer, caption: st
     if not caption.strip():
         event("blank caption")
         with pytest.raises(ValueError, match="non-empty"):
-            processor(**media, text=caption)
+            processor(**media, captions=caption)
         return
     event("caption")
-    batch = processor(**media, text=caption)
+    batch = processor(**media, captions=caption)
     prompt = processor(**media)["input_ids"][0].tolist()
     target = tokenizer(" " + caption.strip(), add_special_tokens=False)["input_ids"] + [
         tokenizer.eos_token_id
@@ -586,14 +588,14 @@ def pipeline_inputs(draw) -> tuple[object, str | None, str]:
         return inputs, "unknown input keys ['video']", fault
     if fault == "no audio":
         del inputs["audio"]
-        return inputs, "pass `audio`", fault
+        return inputs, "give the input's `audio`", fault
     if fault == "no rate":
         del inputs["sampling_rate"]
         return inputs, "sampling_rate is required", fault
     if fault == "no visual":
         inputs.pop("frames", None)
         inputs.pop("video_embeds", None)
-        return inputs, "pass `videos`", fault
+        return inputs, "give the input's `frames`", fault
     return inputs, audio_problem(audio, case.rate) or visual_problem, f"{fault} fault, {visual}"
 
 

@@ -169,7 +169,7 @@ def test_teacher_forced_evaluation_batches_keep_the_generation_prompts(workspace
     expected = processor(
         audio=[item["audio"] for item in items],
         videos=[item["frames"] for item in items],
-        text=[item["caption"] for item in items],
+        captions=[item["caption"] for item in items],
         sampling_rate=items[0]["sampling_rate"],
         padding_side="right",
         max_caption_length=3,

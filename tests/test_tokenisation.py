@@ -132,7 +132,7 @@ def run(processor: LavCapProcessor, captions: list[str] | None, instructions: li
         audio=[0.1 * rng.standard_normal(4000).astype(np.float32) for _ in range(count)],
         sampling_rate=SAMPLING_RATE,
         video_embeds=embeds,
-        text=captions,
+        captions=captions,
         instruction=instructions,
         return_tensors="np",
         **kwargs,
