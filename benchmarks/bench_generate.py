@@ -82,7 +82,7 @@ def build_config(profile: str, tokenizer: Any) -> LavCapConfig:
     if profile == "quick":
         return tiny_lavcap_config(vocab_size=len(tokenizer), audio_token_id=ids[0], video_token_id=ids[1])
     if profile == "paper":
-        return paper_sized_config(*ids, vocab_size=LLAMA_VOCAB)
+        return paper_sized_config(*ids, vocab_size=LLAMA_VOCAB, pad_token_id=tokenizer.pad_token_id)
     return small_lavcap_config(*ids, vocab_size=LLAMA_VOCAB)
 
 

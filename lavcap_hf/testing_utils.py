@@ -6,6 +6,7 @@ from transformers import CLIPVisionConfig, LlamaConfig
 
 from .configuration_lavcap import (
     PAPER_AUDIO_TOKEN_ID,
+    PAPER_PAD_TOKEN_ID,
     PAPER_VIDEO_TOKEN_ID,
     CedConfig,
     LavCapConfig,
@@ -69,10 +70,12 @@ def paper_sized_config(
     video_token_id: int = PAPER_VIDEO_TOKEN_ID,
     vocab_size: int = PAPER_VIDEO_TOKEN_ID + 1,
     with_vision: bool = True,
+    pad_token_id: int = PAPER_PAD_TOKEN_ID,
 ) -> LavCapConfig:
     """The paper's dimensions with random weights: CED-base, CLIP ViT-L/14 (224 px, 768-d projection) and
     LLaMA-2-7B (32000 tokens + `[PAD]` + the two placeholders by default: `LavCapConfig()`'s decoder). For
-    meta-device counts and GPU benchmarks; `with_vision=False` for the precomputed-feature set-up."""
+    meta-device counts and GPU benchmarks; `with_vision=False` for the precomputed-feature set-up; another
+    tokenizer's `vocab_size` comes with its `pad_token_id`."""
     vision = None
     if with_vision:
         vision = CLIPVisionConfig(
@@ -88,7 +91,7 @@ def paper_sized_config(
     return LavCapConfig(
         audio_config=CedConfig(),
         vision_config=vision,
-        text_config=paper_text_config(vocab_size=vocab_size),
+        text_config=paper_text_config(vocab_size=vocab_size, pad_token_id=pad_token_id),
         visual_embed_dim=768,
         audio_token_id=audio_token_id,
         video_token_id=video_token_id,
