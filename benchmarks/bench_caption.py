@@ -1,8 +1,8 @@
 """Benchmark `lavcap caption` end to end, in clips per second, with 0, 1, 2, ... decoding workers.
 
-What a corpus run does per clip: decode the file (`lavcap_hf.media.load_media`: 16 kHz audio, 20 frames),
+What a corpus run does per clip: decode the file (`lavcap_hf.model.media_decoding.load_media`: 16 kHz audio, 20 frames),
 featurise it (the pipeline's `preprocess`: fbank and CLIP pixel values) and caption it (the model's `generate()`),
-in batches. `lavcap caption --num-workers N` (`lavcap_hf.batch_captioning.caption_windows`) hands decoding and
+in batches. `lavcap caption --num-workers N` (`lavcap_hf.captioning.files.caption_windows`) hands decoding and
 featurising to N DataLoader processes, so that the model captions one batch while the workers prepare the next.
 
 Rows, all wall-clock rates over the same clips (median of `--repeats` passes):
@@ -23,7 +23,7 @@ Rows, all wall-clock rates over the same clips (median of `--repeats` passes):
 Profiles, random weights, nothing downloaded; beam search (4 beams) with exactly `--max-new-tokens` new tokens per
 caption. The model is built in memory on `--device` (`measure.build_model`) and wrapped in the pipeline as
 `lavcap caption` wraps a loaded one (`load_captioning_pipeline`); no checkpoint is written. Clips are written by
-`lavcap_hf.synthetic.generate_dataset` (10 s, 25 fps, 360 x 360 px H.264, 44.1 kHz AAC by default), one per
+`lavcap_hf.data.synthetic.generate_dataset` (10 s, 25 fps, 360 x 360 px H.264, 44.1 kHz AAC by default), one per
 process in parallel; `--num-clips` paths cycle over `--distinct-clips` files, as a corpus read from the page cache.
 - default (CPU): `small_lavcap_config` (the paper's input shapes at small widths: 1024 x 64 fbank, 20 frames of
   224 px, a 4-layer 256-d LLaMA with LLaMA's 32000-token vocabulary), 16 clips, batch 4, 16 new tokens, fp32;
@@ -57,15 +57,15 @@ from bench_generate import build_config
 from measure import build_model, cpu_name
 
 from lavcap_hf import AudioVisualCaptioningPipeline, LavCapProcessor
-from lavcap_hf.batch_captioning import (
+from lavcap_hf.captioning.files import (
     FeaturisedWindows,
     batch_windows,
     caption_windows,
     generate_captions,
     pipeline_parameters,
 )
-from lavcap_hf.synthetic import generate_dataset
-from lavcap_hf.testing_utils import word_level_tokenizer
+from lavcap_hf.data.synthetic import generate_dataset
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 NUM_BEAMS = 4
 PROFILES: dict[str, dict[str, Any]] = {

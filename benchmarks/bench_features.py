@@ -1,18 +1,18 @@
 """Benchmark the data pipeline: decode clips, fbank and frame preprocessing, in clips per second.
 
-Clips: mp4 files (H.264 video, AAC audio) written by `lavcap_hf.synthetic.generate_dataset`; by default 10 s,
+Clips: mp4 files (H.264 video, AAC audio) written by `lavcap_hf.data.synthetic.generate_dataset`; by default 10 s,
 25 fps, 360 x 360 px, 44.1 kHz audio (about what a YouTube clip of AudioCaps holds), which the decoder resamples.
 
 Table 1, per core: one process pinned to one CPU (`os.sched_setaffinity`, so FFmpeg's and numpy's threads share
 that core too), milliseconds per clip for each stage, median over the clips and `--repeats` passes:
-- decode audio: `lavcap_hf.media.load_media(need_frames=False)`, 16 kHz mono float32;
+- decode audio: `lavcap_hf.model.media_decoding.load_media(need_frames=False)`, 16 kHz mono float32;
 - decode frames: `load_media(need_audio=False)`, 20 uint8 RGB frames spread over the clip;
 - fbank: `LavCapFeatureExtractor` on the waveform, (1024, 64) normalised log-mel;
 - frames: `LavCapFeatureExtractor.preprocess_videos`, (20, 3, 224, 224) CLIP pixel values;
 then clips per second for the sum, and the peak resident-set growth of one clip (`measure.peak_memory_mib`).
 
-Table 2, the training data pipeline: `torch.utils.data.DataLoader` over `lavcap_hf.data.LavCapDataset` (decoding in
-`__getitem__`) with `lavcap_hf.collator.LavCapDataCollator` as `collate_fn` (fbank, frames, prompts, in the workers),
+Table 2, the training data pipeline: `torch.utils.data.DataLoader` over `lavcap_hf.data.dataset.LavCapDataset` (decoding in
+`__getitem__`) with `lavcap_hf.data.collator.LavCapDataCollator` as `collate_fn` (fbank, frames, prompts, in the workers),
 for each `--workers` count and both collators (`train`: captions, labels, SpecAugment; `eval`: prompts only).
 Per row, medians of `--repeats` passes after a warm-up pass (persistent workers, so worker start-up is not counted):
 clips per second (wall time: what a training step waits for, and what parallel workers improve on free cores), CPU
@@ -42,11 +42,12 @@ from measure import CLOCKS, add_clock_argument, cpu_name, peak_memory_mib, peak_
 from torch.utils.data import DataLoader
 
 from lavcap_hf import LavCapConfig, LavCapProcessor
-from lavcap_hf.collator import LavCapDataCollator
-from lavcap_hf.data import LavCapDataset, load_manifest
-from lavcap_hf.media import load_media
-from lavcap_hf.synthetic import generate_dataset
-from lavcap_hf.testing_utils import word_level_tokenizer
+from lavcap_hf.data.clips import load_manifest
+from lavcap_hf.data.collator import LavCapDataCollator
+from lavcap_hf.data.dataset import LavCapDataset
+from lavcap_hf.data.synthetic import generate_dataset
+from lavcap_hf.model.media_decoding import load_media
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 STAGES = ("decode audio", "decode frames", "fbank", "frames")
 PROFILES: dict[str, dict[str, Any]] = {

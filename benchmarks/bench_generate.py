@@ -56,12 +56,8 @@ from measure import (
 from transformers import GenerationMixin
 
 from lavcap_hf import LavCapConfig, LavCapForConditionalGeneration, LavCapProcessor
-from lavcap_hf.testing_utils import (
-    paper_sized_config,
-    small_lavcap_config,
-    tiny_lavcap_config,
-    word_level_tokenizer,
-)
+from lavcap_hf.testing.configs import paper_sized_config, small_lavcap_config, tiny_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 VARIANTS = ("cached", "per-beam-prefill", "beam-copies", "naive", "compiled")
 CUDA_ONLY_VARIANTS = ("compiled",)

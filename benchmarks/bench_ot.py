@@ -42,7 +42,7 @@ from measure import (
     peak_memory_mib as peak_memory_of_call,
 )
 
-from lavcap_hf.optimal_transport import LOGIT_SCALE_MAX, build_fusion, log_sinkhorn, normalize_features
+from lavcap_hf.model.optimal_transport import LOGIT_SCALE_MAX, build_fusion, log_sinkhorn, normalize_features
 
 NUM_AUDIO, NUM_VISUAL, HIDDEN = 64, 20, 768
 EPSILON, ITERATIONS = 0.1, 50

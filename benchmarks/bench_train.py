@@ -1,9 +1,9 @@
 """Training throughput and peak memory of LAVCap fine-tuning with `LavCapTrainer` (LoRA, OT loss, collator).
 
 Two configurations, random weights (nothing is downloaded):
-- `small` (CPU-sized): `lavcap_hf.testing_utils.small_lavcap_config`: CED 4 x 128 on full-length clips (10 s audio
+- `small` (CPU-sized): `lavcap_hf.testing.configs.small_lavcap_config`: CED 4 x 128 on full-length clips (10 s audio
   -> 1024 x 64 fbank, 64 audio tokens), a 4 x 128 CLIP tower, LLaMA 4 x 256 with a 32003-token vocabulary;
-- `paper` (GPU): `lavcap_hf.testing_utils.paper_sized_config`: CED-base (12 x 768), CLIP ViT-L/14, LLaMA-2-7B
+- `paper` (GPU): `lavcap_hf.testing.configs.paper_sized_config`: CED-base (12 x 768), CLIP ViT-L/14, LLaMA-2-7B
   dimensions (32 x 4096); frozen weights in bf16, LoRA adapters, projector and logit scale in float32, bf16
   autocast - the paper's training set-up.
 
@@ -38,13 +38,15 @@ from measure import add_peak_arguments, build_model, device_peaks, format_limit,
 from transformers import TrainerCallback, TrainingArguments
 
 from lavcap_hf import LavCapConfig, LavCapProcessor
-from lavcap_hf._compat import activation_checkpointing_argument
-from lavcap_hf.data import Clip, LavCapDataset
-from lavcap_hf.lora import apply_lora
-from lavcap_hf.optimal_transport import OptimalTransportFusion
-from lavcap_hf.synthetic import PLACES, SOUNDS, make_caption
-from lavcap_hf.testing_utils import paper_sized_config, small_lavcap_config, word_level_tokenizer
-from lavcap_hf.training import LavCapTrainer
+from lavcap_hf.data.clips import Clip
+from lavcap_hf.data.dataset import LavCapDataset
+from lavcap_hf.data.synthetic import PLACES, SOUNDS, make_caption
+from lavcap_hf.model.optimal_transport import OptimalTransportFusion
+from lavcap_hf.testing.configs import paper_sized_config, small_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
+from lavcap_hf.training.compat import activation_checkpointing_argument
+from lavcap_hf.training.lora import apply_lora
+from lavcap_hf.training.trainer import LavCapTrainer
 
 SAMPLING_RATE = 16000
 FRAME_SIZE = 256

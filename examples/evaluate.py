@@ -4,13 +4,13 @@
 
 Writes predictions (JSONL), scores (JSON, for the model card) and a markdown table to --output-dir; rerunning the same
 command resumes an interrupted run. Every option is described by `--help`. The logic lives in
-`lavcap_hf.evaluation`.
+`lavcap_hf.evaluation.run`.
 """
 
 import argparse
 
 from lavcap_cli import add_evaluate_arguments
-from lavcap_hf.evaluation import run_evaluate
+from lavcap_hf.evaluation.run import run_evaluate
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(

@@ -28,9 +28,10 @@ import torch
 from tqdm.auto import tqdm
 from transformers import CLIPVisionModelWithProjection
 
-from lavcap_hf._compat import dtype_kwarg
-from lavcap_hf.data import Clip, LavCapDataset, load_audiocaps, load_clips
-from lavcap_hf.feature_extraction_lavcap import LavCapFeatureExtractor
+from lavcap_hf.data.clips import Clip, load_audiocaps, load_clips
+from lavcap_hf.data.dataset import LavCapDataset
+from lavcap_hf.model._compat import dtype_kwarg
+from lavcap_hf.model.feature_extraction_lavcap import LavCapFeatureExtractor
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -3,12 +3,12 @@
     python examples/train.py --config examples/configs/lavcap_audiocaps.yaml [--name value ...]
 
 Every argument is described by `--help`; see examples/README.md for multi-GPU and Gaudi launches. The logic lives in
-`lavcap_hf.training.run_training`, shared with `lavcap train`.
+`lavcap_hf.training.run.run_training`, shared with `lavcap train`.
 """
 
 import sys
 
-from lavcap_hf.training import run_training
+from lavcap_hf.training.run import run_training
 
 if __name__ == "__main__":
     run_training(sys.argv[1:])

@@ -1,8 +1,8 @@
 """The `lavcap` command: caption, demo, train, evaluate, convert, app, fetch-corenlp, push-to-hub.
 
 Parsing imports neither torch nor transformers, so `lavcap --help` (and any subcommand's `--help`) answers at
-once; a subcommand imports `lavcap_hf` only when it runs. The choices the parsers offer are copied from
-`lavcap_hf` (`tests/test_cli.py` checks that they agree).
+once; a subcommand imports `lavcap_hf` only when it runs. The choices the parsers offer (`choices.py`) are written
+from `lavcap_hf` by scripts/write_cli_choices.py (`tests/test_cli.py` checks that the file is up to date).
 """
 
 from __future__ import annotations
@@ -10,28 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-FUSION_TYPES = (
-    "ot_att",
-    "ot_concat",
-    "ot_channel_concat",
-    "ot_cross_attention",
-    "concat",
-    "channel_concat",
-    "audio_only",
-    "visual_only",
-    "concat_once",
-    "plain_cross_attention",
-)
-"""`lavcap_hf.configuration_lavcap.FUSION_TYPES`."""
-
-DEFAULT_COLUMNS = {
-    "video": "video_path",
-    "audio": "audio_path",
-    "caption": "caption",
-    "id": "id",
-    "video_embeds": "video_embeds_path",
-}
-"""`lavcap_hf.data.DEFAULT_COLUMNS`: manifest columns of each role."""
+from .choices import DEFAULT_COLUMNS, FUSION_TYPES
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -303,29 +282,29 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _run_caption(args: argparse.Namespace) -> int:
     if args.output:  # through per-process part files: resumable, any number of processes (accelerate launch)
-        from lavcap_hf.distributed_captioning import caption_corpus
+        from lavcap_hf.captioning.corpus import caption_corpus
 
         return caption_corpus(args)
-    from lavcap_hf.batch_captioning import run_caption
+    from lavcap_hf.captioning.files import run_caption
 
     return run_caption(args)
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from lavcap_hf.demo import run_demo_command
+    from lavcap_hf.apps.demo import run_demo_command
 
     return run_demo_command(args)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from lavcap_hf.training import run_training
+    from lavcap_hf.training.run import run_training
 
     run_training(args.arguments)
     return 0
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from lavcap_hf.evaluation import run_evaluate
+    from lavcap_hf.evaluation.run import run_evaluate
 
     run_evaluate(args)
     return 0
@@ -339,19 +318,19 @@ def _run_convert(args: argparse.Namespace) -> int:
 
 
 def _run_app(args: argparse.Namespace) -> int:
-    from lavcap_hf.web_demo import run_app_command
+    from lavcap_hf.apps.web_demo import run_app_command
 
     return run_app_command(args)
 
 
 def _run_fetch_corenlp(args: argparse.Namespace) -> int:
-    from lavcap_hf.corenlp import run_fetch_corenlp
+    from lavcap_hf.evaluation.corenlp import run_fetch_corenlp
 
     return run_fetch_corenlp(args.lib_dir, args.url)
 
 
 def _run_push(args: argparse.Namespace) -> int:
-    from lavcap_hf.hub import run_push
+    from lavcap_hf.hub.push import run_push
 
     run_push(args)
     return 0
@@ -371,15 +350,15 @@ def parse_command_line(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run `lavcap ...`; returns the exit status.
 
-    Run as the program (`argv` None: the `lavcap` script, `python -m lavcap_hf.cli`, each process of
-    `accelerate launch`), a run that stops with a message for its user (`lavcap_hf.sharded_run.RunError`: refused
+    Run as the program (`argv` None: the `lavcap` script, `python -m lavcap_hf`, each process of
+    `accelerate launch`), a run that stops with a message for its user (`lavcap_hf.captioning.sharded_run.RunError`: refused
     settings, an output in use by another run) prints it once, from the main process, and exits with status 2 on
     every process. A caller that passes `argv` gets the exception.
     """
     args = parse_command_line(argv)
     if argv is not None:
         return args.run(args)
-    from lavcap_hf.sharded_run import RunError
+    from lavcap_hf.captioning.sharded_run import RunError
 
     try:
         return args.run(args)

@@ -1,12 +1,13 @@
 """LAVCap audio-visual captioning as a Hugging Face Transformers model."""
 
+import transformers
 from transformers import AutoConfig, AutoFeatureExtractor, AutoModel, AutoModelForCausalLM, AutoProcessor
 from transformers.pipelines import PIPELINE_REGISTRY
 
-from .configuration_lavcap import FUSION_TYPES, CedConfig, LavCapConfig
-from .feature_extraction_lavcap import LavCapFeatureExtractor
-from .modeling_ced import CedModel
-from .modeling_lavcap import (
+from .model.configuration_lavcap import FUSION_TYPES, CedConfig, LavCapConfig
+from .model.feature_extraction_lavcap import LavCapFeatureExtractor
+from .model.modeling_ced import CedModel
+from .model.modeling_lavcap import (
     LavCapCausalLMOutputWithPast,
     LavCapForConditionalGeneration,
     LavCapModel,
@@ -14,8 +15,8 @@ from .modeling_lavcap import (
     LavCapMultimodalOutput,
     LavCapPreTrainedModel,
 )
-from .pipeline_lavcap import TASK, AudioVisualCaptioningPipeline
-from .processing_lavcap import LavCapProcessor
+from .model.pipeline_lavcap import TASK, AudioVisualCaptioningPipeline
+from .model.processing_lavcap import LavCapProcessor
 
 __version__ = "0.1.0"
 
@@ -24,6 +25,11 @@ AutoConfig.register(LavCapConfig.model_type, LavCapConfig, exist_ok=True)
 AutoModel.register(CedConfig, CedModel, exist_ok=True)
 AutoModel.register(LavCapConfig, LavCapForConditionalGeneration, exist_ok=True)
 AutoModelForCausalLM.register(LavCapConfig, LavCapForConditionalGeneration, exist_ok=True)
+# The library's auto class for multimodal generation (transformers 5.x: qwen2-audio, qwen2.5-omni, llava, ...).
+if hasattr(transformers, "AutoModelForMultimodalLM"):
+    transformers.AutoModelForMultimodalLM.register(
+        LavCapConfig, LavCapForConditionalGeneration, exist_ok=True
+    )
 AutoFeatureExtractor.register(LavCapConfig, LavCapFeatureExtractor, exist_ok=True)
 AutoProcessor.register(LavCapConfig, LavCapProcessor, exist_ok=True)
 

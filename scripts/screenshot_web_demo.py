@@ -56,7 +56,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="lavcap-screenshot-") as workdir:
         clip = args.clip
         if clip is None:
-            from lavcap_hf.web_demo import example_clips
+            from lavcap_hf.apps.web_demo import example_clips
 
             clip = next(path for path, _ in example_clips(workdir) if "chirps" in path)
         with running_app(args.model, workdir) as url, chromium(width=1400, height=1600) as driver:

@@ -8,7 +8,7 @@ FAULT is one of
 - `hold:FILE`: each process waits, when it is about to caption its second batch, until FILE exists, so that a test can
   act while the run is under way (the process writes `FILE.held` when it starts waiting).
 
-`exit` is put into `lavcap_hf.sharded_run.append_records`, the one function through which a run writes its records;
+`exit` is put into `lavcap_hf.captioning.sharded_run.append_records`, the one function through which a run writes its records;
 `hold` into the model's `generate`.
 """
 
@@ -34,7 +34,7 @@ def inject(fault: str) -> None:
 
 
 def exit_after_batches(rank: int, batches: int) -> None:
-    from lavcap_hf import sharded_run
+    from lavcap_hf.captioning import sharded_run
 
     append = sharded_run.append_records
     appended = 0

@@ -41,8 +41,9 @@ def save_scene_model(folder, seed: int = 0, **config_kwargs):
     import torch
 
     from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
-    from lavcap_hf.synthetic import PLACES, SOUNDS, make_caption
-    from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+    from lavcap_hf.data.synthetic import PLACES, SOUNDS, make_caption
+    from lavcap_hf.testing.configs import tiny_lavcap_config
+    from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
     tokenizer = word_level_tokenizer([make_caption(s, p) for s in SOUNDS for p in PLACES])
     config = tiny_lavcap_config(
@@ -64,8 +65,8 @@ def save_component_parts(folder):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lavcap_hf import CedConfig, CedModel
-    from lavcap_hf.synthetic import PLACES, SOUNDS, make_caption
-    from lavcap_hf.testing_utils import word_level_tokenizer
+    from lavcap_hf.data.synthetic import PLACES, SOUNDS, make_caption
+    from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
     tokenizer = word_level_tokenizer([make_caption(s, p) for s in SOUNDS for p in PLACES])
     text = LlamaConfig(

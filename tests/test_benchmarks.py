@@ -17,10 +17,14 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from lavcap_hf import LavCapForConditionalGeneration
-from lavcap_hf._compat import enable_activation_checkpointing
-from lavcap_hf.lora import apply_lora, lavcap_lora_config
-from lavcap_hf.modeling_ced import CedBlock
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.model.modeling_ced import CedBlock
+from lavcap_hf.testing.configs import tiny_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
+from lavcap_hf.training.compat import enable_activation_checkpointing
+from lavcap_hf.training.lora import apply_lora, lavcap_lora_config
+
+# Training runs, benchmarks and launched processes: the opt-in integration tier (pyproject.toml).
+pytestmark = pytest.mark.integration
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_caption  # noqa: E402
@@ -98,6 +102,7 @@ PARSE_ONLY = """
 import importlib.util
 import sys
 from pathlib import Path
+
 
 if sys.argv[1] == "-c":
     exec(sys.argv[2])

@@ -1,4 +1,4 @@
-"""The one decode path of `lavcap evaluate` and the Trainer's evaluation (`lavcap_hf/caption_generation.py`): only
+"""The one decode path of `lavcap evaluate` and the Trainer's evaluation (`lavcap_hf/captioning/generation.py`): only
 the generated tokens are read, padding and the Trainer's gather filler are not text."""
 
 from __future__ import annotations
@@ -7,8 +7,9 @@ import numpy as np
 import torch
 
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
-from lavcap_hf.caption_generation import decode_captions, generate_caption_ids
-from lavcap_hf.tiny import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.captioning.generation import decode_captions, generate_caption_ids
+from lavcap_hf.testing.configs import tiny_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 WORDS = "a dog barks in a park"
 

@@ -1,4 +1,4 @@
-"""The one reader of a checkpoint's files (`lavcap_hf/checkpoint_files.py`): the converter's tensors and the model's
+"""The one reader of a checkpoint's files (`lavcap_hf/model/checkpoint_files.py`): the converter's tensors and the model's
 shape check see the same shards of a saved folder, and a folder it cannot read fails naming what is wrong."""
 
 from __future__ import annotations
@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import save_file
 
 from lavcap_hf import LavCapForConditionalGeneration
-from lavcap_hf.checkpoint_files import checkpoint_shapes, folder_weight_files
 from lavcap_hf.convert import load_state_dict
-from lavcap_hf.testing_utils import tiny_lavcap_config
+from lavcap_hf.model.checkpoint_files import checkpoint_shapes, folder_weight_files
+from lavcap_hf.testing.configs import tiny_lavcap_config
 
 
 @pytest.fixture(scope="module")

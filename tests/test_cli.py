@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,10 +14,12 @@ import pytest
 from helpers import record_generation_settings
 from transformers import GenerationConfig, pipeline
 
+from lavcap_cli import main, parse_command_line
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
-from lavcap_hf.cli import main, parse_command_line
-from lavcap_hf.media import load_media, write_media
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.data.media_encoding import write_media
+from lavcap_hf.model.media_decoding import load_media
+from lavcap_hf.testing.configs import tiny_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +137,8 @@ def test_caption_decodes_frames_for_fusions_without_video_tokens(fusion_type, me
     ]
 
 
+ROOT = Path(__file__).resolve().parents[1]
+
 BLOCK_TORCH_AND_TRANSFORMERS = """
 import sys
 class _Block:
@@ -143,11 +149,11 @@ sys.meta_path.insert(0, _Block())
 """
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize(
     "argv", [["--help"], ["caption", "--help"], ["evaluate", "--help"], ["convert", "--help"]]
 )
 def test_help_imports_neither_torch_nor_transformers(argv) -> None:
-    import subprocess
     import sys
 
     code = (
@@ -162,8 +168,8 @@ def test_help_imports_neither_torch_nor_transformers(argv) -> None:
             assert command in result.stdout
 
 
+@pytest.mark.integration
 def test_import_lavcap_hf_still_registers_the_auto_classes() -> None:
-    import subprocess
     import sys
 
     code = "import lavcap_hf; from transformers import AutoConfig; print(type(AutoConfig.for_model('lavcap')).__name__)"
@@ -172,12 +178,24 @@ def test_import_lavcap_hf_still_registers_the_auto_classes() -> None:
     assert result.stdout.strip() == "LavCapConfig"
 
 
-def test_light_parser_choices_match_the_package() -> None:
+def test_light_parser_choices_are_written_from_the_package() -> None:
+    """lavcap_cli/choices.py is what scripts/write_cli_choices.py writes from lavcap_hf today, and the parsers offer
+    exactly those choices."""
     import lavcap_cli
-    from lavcap_hf.configuration_lavcap import FUSION_TYPES
-    from lavcap_hf.data import DEFAULT_COLUMNS
+    from lavcap_hf.data.clips import DEFAULT_COLUMNS
+    from lavcap_hf.model.configuration_lavcap import FUSION_TYPES
 
+    sys.path.insert(0, str(ROOT / "scripts"))
+    try:
+        from write_cli_choices import CHOICES_FILE, choices_source
+    finally:
+        sys.path.remove(str(ROOT / "scripts"))
+    assert CHOICES_FILE.read_text(encoding="utf-8") == choices_source(), (
+        "run python scripts/write_cli_choices.py"
+    )
     assert lavcap_cli.FUSION_TYPES == FUSION_TYPES and lavcap_cli.DEFAULT_COLUMNS == DEFAULT_COLUMNS
+    convert = lavcap_cli.build_parser()._subparsers._group_actions[0].choices["convert"]
+    assert tuple(next(a for a in convert._actions if a.dest == "fusion_type").choices) == FUSION_TYPES
 
 
 def test_no_output_file_is_written_when_nothing_was_captioned(model_dir, media_dir, tmp_path, capsys) -> None:

@@ -22,9 +22,10 @@ from transformers_common import import_common_tests
 
 from lavcap_hf import CedConfig, LavCapConfig, LavCapForConditionalGeneration, LavCapProcessor
 from lavcap_hf.convert.components import build_from_components
-from lavcap_hf.feature_extraction_lavcap import LavCapFeatureExtractor
-from lavcap_hf.processing_lavcap import AUDIO_TOKEN, VIDEO_TOKEN, add_lavcap_special_tokens
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.model.feature_extraction_lavcap import LavCapFeatureExtractor
+from lavcap_hf.model.processing_lavcap import AUDIO_TOKEN, VIDEO_TOKEN, add_lavcap_special_tokens
+from lavcap_hf.testing.configs import tiny_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 common = import_common_tests()
 ConfigTester = common.test_configuration_common.ConfigTester
@@ -180,7 +181,7 @@ NOT_APPLICABLE = {
     "tests/test_processing.py::test_apply_chat_template_builds_inputs_that_generate_takes runs the same "
     "chat-template path, audio and video entries, on synthesised clips",
     "test_apply_chat_template_video_frame_sampling": "it downloads a video from the Web for the library's video "
-    "loader to sample; LavCapProcessor takes decoded frames (lavcap_hf.media.load_media samples them) and this "
+    "loader to sample; LavCapProcessor takes decoded frames (lavcap_hf.model.media_decoding.load_media samples them) and this "
     "suite downloads no data",
     "test_get_num_multimodal_tokens_matches_processor_call": "it counts image tokens with the folder's image "
     "processor; LAVCap has none (tests/test_processing.py checks the audio and video counts against the "

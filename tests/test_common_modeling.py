@@ -13,7 +13,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 from transformers_common import import_common_tests
 
 from lavcap_hf import LavCapConfig, LavCapForConditionalGeneration, LavCapModel
-from lavcap_hf.testing_utils import tiny_lavcap_config
+from lavcap_hf.testing.configs import tiny_lavcap_config
 
 common = import_common_tests()
 ModelTesterMixin = common.test_modeling_common.ModelTesterMixin

@@ -8,7 +8,7 @@ import zipfile
 import pytest
 
 from lavcap_cli import main
-from lavcap_hf.corenlp import CORENLP_JARS, fetch_corenlp, missing_corenlp_jars
+from lavcap_hf.evaluation.corenlp import CORENLP_JARS, fetch_corenlp, missing_corenlp_jars
 
 
 def release_zip(tmp_path, names=CORENLP_JARS):

@@ -17,20 +17,23 @@ import torch
 import transformers
 
 from lavcap_hf import LavCapForConditionalGeneration
-from lavcap_hf.testing_utils import tiny_lavcap_config
+from lavcap_hf.testing.configs import tiny_lavcap_config
 
 OTHER_PYTHON = os.environ.get("LAVCAP_OTHER_STACK_PYTHON")
 
-pytestmark = pytest.mark.skipif(
-    not OTHER_PYTHON,
-    reason="needs the other stack's interpreter in LAVCAP_OTHER_STACK_PYTHON (scripts/test.sh sets it)",
-)
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(
+        not OTHER_PYTHON,
+        reason="needs the other stack's interpreter in LAVCAP_OTHER_STACK_PYTHON (scripts/test.sh sets it)",
+    ),
+]
 
 SAVE_AND_RUN = textwrap.dedent(
     """
     import sys, torch, transformers
     from lavcap_hf import LavCapForConditionalGeneration
-    from lavcap_hf.testing_utils import tiny_lavcap_config
+    from lavcap_hf.testing.configs import tiny_lavcap_config
     src, out, batch_path = sys.argv[1:4]
     if src == "new":
         torch.manual_seed(1)
@@ -112,7 +115,7 @@ PROCESS_THERE = textwrap.dedent(
 
 def test_processor_saved_here_loads_there(tmp_path: Path) -> None:
     from lavcap_hf import LavCapProcessor
-    from lavcap_hf.testing_utils import word_level_tokenizer
+    from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
     processor = LavCapProcessor.from_model_config(
         tiny_lavcap_config(), word_level_tokenizer(["a bird chirps"])

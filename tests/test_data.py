@@ -15,21 +15,15 @@ from PIL import Image
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from lavcap_hf import LavCapProcessor
-from lavcap_hf.collator import LavCapDataCollator
-from lavcap_hf.data import (
-    Clip,
-    EpochShuffleSampler,
-    LavCapDataset,
-    group_clips,
-    load_audiocaps,
-    load_clips,
-    load_frame_folder,
-    load_manifest,
-)
-from lavcap_hf.feature_extraction_lavcap import LavCapFeatureExtractor
-from lavcap_hf.media import MediaError, load_media, write_media
-from lavcap_hf.processing_lavcap import DEFAULT_INSTRUCTION, TRAINING_INSTRUCTIONS
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.data.clips import Clip, group_clips, load_audiocaps, load_clips, load_manifest
+from lavcap_hf.data.collator import LavCapDataCollator
+from lavcap_hf.data.dataset import EpochShuffleSampler, LavCapDataset, load_frame_folder
+from lavcap_hf.data.media_encoding import write_media
+from lavcap_hf.model.feature_extraction_lavcap import LavCapFeatureExtractor
+from lavcap_hf.model.media_decoding import MediaError, load_media
+from lavcap_hf.model.processing_lavcap import DEFAULT_INSTRUCTION, TRAINING_INSTRUCTIONS
+from lavcap_hf.testing.configs import tiny_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 RATE = 16000

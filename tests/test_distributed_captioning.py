@@ -4,7 +4,7 @@ the run's identity and lock.
 The multi-process runs are real: `accelerate launch --multi_gpu --num_processes 2` starts two processes through
 torchrun, which on a machine without a GPU caption on the CPU with a gloo process group (`--cpu` would start one
 process only: accelerate's CPU launcher needs mpirun for more). Faults are injected by `tests/fault_injection.py`,
-launched in place of `-m lavcap_hf.cli`.
+launched in place of `-m lavcap_hf`.
 """
 
 from __future__ import annotations
@@ -25,12 +25,12 @@ from fault_injection import EXIT_STATUS as FAULT_EXIT_STATUS
 from helpers import save_scene_model
 from transformers import GenerationConfig
 
+from lavcap_cli import main
 from lavcap_hf import LavCapForConditionalGeneration
-from lavcap_hf.batch_captioning import batch_windows, caption_windows, load_captioning_pipeline
-from lavcap_hf.cli import main
-from lavcap_hf.distributed_captioning import merge_parts, read_part, run_identity, settings_path
-from lavcap_hf.media import write_media
-from lavcap_hf.sharded_run import part_files, part_path, shard
+from lavcap_hf.captioning.corpus import merge_parts, read_part, run_identity, settings_path
+from lavcap_hf.captioning.files import batch_windows, caption_windows, load_captioning_pipeline
+from lavcap_hf.captioning.sharded_run import part_files, part_path, shard
+from lavcap_hf.data.media_encoding import write_media
 
 ROOT = Path(__file__).resolve().parents[1]
 NUM_GOOD = 18
@@ -84,9 +84,7 @@ def launch_two_processes(
     model_dir: Path, corpus: Path, output: Path, tmp_path: Path, fault: str | None = None
 ) -> subprocess.CompletedProcess:
     """`accelerate launch` of `lavcap caption` on 2 processes; with `fault`, through `tests/fault_injection.py`."""
-    program = (
-        ["-m", "lavcap_hf.cli"] if fault is None else [str(ROOT / "tests" / "fault_injection.py"), fault]
-    )
+    program = ["-m", "lavcap_hf"] if fault is None else [str(ROOT / "tests" / "fault_injection.py"), fault]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -118,7 +116,7 @@ def paths_of(output: Path) -> list[str]:
     return [json.loads(line)["path"] for line in output.read_text().splitlines()]
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_two_processes_write_the_one_process_output(model_dir, corpus, reference, tmp_path) -> None:
     output = tmp_path / "captions.jsonl"
     done = launch_two_processes(model_dir, corpus, output, tmp_path)
@@ -132,7 +130,7 @@ def test_two_processes_write_the_one_process_output(model_dir, corpus, reference
     assert f"captioned {NUM_GOOD} of {NUM_GOOD + len(BAD)} file(s)" in done.stderr
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_rerun_after_a_killed_process_captions_every_clip_exactly_once(
     model_dir, corpus, reference, tmp_path
 ) -> None:
@@ -320,7 +318,7 @@ def start_held_run(
     return run, release
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_second_run_on_the_same_output_is_refused_until_the_first_ends_or_dies(
     model_dir, corpus, reference, tmp_path
 ) -> None:
@@ -346,7 +344,7 @@ def test_a_second_run_on_the_same_output_is_refused_until_the_first_ends_or_dies
     assert output.read_bytes() == reference and not Path(f"{output}.lock").exists()
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_a_refused_rerun_is_one_message_from_the_main_process(model_dir, corpus, tmp_path) -> None:
     output = tmp_path / "captions.jsonl"
     part = Path(part_path(str(output), 0, 2))

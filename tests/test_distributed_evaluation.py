@@ -21,12 +21,16 @@ from helpers import save_scene_model
 from test_distributed_captioning import environment, free_port
 
 from lavcap_cli import main
-from lavcap_hf.batch_captioning import load_captioning_pipeline
-from lavcap_hf.data import load_audiocaps
-from lavcap_hf.evaluation import evaluate_model, read_predictions
-from lavcap_hf.media import write_media
-from lavcap_hf.sharded_run import part_files, part_path
-from lavcap_hf.synthetic import PLACES, SOUNDS, make_caption
+from lavcap_hf.captioning.files import load_captioning_pipeline
+from lavcap_hf.captioning.sharded_run import part_files, part_path
+from lavcap_hf.data.clips import load_audiocaps
+from lavcap_hf.data.media_encoding import write_media
+from lavcap_hf.data.synthetic import PLACES, SOUNDS, make_caption
+from lavcap_hf.evaluation.run import evaluate_model, read_predictions
+
+# Training runs, benchmarks and launched processes: the opt-in integration tier (pyproject.toml).
+pytestmark = pytest.mark.integration
+
 
 ROOT = Path(__file__).resolve().parents[1]
 IDS = [f"yt{index}" for index in range(6)]
@@ -108,9 +112,7 @@ def launch_two_processes(
     model_dir: Path, split: Path, output: Path, tmp_path: Path, fault: str | None = None
 ) -> subprocess.CompletedProcess:
     """`accelerate launch` of `lavcap evaluate` on 2 processes; with `fault`, through `tests/fault_injection.py`."""
-    program = (
-        ["-m", "lavcap_hf.cli"] if fault is None else [str(ROOT / "tests" / "fault_injection.py"), fault]
-    )
+    program = ["-m", "lavcap_hf"] if fault is None else [str(ROOT / "tests" / "fault_injection.py"), fault]
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -128,7 +130,6 @@ def assert_same_run(output: Path, reference: Path) -> None:
     assert not [path for name in PREDICTION_FILES for path in part_files(str(output / name))]
 
 
-@pytest.mark.slow
 def test_two_processes_write_the_one_process_files(model_dir, split, reference, tmp_path) -> None:
     output = tmp_path / "eval"
     done = launch_two_processes(model_dir, split, output, tmp_path)
@@ -137,7 +138,6 @@ def test_two_processes_write_the_one_process_files(model_dir, split, reference, 
     assert done.stdout.count("| Metric | Full |") == 1  # the main process alone prints the table
 
 
-@pytest.mark.slow
 def test_rerun_after_a_killed_process_predicts_every_clip_once(model_dir, split, reference, tmp_path) -> None:
     output = tmp_path / "eval"
     # Fault injection: process 1 exits hard after its first batch (clips yt2, yt3); torchrun then stops process 0.

@@ -1,4 +1,4 @@
-"""The `evaluate` metric module `metrics/audio_captioning` gives exactly the numbers of `lavcap_hf.metrics`.
+"""The `evaluate` metric module `metrics/audio_captioning` gives exactly the numbers of `lavcap_hf.evaluation.metrics`.
 
 It is loaded offline from the repository folder, as `evaluate.load` loads a module from the Hub: the file is copied
 alone into evaluate's module cache, so it must not need `lavcap_hf`.
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from lavcap_hf import metrics as lavcap_metrics
+from lavcap_hf.evaluation import metrics as lavcap_metrics
 
 MODULE_DIR = Path(__file__).resolve().parents[1] / "metrics" / "audio_captioning"
 PREDICTIONS = [
@@ -74,7 +74,7 @@ def audio_captioning(tmp_path_factory):
 
 
 def test_module_file_is_the_package_implementation():
-    """One implementation: the module's files resolve to `lavcap_hf/metrics.py` and `lavcap_hf/ptb_tokenizer.py`."""
+    """One implementation: the module's files resolve to `lavcap_hf/evaluation/metrics.py` and `lavcap_hf/evaluation/ptb_tokenizer.py`."""
     package = Path(lavcap_metrics.__file__).resolve().parent
     assert (MODULE_DIR / "audio_captioning.py").resolve() == package / "metrics.py"
     assert (MODULE_DIR / "ptb_tokenizer.py").resolve() == package / "ptb_tokenizer.py"
@@ -88,6 +88,7 @@ def test_info_describes_the_inputs(audio_captioning):
     assert features["predictions"].dtype == "string"
 
 
+@pytest.mark.integration
 def test_compute_equals_lavcap_metrics_without_spice(audio_captioning):
     expected = lavcap_metrics.compute_caption_metrics(PREDICTIONS, REFERENCES)
     scores = audio_captioning.compute(predictions=PREDICTIONS, references=REFERENCES)
@@ -127,7 +128,7 @@ def test_compute_equals_lavcap_metrics_with_spice_present(audio_captioning, monk
     a reference as its F-score; every other `java` command runs the real one. Checked: both implementations give
     SPICE the same tokenised corpus, start it in the fixed English locale although the caller's JVM options say
     German, average its F-scores, and SPIDEr = (CIDEr-D + SPICE) / 2 comes out of the module exactly as out of
-    `lavcap_hf.metrics`."""
+    `lavcap_hf.evaluation.metrics`."""
     log, stand_in = tmp_path / "spice-calls.jsonl", tmp_path / "bin" / "java"
     stand_in.parent.mkdir()
     stand_in.write_text(STAND_IN_JAVA.format(python=sys.executable, java=shutil.which("java"), log=str(log)))

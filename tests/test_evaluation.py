@@ -1,4 +1,4 @@
-"""`lavcap_hf.evaluation`: a tiny model evaluated end to end on synthesised splits, resuming, the modality test."""
+"""`lavcap_hf.evaluation.run`: a tiny model evaluated end to end on synthesised splits, resuming, the modality test."""
 
 from __future__ import annotations
 
@@ -21,13 +21,14 @@ from transformers import GenerationConfig
 
 from lavcap_cli import add_evaluate_arguments
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
-from lavcap_hf.data import Clip, load_audiocaps
-from lavcap_hf.evaluation import evaluate_model, read_predictions, run_evaluate
-from lavcap_hf.hub import load_eval_results
-from lavcap_hf.media import write_media
-from lavcap_hf.metrics import CAPTION_METRICS, compute_caption_metrics
-from lavcap_hf.synthetic import PLACES, SOUNDS, generate_dataset
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.data.clips import Clip, load_audiocaps
+from lavcap_hf.data.media_encoding import write_media
+from lavcap_hf.data.synthetic import PLACES, SOUNDS, generate_dataset
+from lavcap_hf.evaluation.metrics import CAPTION_METRICS, compute_caption_metrics
+from lavcap_hf.evaluation.run import evaluate_model, read_predictions, run_evaluate
+from lavcap_hf.hub.model_card import load_eval_results
+from lavcap_hf.testing.configs import tiny_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 CONDITIONS = ("full", "no_visual", "shuffled_visual", "no_audio")
 TITLES = {"no_visual": "No visual", "shuffled_visual": "Shuffled visual", "no_audio": "No audio"}
@@ -337,6 +338,7 @@ def test_a_resumed_evaluation_is_refused_with_other_weights_or_batch_size(
         evaluate_model(model, processor, clips, tmp_path, progress=False, **{**GENERATION, "batch_size": 3})
 
 
+@pytest.mark.integration
 def test_an_output_folder_in_use_by_another_run_is_refused(tiny, audiocaps_root, tmp_path) -> None:
     model, processor, _ = tiny
     clips = load_audiocaps(audiocaps_root, "test")[:2]
@@ -358,7 +360,7 @@ def test_an_output_folder_in_use_by_another_run_is_refused(tiny, audiocaps_root,
 
 HOLD_LOCK = """
 import sys
-from lavcap_hf.sharded_run import RunLock
+from lavcap_hf.captioning.sharded_run import RunLock
 lock = RunLock(sys.argv[1])
 assert lock.acquire() is None
 print("held", flush=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import transformers
 
-from lavcap_hf.feature_extraction_lavcap import LavCapFeatureExtractor, resample
+from lavcap_hf.model.feature_extraction_lavcap import LavCapFeatureExtractor, resample
 
 SR = 16000
 MEAN, STD = -4.346, 4.332

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from lavcap_hf.training import parse_arguments
+from lavcap_hf.training.arguments import parse_arguments
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "lavcap_audiocaps.yaml"
@@ -55,9 +55,10 @@ with mock.patch("subprocess.run", answer_synapse_probe):
     import optimum.habana
 
 from optimum.habana import GaudiTrainer
-from lavcap_hf._compat import processor_kwarg
-from lavcap_hf.gaudi import gaudi_config_for
-from lavcap_hf.training import LavCapTrainerMixin, gaudi_trainer_class, parse_arguments
+from lavcap_hf.training.compat import processor_kwarg
+from lavcap_hf.training.gaudi import gaudi_config_for
+from lavcap_hf.training.trainer import LavCapTrainerMixin, gaudi_trainer_class
+from lavcap_hf.training.arguments import parse_arguments
 
 def describe(argv):
     arguments = parse_arguments(argv)

@@ -18,9 +18,9 @@ from test_modeling_lavcap import make_batch, media
 from transformers import DataCollatorWithFlattening, GenerationConfig
 
 from lavcap_hf import LavCapForConditionalGeneration
-from lavcap_hf.configuration_lavcap import RELEASED_DECODING
-from lavcap_hf.modeling_lavcap import KEY_RENAMES_FROM_SEPARATE_LM
-from lavcap_hf.testing_utils import tiny_lavcap_config
+from lavcap_hf.model.configuration_lavcap import RELEASED_DECODING
+from lavcap_hf.model.modeling_lavcap import KEY_RENAMES_FROM_SEPARATE_LM
+from lavcap_hf.testing.configs import tiny_lavcap_config
 
 GREEDY = {"num_beams": 1, "do_sample": False, "max_new_tokens": 5, "min_new_tokens": 5}
 

@@ -20,16 +20,16 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from lavcap_cli import add_push_arguments
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
-from lavcap_hf.hub import (
+from lavcap_hf.hub.model_card import (
     FUSION_DESCRIPTIONS,
     NOT_STATED_DATASET,
     PIPELINE_TASK,
     load_eval_results,
-    push_model_to_hub,
     render_model_card,
-    run_push,
 )
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.hub.push import push_model_to_hub, run_push
+from lavcap_hf.testing.configs import tiny_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 REPO = "someone/lavcap-audiocaps"
 SCORES = {
@@ -169,7 +169,7 @@ def test_push_command_card_names_only_the_stated_datasets(model, tmp_path, monke
     results = tmp_path / "results.json"
     results.write_text(json.dumps(SCORES))
     api = FakeHfApi()
-    monkeypatch.setattr("lavcap_hf.hub.HfApi", lambda token=None: api)
+    monkeypatch.setattr("lavcap_hf.hub.push.HfApi", lambda token=None: api)
     argv = [str(folder), REPO, "--eval-results", str(results)]
     if stated:
         argv += ["--training-data", "Synthesised scenes (lavcap demo)", "--eval-dataset", "demo scenes"]
@@ -262,7 +262,7 @@ def test_push_command_loads_the_folder_and_uploads_it(model, tmp_path, monkeypat
     results = tmp_path / "results.json"
     results.write_text(json.dumps(SCORES))
     api = FakeHfApi()
-    monkeypatch.setattr("lavcap_hf.hub.HfApi", lambda token=None: api)
+    monkeypatch.setattr("lavcap_hf.hub.push.HfApi", lambda token=None: api)
     args = push_parser().parse_args(
         [str(folder), REPO, "--eval-results", str(results), "--base-model", "a/b"]
     )

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lavcap_hf.media import (
+from lavcap_hf.data.media_encoding import write_media
+from lavcap_hf.model.media_decoding import (
     MEDIA_EXTENSIONS,
     DecodedMedia,
     MediaError,
     load_image_frames,
     load_media,
-    write_media,
 )
 
 TONE_HZ = 440.0

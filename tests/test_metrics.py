@@ -17,8 +17,8 @@ import numpy as np
 import pycocoevalcap.spice.spice
 import pytest
 
-from lavcap_hf import metrics as lavcap_metrics
-from lavcap_hf.metrics import (
+from lavcap_hf.evaluation import metrics as lavcap_metrics
+from lavcap_hf.evaluation.metrics import (
     CAPTION_METRICS,
     compute_caption_metrics,
     format_metrics_table,
@@ -323,6 +323,7 @@ def java_locale(command, environment):
     return dict(re.findall(r"^\s+(user\.(?:language|country|script|variant)(?:\.\w+)?) = (.*)$", shown, re.M))
 
 
+@pytest.mark.integration
 @needs_java
 @pytest.mark.parametrize(
     "settings",
@@ -364,7 +365,7 @@ def test_the_scorers_jvms_run_in_english_whatever_locale_the_caller_has(settings
 
 SCORE_IN_A_PROCESS = """
 import json, sys
-from lavcap_hf.metrics import compute_caption_metrics
+from lavcap_hf.evaluation.metrics import compute_caption_metrics
 with open(sys.argv[1], encoding="utf-8") as inputs:
     predictions, references = json.load(inputs)
 print(json.dumps(compute_caption_metrics(predictions, references)))
@@ -372,7 +373,7 @@ print(json.dumps(compute_caption_metrics(predictions, references)))
 
 
 @needs_java
-@pytest.mark.slow
+@pytest.mark.integration
 def test_scores_of_a_german_user_equal_those_of_the_c_locale(os_locales, tmp_path):
     """Scored in two fresh processes, one in the C locale and one as a German user: LANG=de_DE.UTF-8 (with the OS
     locale where localedef could build it) and JVM options saying German too, so that Java runs in German even where

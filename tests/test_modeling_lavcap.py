@@ -12,8 +12,8 @@ from transformers import AutoModel, GenerationMixin
 
 from lavcap_hf import FUSION_TYPES, LavCapConfig, LavCapForConditionalGeneration
 from lavcap_hf.convert import build_from_components
-from lavcap_hf.lora import apply_lora
-from lavcap_hf.testing_utils import paper_sized_config, tiny_lavcap_config
+from lavcap_hf.testing.configs import paper_sized_config, tiny_lavcap_config
+from lavcap_hf.training.lora import apply_lora
 
 BOS, PAD = 1, 0
 
@@ -512,6 +512,7 @@ def test_save_and_load_give_identical_logits(model: LavCapForConditionalGenerati
             torch.testing.assert_close(loaded.eval()(**batch).logits, expected, rtol=0, atol=0)
 
 
+@pytest.mark.integration
 def test_trust_remote_code_loads_without_the_package(model: LavCapForConditionalGeneration, tmp_path) -> None:
     folder = tmp_path / "saved"
     model.save_pretrained(folder)

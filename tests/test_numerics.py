@@ -19,7 +19,8 @@ import pytest
 import torch
 
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.testing.configs import tiny_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 RATE = 16000
 NUM_FRAMES = 4

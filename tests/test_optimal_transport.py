@@ -1,12 +1,12 @@
-"""Tests of lavcap_hf.optimal_transport against per-sample references of docs/architecture.md, equations (1)-(14)."""
+"""Tests of lavcap_hf.model.optimal_transport against per-sample references of docs/architecture.md, equations (1)-(14)."""
 
 import math
 
 import pytest
 import torch
 
-from lavcap_hf import optimal_transport
-from lavcap_hf.optimal_transport import (
+from lavcap_hf.model import optimal_transport
+from lavcap_hf.model.optimal_transport import (
     FUSION_TYPES,
     FUSIONS,
     OT_FUSION_TYPES,

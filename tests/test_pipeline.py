@@ -26,9 +26,11 @@ from lavcap_hf import (
     LavCapForConditionalGeneration,
     LavCapProcessor,
 )
-from lavcap_hf.media import load_media, write_media
-from lavcap_hf.optimal_transport import OT_FUSION_TYPES
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.data.media_encoding import write_media
+from lavcap_hf.model.media_decoding import load_media
+from lavcap_hf.model.optimal_transport import OT_FUSION_TYPES
+from lavcap_hf.testing.configs import tiny_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 TASK = "audio-visual-captioning"
 RATE = 44100
@@ -202,6 +204,7 @@ def av_reference(workdir) -> Reference:
     return Reference.from_folder(workdir / "av_model")
 
 
+@pytest.mark.integration
 def test_pipeline_loads_from_the_folder_without_the_package(remote) -> None:
     for name in remote["classes"]:
         assert name.endswith(".AudioVisualCaptioningPipeline")
@@ -223,6 +226,7 @@ print("caption: " + pipe(sys.argv[2])[0]["caption"])
 """
 
 
+@pytest.mark.integration
 def test_installed_package_loads_the_folder_without_remote_code(workdir, av_reference) -> None:
     """With lavcap_hf installed, the folder's own copy of the code (saved for users without the package) is not
     needed: no `trust_remote_code`, and the installed classes run. stdin is closed, so a question would fail."""

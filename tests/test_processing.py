@@ -17,8 +17,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import AutoProcessor, PreTrainedTokenizerFast
 
 from lavcap_hf import FUSION_TYPES, LavCapConfig, LavCapForConditionalGeneration, LavCapProcessor
-from lavcap_hf.processing_lavcap import AUDIO_TOKEN, TRAINING_INSTRUCTIONS, VIDEO_TOKEN
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.model.processing_lavcap import AUDIO_TOKEN, TRAINING_INSTRUCTIONS, VIDEO_TOKEN
+from lavcap_hf.testing.configs import tiny_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 CAPTIONS = ["a dog barks loudly while rain falls on a tin roof", "birds sing", "an engine idles"]
 SAMPLING_RATE = 16000
@@ -723,6 +724,7 @@ def from_the_hub(tokenizer, tmp_path_factory) -> dict:
     }
 
 
+@pytest.mark.integration
 def test_every_file_of_a_subfolder_loads_from_the_hub(from_the_hub) -> None:
     assert from_the_hub["loaded"]["subfolder"] == from_the_hub["saved"]["subfolder"]
     assert any(
@@ -731,6 +733,7 @@ def test_every_file_of_a_subfolder_loads_from_the_hub(from_the_hub) -> None:
     )
 
 
+@pytest.mark.integration
 def test_named_chat_templates_load_from_the_hub(from_the_hub) -> None:
     """The templates of `additional_chat_templates/` are listed in the repo and downloaded, not looked for beside the
     one downloaded `chat_template.jinja` (where they never are)."""
@@ -739,10 +742,12 @@ def test_named_chat_templates_load_from_the_hub(from_the_hub) -> None:
     assert loaded == from_the_hub["saved"]["named"]
 
 
+@pytest.mark.integration
 def test_named_chat_templates_load_offline_from_the_cache(from_the_hub) -> None:
     assert from_the_hub["offline"] == from_the_hub["saved"]["named"]["chat_template"]
 
 
+@pytest.mark.integration
 def test_a_processor_config_missing_on_the_hub_is_an_error(from_the_hub) -> None:
     assert (
         "incomplete/processor_config.json of someone/two-models not found"

@@ -23,9 +23,11 @@ from hypothesis import strategies as st
 from transformers import pipeline
 
 from lavcap_hf import LavCapFeatureExtractor, LavCapForConditionalGeneration, LavCapProcessor
-from lavcap_hf.media import load_media, write_media
-from lavcap_hf.pipeline_lavcap import TASK
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.data.media_encoding import write_media
+from lavcap_hf.model.media_decoding import load_media
+from lavcap_hf.model.pipeline_lavcap import TASK
+from lavcap_hf.testing.configs import tiny_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 RATE = 16000  # the model's rate
 HOP, WINDOW = 160, 400  # fbank hop and frame length in samples at 16 kHz (10 ms, 25 ms)

@@ -10,7 +10,7 @@ import shutil
 import pytest
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-from lavcap_hf.ptb_tokenizer import ptb_tokenize
+from lavcap_hf.evaluation.ptb_tokenizer import ptb_tokenize
 
 needs_java = pytest.mark.skipif(
     shutil.which("java") is None, reason="the reference is the PTB tokenizer jar (Java)"

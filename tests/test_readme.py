@@ -14,7 +14,7 @@ from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from lavcap_cli import parse_command_line
-from lavcap_hf.training import parse_arguments
+from lavcap_hf.training.arguments import parse_arguments
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -51,8 +51,8 @@ def test_readme_command_parses(command: str) -> None:
 
 def parse_readme_command(command: str) -> None:
     words = shlex.split(command)
-    if "lavcap_hf.cli" in words:  # accelerate launch ... -m lavcap_hf.cli <lavcap arguments>
-        words = ["lavcap", *words[words.index("lavcap_hf.cli") + 1 :]]
+    if "lavcap_hf" in words:  # accelerate launch ... -m lavcap_hf <lavcap arguments>
+        words = ["lavcap", *words[words.index("lavcap_hf") + 1 :]]
     if words[0] == "lavcap":
         args = parse_command_line(words[1:])
         if args.command == "train":

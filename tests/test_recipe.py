@@ -26,21 +26,16 @@ from transformers import TrainerCallback, TrainingArguments
 from transformers.trainer_utils import set_seed
 
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
-from lavcap_hf.collator import LavCapDataCollator
-from lavcap_hf.data import LavCapDataset, group_clips, load_manifest
-from lavcap_hf.lora import apply_lora
-from lavcap_hf.processing_lavcap import TRAINING_INSTRUCTIONS
-from lavcap_hf.synthetic import generate_dataset
-from lavcap_hf.training import (
-    LavCapTrainer,
-    ModelArguments,
-    build_dataset,
-    build_trainer,
-    lavcap_lr_scheduler,
-    load_model_and_processor,
-    parse_arguments,
-    token_accuracy_counts,
-)
+from lavcap_hf.data.clips import group_clips, load_manifest
+from lavcap_hf.data.collator import LavCapDataCollator
+from lavcap_hf.data.dataset import LavCapDataset
+from lavcap_hf.data.synthetic import generate_dataset
+from lavcap_hf.model.processing_lavcap import TRAINING_INSTRUCTIONS
+from lavcap_hf.training.arguments import ModelArguments, parse_arguments
+from lavcap_hf.training.lora import apply_lora
+from lavcap_hf.training.run import build_dataset, build_trainer, load_model_and_processor
+from lavcap_hf.training.schedule import lavcap_lr_scheduler
+from lavcap_hf.training.trainer import LavCapTrainer, token_accuracy_counts
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "lavcap_audiocaps.yaml"

@@ -1,4 +1,4 @@
-"""Crash-safe record files (`lavcap_hf/record_files.py`), shared by `lavcap evaluate` and `lavcap caption --output`:
+"""Crash-safe record files (`lavcap_hf/captioning/record_files.py`), shared by `lavcap evaluate` and `lavcap caption --output`:
 a line cut short by a crash is ignored and then removed, a bad complete line is named, a whole-file write never
 leaves half a file."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from lavcap_hf.record_files import (
+from lavcap_hf.captioning.record_files import (
     append_records,
     changed_settings,
     drop_incomplete_line,

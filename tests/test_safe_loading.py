@@ -16,8 +16,8 @@ from transformers import AutoModel, AutoModelForCausalLM
 
 from lavcap_hf import CedConfig, LavCapConfig, LavCapForConditionalGeneration
 from lavcap_hf.convert import load_state_dict, read_checkpoint
-from lavcap_hf.modeling_lavcap import KEY_RENAMES_FROM_SEPARATE_LM
-from lavcap_hf.testing_utils import tiny_lavcap_config
+from lavcap_hf.model.modeling_lavcap import KEY_RENAMES_FROM_SEPARATE_LM
+from lavcap_hf.testing.configs import tiny_lavcap_config
 
 PROJECTOR = "model.multi_modal_projector.weight"
 
@@ -174,6 +174,7 @@ def test_tensors_of_other_shapes_raise_naming_key_and_shapes(sharded: bool, save
     assert tuple(model.state_dict()[PROJECTOR].shape) == changed[PROJECTOR][1]
 
 
+@pytest.mark.integration
 def test_remote_code_checks_shapes_too(saved, tmp_path) -> None:
     """The model code saved next to the weights (trust_remote_code, package not installed) raises the same error."""
     folder = copy_folder(saved, tmp_path / "remote")
@@ -189,6 +190,18 @@ except ValueError as error:
     output = run_without_package(script, tmp_path)
     assert "VALUEERROR" in output, output
     assert re.search(mismatch_pattern(PROJECTOR, checkpoint, model), output), output
+
+
+def test_every_auto_class_of_the_library_loads_the_generation_class(saved) -> None:
+    """AutoModel, AutoModelForCausalLM and, where the library has it (5.x), its multimodal-generation auto class."""
+    import transformers
+
+    auto_classes = [AutoModel, AutoModelForCausalLM]
+    if hasattr(transformers, "AutoModelForMultimodalLM"):
+        auto_classes.append(transformers.AutoModelForMultimodalLM)
+    assert len(auto_classes) == (3 if transformers.__version__.startswith("5.") else 2)
+    for auto_class in auto_classes:
+        assert type(auto_class.from_pretrained(saved)) is LavCapForConditionalGeneration, auto_class
 
 
 def test_auto_model_with_the_package_checks_shapes(saved, tmp_path) -> None:

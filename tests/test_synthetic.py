@@ -11,8 +11,7 @@ import av
 import numpy as np
 import pytest
 
-from lavcap_hf.media import load_media
-from lavcap_hf.synthetic import (
+from lavcap_hf.data.synthetic import (
     PLACES,
     SOUNDS,
     generate_dataset,
@@ -21,6 +20,7 @@ from lavcap_hf.synthetic import (
     score_caption,
     synthesize_scene,
 )
+from lavcap_hf.model.media_decoding import load_media
 
 SAMPLING_RATE = 16000
 FPS = 10
@@ -141,6 +141,7 @@ def test_same_seed_reproduces_the_dataset_byte_for_byte(tmp_path):
     assert {r["seed"] for r in first}.isdisjoint(r["seed"] for r in other)
 
 
+@pytest.mark.integration
 def test_clips_do_not_depend_on_what_the_process_did_before(tmp_path):
     """The same clips from a fresh interpreter and from this one after other encodes (x264's SIMD once made
     the bytes depend on the process's history)."""
@@ -148,7 +149,7 @@ def test_clips_do_not_depend_on_what_the_process_did_before(tmp_path):
         generate_dataset(tmp_path / f"warm-{index}", num_train=2, num_test=0, seed=100 + index, size=96)
     here = _file_bytes(_generate_small(tmp_path / "here", 11))
     code = (
-        "import sys; from lavcap_hf.synthetic import generate_dataset; "
+        "import sys; from lavcap_hf.data.synthetic import generate_dataset; "
         "generate_dataset(sys.argv[1], num_train=3, num_test=3, seed=11, duration_range=(1.0, 1.5))"
     )
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "fresh")], check=True, timeout=300)

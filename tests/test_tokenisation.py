@@ -18,14 +18,15 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from lavcap_hf import LavCapProcessor
-from lavcap_hf.processing_lavcap import (
+from lavcap_hf.model.processing_lavcap import (
     AUDIO_TOKEN,
     IGNORE_INDEX,
     TRAINING_INSTRUCTIONS,
     VIDEO_TOKEN,
     add_lavcap_special_tokens,
 )
-from lavcap_hf.testing_utils import tiny_lavcap_config, word_level_tokenizer
+from lavcap_hf.testing.configs import tiny_lavcap_config
+from lavcap_hf.testing.tokenizers import word_level_tokenizer
 
 SAMPLING_RATE = 16000
 CAPTION = "A dog barks"

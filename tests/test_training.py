@@ -21,18 +21,19 @@ from transformers import TrainingArguments, pipeline
 from transformers.trainer_utils import set_seed
 
 from lavcap_hf import LavCapForConditionalGeneration, LavCapProcessor
-from lavcap_hf._compat import processor_kwarg
-from lavcap_hf.collator import LavCapDataCollator
-from lavcap_hf.configuration_lavcap import RELEASED_DECODING
-from lavcap_hf.data import LavCapDataset, group_clips, load_manifest
-from lavcap_hf.lora import apply_lora, load_trained, merge_and_save, merge_checkpoint
-from lavcap_hf.synthetic import generate_dataset
-from lavcap_hf.training import (
-    LavCapTrainer,
-    parse_arguments,
-    resume_target,
-    run_training,
-)
+from lavcap_hf.data.clips import group_clips, load_manifest
+from lavcap_hf.data.collator import LavCapDataCollator
+from lavcap_hf.data.dataset import LavCapDataset
+from lavcap_hf.data.synthetic import generate_dataset
+from lavcap_hf.model.configuration_lavcap import RELEASED_DECODING
+from lavcap_hf.training.arguments import parse_arguments
+from lavcap_hf.training.compat import processor_kwarg
+from lavcap_hf.training.lora import apply_lora, load_trained, merge_and_save, merge_checkpoint
+from lavcap_hf.training.run import resume_target, run_training
+from lavcap_hf.training.trainer import LavCapTrainer
+
+# Training runs, benchmarks and launched processes: the opt-in integration tier (pyproject.toml).
+pytestmark = pytest.mark.integration
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = 3
@@ -225,7 +226,7 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(workspace, tm
 DDP_SCRIPT = """
 import sys, torch
 torch.set_num_threads(1)
-from lavcap_hf.training import run_training
+from lavcap_hf.training.run import run_training
 
 trainer = run_training(sys.argv[2:])
 model = trainer.accelerator.unwrap_model(trainer.model)
@@ -335,7 +336,7 @@ def unshard_without_cpu_to_cpu_offload(module, state, *, offload_to_cpu, **kwarg
 AcceleratorState.__init__ = init_allowing_cpu_fsdp
 _state_dict_utils._unshard_fsdp_state_params = unshard_without_cpu_to_cpu_offload
 
-from lavcap_hf.training import run_training
+from lavcap_hf.training.run import run_training
 
 trainer = run_training(sys.argv[2:])
 model = trainer.model
@@ -576,7 +577,8 @@ KILLED_MID_SAVE = """
 import os, signal, sys, torch
 torch.set_num_threads(1)
 from transformers import Trainer
-from lavcap_hf.training import run_training
+from lavcap_hf.training.run import run_training
+
 
 save_rng_state = Trainer._save_rng_state
 

@@ -27,10 +27,11 @@ from web_app_driver import (
     wait_until_no_toast,
 )
 
-from lavcap_hf import web_demo
-from lavcap_hf.media import load_media, write_media
-from lavcap_hf.plotting import ot_plan_figure, plot_ot_plan
-from lavcap_hf.synthetic import synthesize_scene
+from lavcap_hf.apps import web_demo
+from lavcap_hf.captioning.plotting import ot_plan_figure, plot_ot_plan
+from lavcap_hf.data.media_encoding import write_media
+from lavcap_hf.data.synthetic import synthesize_scene
+from lavcap_hf.model.media_decoding import load_media
 
 ROOT = Path(__file__).resolve().parents[1]
 TASK = "audio-visual-captioning"
@@ -309,7 +310,7 @@ return [...document.querySelectorAll(arguments[0] + ' [data-testid=block-label]'
 """
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_browser_captions_an_upload_and_names_a_broken_one(app_url, tiny_model, media) -> None:
     """A visitor captions a clip with the page's starting settings, then uploads a text file on the same page: the
     reason stays in the status line after every toast has closed, beside no caption or picture of the last clip."""
@@ -375,7 +376,7 @@ os._exit(0)
 """
 
 
-@pytest.mark.slow
+@pytest.mark.integration
 def test_eight_concurrent_requests_are_all_answered(app_url, tiny_model, media) -> None:
     lengths = range(
         4, 12

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
-from ..checkpoint_files import WEIGHT_SUFFIXES, folder_weight_files
+from ..model.checkpoint_files import WEIGHT_SUFFIXES, folder_weight_files
 
 StateDictSource = str | os.PathLike | Mapping[str, torch.Tensor]
 """A state dict, a weights file (.safetensors, or .pt/.pth/.bin/.ckpt read with `weights_only=True`), a folder holding

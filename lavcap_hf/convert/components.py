@@ -22,11 +22,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from .._compat import dtype_kwarg
-from ..configuration_lavcap import CedConfig, LavCapConfig
-from ..modeling_ced import CedModel, interpolate_time_pos_embed
-from ..modeling_lavcap import LavCapForConditionalGeneration, MediaModules, build_media_modules
-from ..processing_lavcap import add_lavcap_special_tokens
+from ..model._compat import dtype_kwarg
+from ..model.configuration_lavcap import CedConfig, LavCapConfig
+from ..model.modeling_ced import CedModel, interpolate_time_pos_embed
+from ..model.modeling_lavcap import LavCapForConditionalGeneration, MediaModules, build_media_modules
+from ..model.processing_lavcap import add_lavcap_special_tokens
 from .checkpoints import StateDictSource, load_state_dict
 from .report import ConversionReport
 

@@ -16,9 +16,9 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import ModulesToSaveWrapper
 from torch import nn
 
-from ..modeling_ced import interpolate_time_pos_embed
-from ..modeling_lavcap import LavCapForConditionalGeneration
-from ..optimal_transport import FUSIONS
+from ..model.modeling_ced import interpolate_time_pos_embed
+from ..model.modeling_lavcap import LavCapForConditionalGeneration
+from ..model.optimal_transport import FUSIONS
 from .checkpoints import StateDictSource, read_checkpoint, state_dict_of
 from .report import ConversionReport
 
@@ -150,7 +150,7 @@ def convert_official_checkpoint(
 
     With a plain model, the LoRA factors are merged into the base weights (`W + alpha / r * B @ A`, computed in
     float32 and rounded once to `merged_dtype`); with a
-    `PeftModel` from `lavcap_hf.lora.apply_lora` (same rank and alpha, see `official_lora_settings`) they are
+    `PeftModel` from `lavcap_hf.training.lora.apply_lora` (same rank and alpha, see `official_lora_settings`) they are
     loaded into its adapters, and the projector and OT logit scale into its `modules_to_save` copies.
 
     Args:

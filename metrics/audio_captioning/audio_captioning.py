@@ -1,1 +1,1 @@
-../../lavcap_hf/metrics.py
+../../lavcap_hf/evaluation/metrics.py

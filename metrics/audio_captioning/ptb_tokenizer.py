@@ -1,1 +1,1 @@
-../../lavcap_hf/ptb_tokenizer.py
+../../lavcap_hf/evaluation/ptb_tokenizer.py

@@ -4,7 +4,7 @@
 comes back; it checks the dtype entry against `torch.float16` under the name each release uses.
 """
 
-from lavcap_hf._compat import dtype_kwarg
+from lavcap_hf.model._compat import dtype_kwarg
 
 config_common_kwargs = {
     "return_dict": False,

@@ -1,0 +1,1 @@
+"""The demo (`lavcap demo`) and the web demo (`lavcap app`)."""

@@ -1,0 +1,1 @@
+"""`lavcap evaluate` and the caption metrics."""
