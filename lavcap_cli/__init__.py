@@ -34,6 +34,20 @@ DEFAULT_COLUMNS = {
 """`lavcap_hf.data.DEFAULT_COLUMNS`: manifest columns of each role."""
 
 
+QUANTIZE_CHOICES = ("4bit", "8bit")
+"""`lavcap_hf.quantization.QUANTIZE_CHOICES`."""
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    """`--quantize`: load the decoder's linear layers in 4-bit or 8-bit (bitsandbytes, the `quantization` extra)."""
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        help="load the language model's linear layers in 4-bit (NF4, double quantisation) or 8-bit with "
+        "bitsandbytes (the quantization extra); the encoders, fusion, projector and head keep their dtype",
+    )
+
+
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
     """Decoding options that override the model's `generation_config` when given."""
     parser.add_argument(
@@ -75,6 +89,7 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
         "if present)",
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_quantize_argument(parser)
     parser.add_argument("--plot-ot", metavar="DIR", help="save a picture of each clip's OT plan in DIR")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -120,6 +135,7 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="port (default 7860, or the next free one)")
     parser.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if present)")
+    add_quantize_argument(parser)
     parser.add_argument(
         "--model-decoding",
         action="store_true",
@@ -168,6 +184,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "if present)",
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_quantize_argument(parser)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 

@@ -622,7 +622,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         use_visual_features=not args.use_frames,
     )
     device = args.device or (str(state.device) if state.num_processes > 1 else None)
-    pipe = load_captioning_pipeline(args.model, device, args.dtype, args.trust_remote_code)
+    pipe = load_captioning_pipeline(args.model, device, args.dtype, args.trust_remote_code, args.quantize)
     result = evaluate_model(
         pipe.model,
         pipe.processor,

@@ -176,8 +176,10 @@ def test_light_parser_choices_match_the_package() -> None:
     import lavcap_cli
     from lavcap_hf.configuration_lavcap import FUSION_TYPES
     from lavcap_hf.data import DEFAULT_COLUMNS
+    from lavcap_hf.quantization import QUANTIZE_CHOICES
 
     assert lavcap_cli.FUSION_TYPES == FUSION_TYPES and lavcap_cli.DEFAULT_COLUMNS == DEFAULT_COLUMNS
+    assert lavcap_cli.QUANTIZE_CHOICES == QUANTIZE_CHOICES
 
 
 def test_no_output_file_is_written_when_nothing_was_captioned(model_dir, media_dir, tmp_path, capsys) -> None:
