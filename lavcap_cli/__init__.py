@@ -391,9 +391,20 @@ def main(argv: list[str] | None = None) -> int:
     Run as the program (`argv` None: the `lavcap` script, `python -m lavcap_hf.cli`, each process of
     `accelerate launch`), a run that stops with a message for its user (`lavcap_hf.sharded_run.RunError`: refused
     settings, an output in use by another run) prints it once, from the main process, and exits with status 2 on
-    every process. A caller that passes `argv` gets the exception.
+    every process; so does a `--quantize` without bitsandbytes installed, before anything is loaded. A caller that
+    passes `argv` gets the exception.
     """
     args = parse_command_line(argv)
+    if getattr(args, "quantize", None):
+        try:  # before any model or media is read (`lavcap app` would train the demo's model first)
+            from lavcap_hf.quantization import require_bitsandbytes
+
+            require_bitsandbytes()
+        except ImportError as error:
+            if argv is not None:
+                raise
+            print(f"lavcap {args.command}: {error}", file=sys.stderr)
+            return 2
     if argv is not None:
         return args.run(args)
     from lavcap_hf.sharded_run import RunError

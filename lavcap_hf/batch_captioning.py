@@ -257,7 +257,9 @@ def load_captioning_pipeline(
         model, quantize, device, getattr(torch, dtype), trust_remote_code=trust_remote_code
     )
     processor = LavCapProcessor.from_pretrained(model)
-    return AudioVisualCaptioningPipeline(model=network, processor=processor, device=torch.device(device))
+    # A quantized model was placed by its loading; 4.x's pipeline refuses a device for it.
+    placement = {} if quantize else {"device": torch.device(device)}
+    return AudioVisualCaptioningPipeline(model=network, processor=processor, **placement)
 
 
 # `lavcap caption`

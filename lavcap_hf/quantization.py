@@ -10,7 +10,6 @@ fails at once with an error that names the extra.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from typing import Any
 
@@ -27,17 +26,12 @@ QUANTIZATION_EXTRA = 'pip install "lavcap-hf[quantization]"'
 
 def require_bitsandbytes() -> None:
     """ImportError naming the `quantization` extra where bitsandbytes cannot be imported."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise ImportError(
-            f"quantized loading needs bitsandbytes, which is not installed: install the quantization extra "
-            f"({QUANTIZATION_EXTRA})"
-        )
     try:
         import bitsandbytes  # noqa: F401
-    except Exception as error:  # a broken install raises more than ImportError
+    except Exception as error:  # not installed (ImportError), or a broken install, which raises others too
         raise ImportError(
-            f"quantized loading needs bitsandbytes, which failed to import ({error}): reinstall the quantization "
-            f"extra ({QUANTIZATION_EXTRA})"
+            f"quantized loading needs bitsandbytes, which could not be imported ({error}): install the "
+            f"quantization extra, {QUANTIZATION_EXTRA}"
         ) from error
 
 
