@@ -121,6 +121,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, help="new tokens per caption (default: the model's generation_config)"
     )
+    parser.add_argument(
+        "--compare-quantization",
+        action="store_true",
+        help="caption the held-out clips with the trained OT model's decoder unquantized, in 8-bit and in 4-bit "
+        "(bitsandbytes, the quantization extra) and write the table to OUTPUT/quantization.md (trains first if "
+        "OUTPUT holds no model)",
+    )
 
 
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
@@ -395,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
     passes `argv` gets the exception.
     """
     args = parse_command_line(argv)
-    if getattr(args, "quantize", None):
+    if getattr(args, "quantize", None) or getattr(args, "compare_quantization", False):
         try:  # before any model or media is read (`lavcap app` would train the demo's model first)
             from lavcap_hf.quantization import require_bitsandbytes
 

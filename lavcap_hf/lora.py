@@ -129,35 +129,27 @@ def _is_adaptable(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) or type(layer).__name__ == "Conv1D"
 
 
-def merge_in_float32(model: PeftModel) -> nn.Module:
-    """`merge_and_unload` with each adapted layer's base weight in float32 while the update `alpha / r * B @ A` is
-    added, then rounded once to its own dtype (peft adds in the weight's dtype: a half-precision weight would round
-    the update, then the sum). The base model must be unquantized: adapters trained on a quantized decoder (QLoRA)
-    merge onto the unquantized model they were trained from (`merge_checkpoint`)."""
-    from peft.tuners.lora import LoraLayer
-
+def merge_adapters(model: PeftModel) -> nn.Module:
+    """`merge_and_unload`, refused where the adapters sit on a quantized decoder (QLoRA): peft would dequantize each
+    weight, add the update and quantize it again, losing most of a small update. Such adapters merge onto the
+    unquantized model they were trained from (`merge_checkpoint`). The adapters are float32 (`apply_lora`, and
+    peft's loading of half-precision ones), so the update is added in float32 and rounded once to the weight's dtype.
+    """
     if any(is_quantized_layer(module) for module in model.modules()):
         raise ValueError(
             "the adapters sit on a quantized decoder: merge them onto the unquantized model they were trained from "
             "(lavcap_hf.lora.merge_checkpoint(checkpoint, output_dir), which loads it unquantized)"
         )
-    bases = [module.get_base_layer() for module in model.modules() if isinstance(module, LoraLayer)]
-    dtypes = [base.weight.dtype for base in bases]
-    for base in bases:
-        base.float()
-    merged = model.merge_and_unload()
-    for base, dtype in zip(bases, dtypes, strict=True):
-        base.to(dtype)
-    return merged
+    return model.merge_and_unload()
 
 
 def merge_and_save(
     model: PeftModel, output_dir: str | os.PathLike, processor: LavCapProcessor | None = None
 ) -> LavCapForConditionalGeneration:
-    """Fold the adapters into the base weights in float32 (in place: `model` is unwrapped; `merge_in_float32`) and
-    save a plain model folder, with the processor, that `LavCapForConditionalGeneration.from_pretrained` and
-    `pipeline(...)` load."""
-    merged = merge_in_float32(model)
+    """Fold the adapters into the base weights (in place: `model` is unwrapped; `merge_adapters`) and save a plain
+    model folder, with the processor, that `LavCapForConditionalGeneration.from_pretrained` and `pipeline(...)`
+    load."""
+    merged = merge_adapters(model)
     merged.save_pretrained(output_dir)
     if processor is not None:
         processor.save_pretrained(output_dir)
@@ -177,7 +169,7 @@ def load_trained(
             `generation_config.json`, where there is one, replaces the base model's.
         base_model: the model training started from, loaded or a folder; default: the base path recorded in
             `adapter_config.json`.
-        merge: fold the adapters into the weights (in float32: `merge_in_float32`) and return a plain
+        merge: fold the adapters into the weights (`merge_adapters`) and return a plain
             `LavCapForConditionalGeneration`; the base model must then be unquantized.
         from_pretrained_kwargs: for the base model's `from_pretrained` (dtype, device_map, ...).
     """
@@ -191,7 +183,7 @@ def load_trained(
     except OSError:  # a checkpoint without one decodes as its base model does
         pass
     model = PeftModel.from_pretrained(base_model, checkpoint)
-    return merge_in_float32(model) if merge else model
+    return merge_adapters(model) if merge else model
 
 
 def merge_checkpoint(

@@ -72,6 +72,15 @@ def quantized_loading_kwargs(
     }
 
 
+def pipeline_placement(device: str | None, quantize: str | None) -> dict[str, Any]:
+    """`pipeline()` keywords that put the model on `device` (default: transformers' choice) with its decoder
+    quantized as `quantize` says: a quantized model is placed by its loading (`model_kwargs`), not moved."""
+    if quantize is None:
+        return {"device": device}
+    target = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return {"model_kwargs": quantized_loading_kwargs(quantize, target)}
+
+
 def load_for_inference(
     model: str | os.PathLike,
     quantize: str | None,

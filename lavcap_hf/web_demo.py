@@ -24,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image
 
 # Set before gradio is imported: the page must not report usage anywhere.
@@ -36,6 +35,7 @@ from transformers import pipeline  # noqa: E402
 from .media import MediaError, load_media, write_media  # noqa: E402
 from .pipeline_lavcap import TASK  # noqa: E402
 from .plotting import plot_ot_plan  # noqa: E402
+from .quantization import pipeline_placement  # noqa: E402
 from .synthetic import PLACES, SOUNDS, make_caption, synthesize_scene  # noqa: E402
 
 logger = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ class CaptioningApp:
         self.model_name = model
         self.max_seconds = max_seconds
         self.quantize = quantize
-        self.captioner = pipeline(TASK, model=model, **_placement(device, quantize))
+        self.captioner = pipeline(TASK, model=model, **pipeline_placement(device, quantize))
         on_cpu = self.captioner.device.type == "cpu" and not model_decoding
         self.decoding = decoding_defaults(self.captioner.model.generation_config, on_cpu)
         config = self.captioner.model.config
@@ -465,16 +465,6 @@ def build_demo(app: CaptioningApp, examples_dir: str | None = None) -> gr.Blocks
         )
     demo.queue(default_concurrency_limit=QUEUE_CONCURRENCY, max_size=QUEUE_MAX_SIZE)
     return demo
-
-
-def _placement(device: str | None, quantize: str | None) -> dict[str, Any]:
-    """`pipeline()` keywords that put the model on `device`: a quantized one is placed by its loading."""
-    if quantize is None:
-        return {"device": device}
-    from .quantization import quantized_loading_kwargs
-
-    target = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return {"model_kwargs": quantized_loading_kwargs(quantize, target)}
 
 
 def create_demo(
