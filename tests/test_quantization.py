@@ -369,3 +369,37 @@ def test_adapters_on_a_quantized_decoder_are_not_merged_into_it(model_dir) -> No
     )
     with pytest.raises(ValueError, match="merge them onto the unquantized model"):
         merge_adapters(apply_lora(model))
+
+
+@needs_bitsandbytes
+def test_the_demo_compares_its_decoder_unquantized_in_8bit_and_in_4bit(tmp_path, capsys) -> None:
+    from lavcap_hf.demo import (
+        caption_held_out,
+        compare_quantized_decoders,
+        decode_clips,
+        demo_config,
+        held_out_scores,
+    )
+    from lavcap_hf.testing_utils import word_level_tokenizer
+
+    records = generate_dataset(tmp_path / "data", 0, 3, seed=0, duration_range=(1.0, 1.2), size=32)["test"]
+    tokenizer = word_level_tokenizer(r["caption"] for r in records)
+    torch.manual_seed(0)
+    config = demo_config("ot_att", tokenizer)
+    LavCapForConditionalGeneration(config).save_pretrained(tmp_path / "model-ot_att")
+    LavCapProcessor.from_model_config(config, tokenizer).save_pretrained(tmp_path / "model-ot_att")
+    generation = {"num_beams": 1, "max_new_tokens": 4}
+    rows = compare_quantized_decoders(str(tmp_path), generation)
+    assert [(row.decoder, row.quantized_layers) for row in rows] == [
+        ("unquantized", 0),
+        ("8bit", 14),
+        ("4bit", 14),
+    ]
+    captions = caption_held_out(
+        str(tmp_path / "model-ot_att"), decode_clips(records, "decoding"), **generation
+    )
+    sound, place, scores = held_out_scores(captions, records)
+    assert (rows[0].sound_accuracy, rows[0].place_accuracy, rows[0].scores) == (sound, place, scores)
+    table = (tmp_path / "quantization.md").read_text()
+    assert table.strip() in capsys.readouterr().out
+    assert [line.split(" | ")[0] for line in table.splitlines()[2:]] == ["| unquantized", "| 8bit", "| 4bit"]
