@@ -68,6 +68,7 @@ from .feature_extraction_lavcap import LavCapFeatureExtractor
 from .metrics import CAPTION_METRICS, format_metrics_table, score_captions
 from .modeling_lavcap import LavCapForConditionalGeneration
 from .processing_lavcap import LavCapProcessor
+from .quantization import quantization_of
 from .record_files import write_atomic
 from .sharded_run import Processes, RecordKind, RunError, ShardedRun, model_identity, part_files
 
@@ -222,6 +223,9 @@ def evaluate_model(
                 unreadable=unreadable,
                 generation={**generation, "batch_size": batch_size},
             )
+            quantization = quantization_of(model)
+            if quantization is not None:  # the scores are those of the quantized model
+                scores["quantization"] = quantization
             if modality_test:
                 scores["modality_test"] = _score_modality_test(
                     evaluated, condition_records, skipped, records, scores

@@ -111,6 +111,14 @@ def quantized_module_names(model: nn.Module) -> list[str]:
     return [name for name, module in model.named_modules() if is_quantized_layer(module)]
 
 
+def quantization_of(model: nn.Module) -> dict[str, Any] | None:
+    """The quantization a loaded model runs with, as its config records it (None: unquantized)."""
+    config = getattr(model.config, "quantization_config", None)
+    if config is None:
+        return None
+    return config.to_dict() if hasattr(config, "to_dict") else dict(config)
+
+
 def prepare_for_kbit_training(model: nn.Module, gradient_checkpointing: bool = True) -> nn.Module:
     """peft's `prepare_model_for_kbit_training` on a quantized LAVCap, before its adapters are added: every weight
     frozen, the unquantized parts that are not float32 cast up (CED's BatchNorm and the trained parts train in

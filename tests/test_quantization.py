@@ -167,6 +167,18 @@ def test_four_bit_captions_through_the_pipeline_the_cli_and_the_web_demo(model_d
     argv += ["--num-beams", "1", "--max-new-tokens", "6", "--device", "cpu", "--quiet"]
     assert main(argv) == 0
     assert [json.loads(line)["caption"] for line in output.read_text().splitlines()] == expected
+    manifest = tmp_path / "clips.jsonl"
+    manifest.write_text(
+        "".join(json.dumps({"video_path": str(p), "caption": "a bird chirps"}) + "\n" for p in clips)
+    )
+    evaluation = tmp_path / "eval"
+    argv = ["evaluate", "--model", str(model_dir), "--data", str(manifest), "--output-dir", str(evaluation)]
+    assert main(argv + ["--quantize", "4bit", "--num-beams", "1", "--max-new-tokens", "6", "--quiet"]) == 0
+    predictions = [
+        json.loads(line)["prediction"] for line in (evaluation / "predictions.jsonl").read_text().splitlines()
+    ]
+    scores = json.loads((evaluation / "scores.json").read_text())
+    assert predictions == expected and scores["quantization"]["load_in_4bit"] is True
     # A run's identity tells a quantized model from the unquantized one: an interrupted run of one is never
     # resumed by the other (which would mix two models' captions in one output).
     full = LavCapForConditionalGeneration.from_pretrained(model_dir)
