@@ -987,9 +987,8 @@ def run_training(arguments: LavCapArguments | Sequence[str] | None = None) -> Tr
         base_folder = Path(training.output_dir) / "base_model"
         with training.main_process_first(desc="saving the base model"):
             save_base_model(model, processor, base_folder, training.should_save)
-        if (
-            arguments.model.quantize
-        ):  # a components build is quantized as it is read back from its saved folder
+        if arguments.model.quantize:
+            # A components build is quantized as it is read back from its saved folder.
             quantized = dataclasses.replace(arguments.model, model_name_or_path=str(base_folder.resolve()))
             model, processor = load_model_and_processor(quantized, training.device)
     if arguments.model.quantize:
@@ -1003,9 +1002,8 @@ def run_training(arguments: LavCapArguments | Sequence[str] | None = None) -> Tr
     trainer.train(resume_from_checkpoint=resume_target(training.resume_from_checkpoint, training.output_dir))
     trainer.save_model()
     if arguments.model.merged_output_dir and trainer.is_world_process_zero():
-        if (
-            arguments.model.quantize
-        ):  # onto the unquantized model, read again, never onto the quantized weights
+        if arguments.model.quantize:
+            # Onto the unquantized model, read again, never into the quantized weights.
             merge_checkpoint(training.output_dir, arguments.model.merged_output_dir)
         else:
             merge_and_save(
