@@ -74,11 +74,13 @@ def quantized_loading_kwargs(
 
 def pipeline_placement(device: str | None, quantize: str | None) -> dict[str, Any]:
     """`pipeline()` keywords that put the model on `device` (default: transformers' choice) with its decoder
-    quantized as `quantize` says: a quantized model is placed by its loading (`model_kwargs`), not moved."""
+    quantized as `quantize` says: a quantized model is placed by its loading (`model_kwargs`), not moved, and
+    computes in bfloat16 on a GPU, float32 on a CPU."""
     if quantize is None:
         return {"device": device}
     target = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    return {"model_kwargs": quantized_loading_kwargs(quantize, target)}
+    dtype = torch.float32 if str(target).startswith("cpu") else torch.bfloat16
+    return {"model_kwargs": quantized_loading_kwargs(quantize, target, dtype)}
 
 
 def load_for_inference(
