@@ -298,7 +298,9 @@ def measured_training_gib(
     from lavcap_hf.lora import apply_lora
     from lavcap_hf.quantization import prepare_for_kbit_training
 
-    model = load(folder, precision, device, vision_config=None)
+    model = load(folder, precision, device)
+    model.model.vision_tower = None  # the recipe trains on precomputed CLIP embeddings
+    release(device)
     if precision == "bf16":
         enable_activation_checkpointing(model)
     else:
