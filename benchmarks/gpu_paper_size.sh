@@ -5,7 +5,9 @@
 # in the paper's recipe, then with gradient checkpointing, then with frames through the frozen CLIP tower),
 # captioning latency of one 10 s clip and of 32 (shared prefill, per-beam prefill, compiled decoding step), each
 # beside its hardware limit, the OT module against the per-sample loop on the GPU, and `lavcap caption` over 128
-# synthetic 10 s clips with 0, 2, 4 and 8 decoding workers against the model-only bound.
+# synthetic 10 s clips with 0, 2, 4 and 8 decoding workers against the model-only bound, and (at most ten minutes
+# more, not yet measured on a GPU) the memory of captioning and of a (Q)LoRA step with the decoder in bf16, 8-bit and
+# 4-bit (bench_memory.py; needs bitsandbytes, the quantization extra).
 # Random weights, nothing downloaded. Logs go to the folder given as $1 (default benchmarks/gpu-results). Exits with
 # status 1 if any benchmark failed (the others still run).
 #
@@ -37,8 +39,10 @@ run ot 150 benchmarks/bench_ot.py --device cuda --repeats 10
 run train_embeds_checkpointing 120 "${train[@]}" --workers 4 --gradient-checkpointing
 run train_frames 150 "${train[@]}" --workers 12 --visual frames
 run caption 240 benchmarks/bench_caption.py --paper-size --device cuda --workers 0 2 4 8
+run memory 600 benchmarks/bench_memory.py --device cuda  # bf16, 8-bit, 4-bit: weights, captioning, (Q)LoRA step
 echo "== summary"
 grep -h "^| paper" "$logs"/train_*.log
 grep -h "^| \|^batch\|^device" "$logs/generate.log"
 grep -h "^| \|^device\|^model\|^serial\|^workers\|^peak" "$logs/caption.log"
+grep -h "^| \|^measured" "$logs/memory.log"
 exit $failed

@@ -10,7 +10,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .choices import DEFAULT_COLUMNS, FUSION_TYPES
+from .choices import DEFAULT_COLUMNS, FUSION_TYPES, QUANTIZE_CHOICES
+
+
+def add_quantize_argument(parser: argparse.ArgumentParser) -> None:
+    """`--quantize`: load the decoder's linear layers in 4-bit or 8-bit (bitsandbytes, the `quantization` extra)."""
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_CHOICES,
+        help="load the language model's linear layers in 4-bit (NF4, double quantisation) or 8-bit with "
+        "bitsandbytes (the quantization extra); the encoders, fusion, projector and head keep their dtype",
+    )
 
 
 def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,6 +64,7 @@ def add_caption_arguments(parser: argparse.ArgumentParser) -> None:
         "if present)",
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_quantize_argument(parser)
     parser.add_argument("--plot-ot", metavar="DIR", help="save a picture of each clip's OT plan in DIR")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -85,6 +96,13 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--max-new-tokens", type=int, help="new tokens per caption (default: the model's generation_config)"
     )
+    parser.add_argument(
+        "--compare-quantization",
+        action="store_true",
+        help="caption the held-out clips with the trained OT model's decoder unquantized, in 8-bit and in 4-bit "
+        "(bitsandbytes, the quantization extra) and write the table to OUTPUT/quantization.md (trains first if "
+        "OUTPUT holds no model)",
+    )
 
 
 def add_app_arguments(parser: argparse.ArgumentParser) -> None:
@@ -99,6 +117,7 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="port (default 7860, or the next free one)")
     parser.add_argument("--share", action="store_true", help="also open a temporary public gradio.live link")
     parser.add_argument("--device", help="torch device, e.g. cpu or cuda:0 (default: cuda if present)")
+    add_quantize_argument(parser)
     parser.add_argument(
         "--model-decoding",
         action="store_true",
@@ -147,6 +166,7 @@ def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
         "if present)",
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    add_quantize_argument(parser)
     parser.add_argument("--trust-remote-code", action="store_true", help="allow a Hub model's own code")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -353,9 +373,20 @@ def main(argv: list[str] | None = None) -> int:
     Run as the program (`argv` None: the `lavcap` script, `python -m lavcap_hf`, each process of
     `accelerate launch`), a run that stops with a message for its user (`lavcap_hf.captioning.sharded_run.RunError`: refused
     settings, an output in use by another run) prints it once, from the main process, and exits with status 2 on
-    every process. A caller that passes `argv` gets the exception.
+    every process; so does a `--quantize` without bitsandbytes installed, before anything is loaded. A caller that
+    passes `argv` gets the exception.
     """
     args = parse_command_line(argv)
+    if getattr(args, "quantize", None) or getattr(args, "compare_quantization", False):
+        try:  # before any model or media is read (`lavcap app` would train the demo's model first)
+            from lavcap_hf.quantization import require_bitsandbytes
+
+            require_bitsandbytes()
+        except ImportError as error:
+            if argv is not None:
+                raise
+            print(f"lavcap {args.command}: {error}", file=sys.stderr)
+            return 2
     if argv is not None:
         return args.run(args)
     from lavcap_hf.captioning.sharded_run import RunError

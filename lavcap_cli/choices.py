@@ -22,3 +22,6 @@ DEFAULT_COLUMNS = {
     "video_embeds": "video_embeds_path",
 }
 """`lavcap_hf.data.clips.DEFAULT_COLUMNS`: manifest columns of each role."""
+
+QUANTIZE_CHOICES = ("4bit", "8bit")
+"""`lavcap_hf.quantization.QUANTIZE_CHOICES`: the values of `--quantize`."""

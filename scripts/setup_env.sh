@@ -11,8 +11,8 @@ stack=${2:-current}
 newest=${3:-}
 root=$(cd "$(dirname "$0")/.." && pwd)
 case "$stack" in
-  current) extras="dev,app" ;;
-  gaudi) extras="gaudi,dev,app" ;;
+  current) extras="dev,app,quantization" ;;
+  gaudi) extras="gaudi,dev,app,quantization" ;;
   *) echo "unknown stack '$stack' (current or gaudi)" >&2; exit 2 ;;
 esac
 case "$newest" in

@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import bench_caption  # noqa: E402
 import bench_features  # noqa: E402
 import bench_generate  # noqa: E402
+import bench_memory  # noqa: E402
 import bench_ot  # noqa: E402
 import bench_train  # noqa: E402
 
@@ -96,7 +97,15 @@ def test_bench_train_small_reports_throughput_and_the_ot_share(visual, capsys):
     assert float(row["median / limit"].rstrip("x")) == pytest.approx(step_ms / limit_ms, rel=0.05, abs=0.05)
 
 
-GPU_SCRIPT_RUNS = ("train_embeds", "generate", "ot", "train_embeds_checkpointing", "train_frames", "caption")
+GPU_SCRIPT_RUNS = (
+    "train_embeds",
+    "generate",
+    "ot",
+    "train_embeds_checkpointing",
+    "train_frames",
+    "caption",
+    "memory",
+)
 
 PARSE_ONLY = """
 import importlib.util
@@ -461,3 +470,89 @@ def test_frozen_vision_tower_stays_out_of_the_backward_pass_with_lora():
     checkpointed.train()
     checkpointed(**batch).loss.backward()
     assert counts["CLIPEncoderLayer"] == 2, "the frozen CLIP layers were recomputed for a backward pass"
+
+
+# -- bench_memory ---------------------------------------------------------------------------------------------------
+
+
+def paper_config_and_prompt():
+    tokenizer = word_level_tokenizer([])
+    config = bench_generate.build_config("paper", tokenizer)
+    return config, bench_generate.build_inputs(config, tokenizer, 1, torch.device("cpu"))["input_ids"].shape[
+        1
+    ]
+
+
+def test_bench_memory_estimates_the_paper_size_beside_the_cards(capsys):
+    """Without a GPU the paper-sized table is estimated: every precision's weights, captioning at batch 1 and 8 and
+    a training step at batch 4; the bf16 weights are the model's 13.3 GiB, 4-bit captions one clip within 8 GB and
+    QLoRA trains at batch 4 within 16 GB (the issue's targets)."""
+    rows = bench_memory.main(["--estimate"])
+    out = capsys.readouterr().out
+    assert out.startswith("estimates:")
+    table = markdown_rows(out, "| decoder | what |")
+    assert [(r["decoder"], r["batch"]) for r in table] == [
+        (precision, batch) for precision in ("bf16", "8bit", "4bit") for batch in ("-", "1", "8", "4")
+    ]
+    gib = {(row.precision, row.what.split(",")[0], row.batch): row.gib for row in rows}
+    assert gib[("bf16", "weights", None)] == pytest.approx(13.28, abs=0.01)
+    assert (
+        gib[("4bit", "weights", None)] < gib[("8bit", "weights", None)] < gib[("bf16", "weights", None)] / 1.8
+    )
+    assert gib[("4bit", "captioning", 1)] + bench_memory.CARD_RESERVE_GIB <= 8
+    assert gib[("4bit", "QLoRA training step", 4)] + bench_memory.CARD_RESERVE_GIB <= 16
+    for row in table:  # a card fits exactly when the figure and the reserve are within it
+        expected = [
+            "yes" if float(row["GiB"]) + bench_memory.CARD_RESERVE_GIB <= card else "no"
+            for card in (8, 12, 16, 24)
+        ]
+        assert [row[f"{card} GB"] for card in (8, 12, 16, 24)] == expected
+
+
+def test_bench_memory_estimates_match_the_measured_paper_size_figures():
+    """The estimates' formulas against this page's measurements at paper size in bf16: captioning peaks above the
+    weights of 276 and 1941 MiB (H200, beam 4, 16 new tokens, batch 1 and 8) and a LoRA step at batch 4 (H100, on
+    embeddings, captions of about 8 tokens) of 15.53 GiB, 13.20 GiB with checkpointing, 7.64 M values trained."""
+    config, prompt = paper_config_and_prompt()
+    for batch, measured_mib in ((1, 276), (8, 1941)):
+        estimate = bench_memory.captioning_bytes(config, "bf16", batch, 4, prompt, 16) / 2**20
+        assert estimate == pytest.approx(measured_mib, rel=0.15), batch
+    trainee_config = bench_memory.without_vision(config)
+    trainee = bench_memory.build_model(trainee_config, "meta", torch.bfloat16)
+    trainable = bench_memory.trainable_count(trainee)
+    assert trainable == sum(p.numel() for p in apply_lora(trainee).parameters() if p.requires_grad)
+    weights = bench_memory.weight_bytes(trainee, "bf16")
+    for checkpointing, measured_gib in ((True, 13.20), (False, 15.53)):
+        extra = bench_memory.training_bytes(trainee_config, "bf16", 4, prompt + 8, trainable, checkpointing)
+        assert (weights + extra) / 2**30 == pytest.approx(measured_gib, rel=0.05), checkpointing
+
+
+@pytest.mark.parametrize("precision", ["8bit", "4bit"])
+def test_bench_memory_storage_formula_matches_bitsandbytes(precision):
+    """The quantized weights' bytes from the formula equal those of a model that bitsandbytes quantized (CPU)."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes (the quantization extra) is not installed")
+    import tempfile
+
+    config = tiny_lavcap_config(width=64)
+    with tempfile.TemporaryDirectory() as folder:
+        bench_memory.build_model(config, "cpu", torch.bfloat16).save_pretrained(folder)
+        loaded = bench_memory.load(folder, precision, torch.device("cpu"))
+        stored = bench_memory.resident_bytes(loaded, torch.device("cpu"))
+    estimate = bench_memory.weight_bytes(bench_memory.build_model(config, "meta", torch.bfloat16), precision)
+    assert estimate == pytest.approx(stored, rel=0.01)
+
+
+def test_bench_memory_measures_every_row_on_the_cpu(capsys):
+    """The measuring path GPU sessions run, on the small config on the CPU: a model saved once, loaded at each
+    precision through from_pretrained, captioning and a (Q)LoRA step run, every row printed."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes (the quantization extra) is not installed")
+    args = ["--config", "small", "--measure", "--device", "cpu", "--new-tokens", "2", "--batch-sizes", "2"]
+    rows = bench_memory.main(args + ["--train-batch", "2", "--caption-tokens", "4"])
+    out = capsys.readouterr().out
+    assert out.startswith("measured on cpu")
+    assert [(row.precision, row.batch) for row in rows] == [
+        (precision, batch) for precision in ("bf16", "8bit", "4bit") for batch in (None, 2, 2)
+    ]
+    weights = {row.precision: row.gib for row in rows if row.batch is None}
+    assert weights["4bit"] < weights["8bit"] < weights["bf16"]
+    assert all(row.gib > 0 for row in rows)

@@ -184,6 +184,7 @@ def test_light_parser_choices_are_written_from_the_package() -> None:
     import lavcap_cli
     from lavcap_hf.data.clips import DEFAULT_COLUMNS
     from lavcap_hf.model.configuration_lavcap import FUSION_TYPES
+    from lavcap_hf.quantization import QUANTIZE_CHOICES
 
     sys.path.insert(0, str(ROOT / "scripts"))
     try:
@@ -194,6 +195,7 @@ def test_light_parser_choices_are_written_from_the_package() -> None:
         "run python scripts/write_cli_choices.py"
     )
     assert lavcap_cli.FUSION_TYPES == FUSION_TYPES and lavcap_cli.DEFAULT_COLUMNS == DEFAULT_COLUMNS
+    assert lavcap_cli.QUANTIZE_CHOICES == QUANTIZE_CHOICES
     convert = lavcap_cli.build_parser()._subparsers._group_actions[0].choices["convert"]
     assert tuple(next(a for a in convert._actions if a.dest == "fusion_type").choices) == FUSION_TYPES
 

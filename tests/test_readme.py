@@ -65,7 +65,7 @@ def parse_readme_command(command: str) -> None:
 
 CONSTRAINTS = README.parent / "constraints"
 PYPROJECT = README.parent / "pyproject.toml"
-STACK_EXTRAS = {"current": ("dev", "app"), "gaudi": ("gaudi", "dev", "app")}
+STACK_EXTRAS = {"current": ("dev", "app", "quantization"), "gaudi": ("gaudi", "dev", "app", "quantization")}
 
 
 def pinned_versions(stack: str) -> dict[str, str]:

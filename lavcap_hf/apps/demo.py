@@ -38,6 +38,7 @@ from ..evaluation.metrics import score_captions
 from ..model.media_decoding import load_media
 from ..model.pipeline_lavcap import TASK
 from ..model.processing_lavcap import AUDIO_TOKEN, VIDEO_TOKEN
+from ..quantization import QUANTIZE_CHOICES, pipeline_placement, quantized_module_names
 from ..testing.configs import tiny_lavcap_config
 from ..testing.tokenizers import word_level_tokenizer
 from ..training.compat import processor_kwarg
@@ -192,10 +193,14 @@ def train_one(
     )
 
 
-def caption_held_out(folder: str, clips: list[Clip], **generation: Any) -> list[str]:
-    """Caption the held-out clips with the saved model, loaded back through the pipeline, decoding as its
-    generation config says unless `generation` (`generate()` settings) says otherwise."""
-    captioner = pipeline(TASK, model=folder, trust_remote_code=True, device="cpu")
+def demo_captioner(folder: str, quantize: str | None = None) -> Any:
+    """The saved model loaded back through the pipeline on the CPU, its decoder quantized where `quantize` says."""
+    return pipeline(TASK, model=folder, trust_remote_code=True, **pipeline_placement("cpu", quantize))
+
+
+def caption_clips(captioner: Any, clips: list[Clip], **generation: Any) -> list[str]:
+    """Caption `clips`, decoding as the model's generation config says unless `generation` (`generate()` settings)
+    says otherwise."""
     inputs = [
         {"audio": clip.audio, "sampling_rate": clip.sampling_rate, "frames": clip.video} for clip in clips
     ]
@@ -203,15 +208,29 @@ def caption_held_out(folder: str, clips: list[Clip], **generation: Any) -> list[
     return [output[0]["caption"] for output in outputs]
 
 
+def caption_held_out(folder: str, clips: list[Clip], **generation: Any) -> list[str]:
+    """Caption the held-out clips with the saved model, loaded back through the pipeline (`caption_clips`)."""
+    return caption_clips(demo_captioner(folder), clips, **generation)
+
+
+def held_out_scores(
+    captions: list[str], records: list[dict[str, Any]]
+) -> tuple[float, float, dict[str, Any]]:
+    """Sound accuracy, place accuracy and the caption metrics of the held-out clips' captions."""
+    judged = [score_caption(c, r["sound"], r["place"]) for c, r in zip(captions, records, strict=True)]
+    scores = score_captions(captions, [[r["caption"]] for r in records])
+    sound = float(np.mean([j["sound_correct"] for j in judged]))
+    return sound, float(np.mean([j["place_correct"] for j in judged])), scores
+
+
 def evaluate_row(
     fusion_type: str, captions: list[str], records: list[dict[str, Any]], training: TrainingRun
 ) -> DemoRow:
-    judged = [score_caption(c, r["sound"], r["place"]) for c, r in zip(captions, records, strict=True)]
-    scores = score_captions(captions, [[r["caption"]] for r in records])
+    sound_accuracy, place_accuracy, scores = held_out_scores(captions, records)
     return DemoRow(
         fusion_type=fusion_type,
-        sound_accuracy=float(np.mean([j["sound_correct"] for j in judged])),
-        place_accuracy=float(np.mean([j["place_correct"] for j in judged])),
+        sound_accuracy=sound_accuracy,
+        place_accuracy=place_accuracy,
         scores=scores,
         training=training,
         examples=[(r["caption"], c) for r, c in zip(records, captions, strict=True)],
@@ -345,7 +364,79 @@ def run_demo(
     return rows
 
 
+@dataclass
+class QuantizedRow:
+    """The held-out scores of the OT model with its decoder at one precision."""
+
+    decoder: str
+    quantized_layers: int
+    sound_accuracy: float
+    place_accuracy: float
+    scores: dict[str, Any]
+
+
+def compare_quantized_decoders(
+    output_dir: str = "lavcap_demo", generation: dict[str, Any] | None = None
+) -> list[QuantizedRow]:
+    """Caption the held-out clips with the demo's trained OT model (`lavcap demo` trains it first where
+    `output_dir` holds none) with its decoder unquantized, in 8-bit and in 4-bit (NF4, double quantisation), and
+    write the table of their scores to `output_dir/quantization.md` (and `quantization.json`)."""
+    folder = os.path.join(output_dir, "model-ot_att")
+    if not os.path.isfile(os.path.join(folder, "config.json")):
+        print(f"{folder} holds no trained model: running the demo first")
+        run_demo(output_dir, generation=generation)
+    torch.set_num_threads(1)
+    records = [
+        {**record, "video_path": os.path.join(output_dir, "data", record["video_path"])}
+        for record in map(json.loads, open(os.path.join(output_dir, "data", "test.jsonl"), encoding="utf-8"))
+    ]
+    clips = decode_clips(records, "decoding held-out clips")
+    rows = []
+    for quantize in (None, *reversed(QUANTIZE_CHOICES)):
+        captioner = demo_captioner(folder, quantize)
+        captions = caption_clips(captioner, clips, **(generation or {}))
+        sound, place, scores = held_out_scores(captions, records)
+        rows.append(
+            QuantizedRow(
+                decoder=quantize or "unquantized",
+                quantized_layers=len(quantized_module_names(captioner.model)),
+                sound_accuracy=sound,
+                place_accuracy=place,
+                scores=scores,
+            )
+        )
+    table = format_quantization_table(rows)
+    with open(os.path.join(output_dir, "quantization.md"), "w", encoding="utf-8") as f:
+        f.write(table + "\n")
+    with open(os.path.join(output_dir, "quantization.json"), "w", encoding="utf-8") as f:
+        json.dump([row.__dict__ for row in rows], f, indent=2, default=str)
+    print(f"\nheld-out clips, the OT model's decoder at each precision ({len(records)} clips):\n")
+    print(table)
+    return rows
+
+
+def format_quantization_table(rows: list[QuantizedRow]) -> str:
+    lines = [
+        "| decoder | quantized layers | sound accuracy | place accuracy | BLEU-4 | CIDEr-D |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row.decoder} | {row.quantized_layers} | {row.sound_accuracy:.2f} | {row.place_accuracy:.2f} "
+            f"| {row.scores['BLEU_4']:.3f} | {row.scores['CIDEr']:.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def run_demo_command(args: argparse.Namespace) -> int:
+    generation = {
+        name: value
+        for name, value in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
+        if value is not None
+    }
+    if args.compare_quantization:
+        compare_quantized_decoders(args.output, generation)
+        return 0
     run_demo(
         args.output,
         args.num_train,
@@ -356,10 +447,6 @@ def run_demo_command(args: argparse.Namespace) -> int:
         num_valid=args.num_valid,
         eval_every=args.eval_every,
         patience=args.patience,
-        generation={
-            name: value
-            for name, value in (("num_beams", args.num_beams), ("max_new_tokens", args.max_new_tokens))
-            if value is not None
-        },
+        generation=generation,
     )
     return 0

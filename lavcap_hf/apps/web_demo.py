@@ -37,6 +37,7 @@ from ..data.media_encoding import write_media
 from ..data.synthetic import PLACES, SOUNDS, make_caption, synthesize_scene  # noqa: E402
 from ..model.media_decoding import MediaError, load_media  # noqa: E402
 from ..model.pipeline_lavcap import TASK  # noqa: E402
+from ..quantization import pipeline_placement  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +250,7 @@ class CaptioningApp:
         device: torch device of the pipeline (default: transformers' choice).
         model_decoding: start the decoding controls at the model's own settings even on a CPU (by default a CPU
             starts with one beam: `decoding_defaults`).
+        quantize: load the decoder's linear layers in "4bit" or "8bit" (`lavcap_hf.quantization`; default: not).
     """
 
     def __init__(
@@ -257,10 +259,12 @@ class CaptioningApp:
         max_seconds: float = MAX_CLIP_SECONDS,
         device: str | None = None,
         model_decoding: bool = False,
+        quantize: str | None = None,
     ) -> None:
         self.model_name = model
         self.max_seconds = max_seconds
-        self.captioner = pipeline(TASK, model=model, device=device)
+        self.quantize = quantize
+        self.captioner = pipeline(TASK, model=model, **pipeline_placement(device, quantize))
         on_cpu = self.captioner.device.type == "cpu" and not model_decoding
         self.decoding = decoding_defaults(self.captioner.model.generation_config, on_cpu)
         config = self.captioner.model.config
@@ -365,6 +369,8 @@ class CaptioningApp:
             "long clips": LONG_AUDIO_LABELS.get(long_audio, long_audio),
             "device": str(self.captioner.device),
         }
+        if self.quantize:
+            rows["language model"] = f"{self.quantize} (bitsandbytes)"
         return "| setting | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows.items())
 
     def handle(self, path: str | None, num_beams: int, max_new_tokens: int, long_audio_choice: str) -> tuple:
@@ -463,10 +469,15 @@ def build_demo(app: CaptioningApp, examples_dir: str | None = None) -> gr.Blocks
 
 
 def create_demo(
-    model: str | None = None, device: str | None = None, model_decoding: bool = False
+    model: str | None = None,
+    device: str | None = None,
+    model_decoding: bool = False,
+    quantize: str | None = None,
 ) -> gr.Blocks:
-    """The page for `model` (default: the demo's trained model, trained first if missing)."""
-    return build_demo(CaptioningApp(resolve_model(model), device=device, model_decoding=model_decoding))
+    """The page for `model` (default: the demo's trained model, trained first if missing), its decoder quantized
+    where `quantize` says."""
+    app = CaptioningApp(resolve_model(model), device=device, model_decoding=model_decoding, quantize=quantize)
+    return build_demo(app)
 
 
 def serve(demo: gr.Blocks, host: str | None = None, port: int | None = None, share: bool = False) -> None:
@@ -482,5 +493,6 @@ def serve(demo: gr.Blocks, host: str | None = None, port: int | None = None, sha
 
 def run_app_command(args: Any) -> int:
     """`lavcap app`."""
-    serve(create_demo(args.model, args.device, args.model_decoding), args.host, args.port, args.share)
+    demo = create_demo(args.model, args.device, args.model_decoding, args.quantize)
+    serve(demo, args.host, args.port, args.share)
     return 0

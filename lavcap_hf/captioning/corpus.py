@@ -142,7 +142,7 @@ def caption_corpus(args: argparse.Namespace) -> int:
     output = Path(args.output)
     output.parent.mkdir(parents=True, exist_ok=True)
     device = args.device or (str(state.device) if processes.count > 1 else None)
-    pipe = load_captioning_pipeline(args.model, device, args.dtype, args.trust_remote_code)
+    pipe = load_captioning_pipeline(args.model, device, args.dtype, args.trust_remote_code, args.quantize)
     generate_kwargs = generate_kwargs_of(args)
     fmt = output_format(args.output, args.format)
     run = ShardedRun(

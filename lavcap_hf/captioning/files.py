@@ -241,17 +241,25 @@ def caption_files(
 
 
 def load_captioning_pipeline(
-    model: str, device: str | None = None, dtype: str = "float32", trust_remote_code: bool = False
+    model: str,
+    device: str | None = None,
+    dtype: str = "float32",
+    trust_remote_code: bool = False,
+    quantize: str | None = None,
 ) -> AudioVisualCaptioningPipeline:
-    """An `AudioVisualCaptioningPipeline` for a saved model folder or Hub id (model and processor)."""
-    from ..model.modeling_lavcap import LavCapForConditionalGeneration
+    """An `AudioVisualCaptioningPipeline` for a saved model folder or Hub id (model and processor), its decoder
+    quantized where `quantize` says ("4bit", "8bit"; `lavcap_hf.quantization`)."""
     from ..model.processing_lavcap import LavCapProcessor
+    from ..quantization import load_for_inference
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    network = LavCapForConditionalGeneration.from_pretrained(model, trust_remote_code=trust_remote_code)
-    network = network.to(device=device, dtype=getattr(torch, dtype)).eval()
+    network = load_for_inference(
+        model, quantize, device, getattr(torch, dtype), trust_remote_code=trust_remote_code
+    )
     processor = LavCapProcessor.from_pretrained(model)
-    return AudioVisualCaptioningPipeline(model=network, processor=processor, device=torch.device(device))
+    # A quantized model was placed by its loading; 4.x's pipeline refuses a device for it.
+    placement = {} if quantize else {"device": torch.device(device)}
+    return AudioVisualCaptioningPipeline(model=network, processor=processor, **placement)
 
 
 # `lavcap caption`
@@ -291,7 +299,9 @@ def run_caption(args: argparse.Namespace) -> int:
     paths, failures = expand_media_paths(args.paths)
     captions: list[dict[str, Any]] = []
     if paths:
-        pipe = load_captioning_pipeline(args.model, args.device, args.dtype, args.trust_remote_code)
+        pipe = load_captioning_pipeline(
+            args.model, args.device, args.dtype, args.trust_remote_code, args.quantize
+        )
         report = caption_files(
             pipe,
             paths,

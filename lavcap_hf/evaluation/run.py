@@ -70,6 +70,7 @@ from ..model.configuration_lavcap import LavCapConfig
 from ..model.feature_extraction_lavcap import LavCapFeatureExtractor
 from ..model.modeling_lavcap import LavCapForConditionalGeneration
 from ..model.processing_lavcap import LavCapProcessor
+from ..quantization import quantization_of
 from .metrics import CAPTION_METRICS, format_metrics_table, score_captions
 
 if TYPE_CHECKING:
@@ -223,6 +224,9 @@ def evaluate_model(
                 unreadable=unreadable,
                 generation={**generation, "batch_size": batch_size},
             )
+            quantization = quantization_of(model)
+            if quantization is not None:  # the scores are those of the quantized model
+                scores["quantization"] = quantization
             if modality_test:
                 scores["modality_test"] = _score_modality_test(
                     evaluated, condition_records, skipped, records, scores
@@ -623,7 +627,7 @@ def run_evaluate(args: argparse.Namespace) -> dict[str, Any]:
         use_visual_features=not args.use_frames,
     )
     device = args.device or (str(state.device) if state.num_processes > 1 else None)
-    pipe = load_captioning_pipeline(args.model, device, args.dtype, args.trust_remote_code)
+    pipe = load_captioning_pipeline(args.model, device, args.dtype, args.trust_remote_code, args.quantize)
     result = evaluate_model(
         pipe.model,
         pipe.processor,

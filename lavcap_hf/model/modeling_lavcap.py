@@ -4,6 +4,7 @@ The layout of transformers' multimodal models (llava, qwen2_audio): `LavCapModel
 the fusion, the projector and the decoder, and takes `input_ids`; `LavCapForConditionalGeneration` adds the LM head.
 """
 
+import copy
 import math
 import os
 import re
@@ -140,6 +141,10 @@ class LavCapPreTrainedModel(PreTrainedModel):
     # from the nested models, so any causal LM keeps its layers whole under a device map; CLIP's vision model with
     # projection names none in 4.55.
     _no_split_modules = ["CLIPEncoderLayer"]
+    # Where this class holds the modules between the media and the decoder (`MediaModules`), and its output head:
+    # the parts a quantized load leaves unquantized (`_unquantized_module_names`).
+    _media_modules_prefix = ""
+    _output_head_names: tuple[str, ...] = ()
 
     @classmethod
     def from_pretrained(
@@ -155,8 +160,17 @@ class LavCapPreTrainedModel(PreTrainedModel):
           load everything in float32): the language model's, and float32 for `config.float32_modules`;
         - the generation config is a [`LavCapGenerationConfig`] on every release: the folder's
           `generation_config.json` (each decoding setting it leaves out is the released one), or the released
-          decoding where the folder has none; a `generation_config=` argument is used as given.
+          decoding where the folder has none; a `generation_config=` argument is used as given;
+        - a `quantization_config` (bitsandbytes' 4-bit or 8-bit, or any quantizer with `modules_to_not_convert`)
+          quantizes the decoder's linear layers only: CED (with its BatchNorm), the fusion, the projector and the
+          output head are added to the modules it leaves alone, whatever it lists, and keep their dtype; CLIP's too,
+          unless `quantize_vision_tower=True`.
         """
+        quantize_vision_tower = kwargs.pop("quantize_vision_tower", False)
+        if kwargs.get("quantization_config") is not None:
+            kwargs["quantization_config"] = cls._leaving_media_unquantized(
+                kwargs["quantization_config"], quantize_vision_tower
+            )
         if _KEY_MAPPING_4X is not None and kwargs.get("key_mapping") is None:
             kwargs["key_mapping"] = _KEY_MAPPING_4X
         if kwargs.get("dtype") is None and kwargs.get("torch_dtype") is None:
@@ -173,6 +187,39 @@ class LavCapPreTrainedModel(PreTrainedModel):
                 pretrained_model_name_or_path, model.config, **hub_options(kwargs)
             )
         return loaded
+
+    @classmethod
+    def _unquantized_module_names(cls, quantize_vision_tower: bool = False) -> list[str]:
+        """The modules a quantized load of this class leaves alone, named from the model's root as both the 5.x
+        quantizers (a prefix up to a module boundary) and 4.x's (`name + "."` inside the module's name) match them:
+        the towers, the fusion, the projector and the output head (`MediaModules`, `_output_head_names`)."""
+        media = [name for name in MediaModules._fields if name != "vision_tower" or not quantize_vision_tower]
+        return [cls._media_modules_prefix + name for name in media] + list(cls._output_head_names)
+
+    @classmethod
+    def _leaving_media_unquantized(cls, quantization_config: Any, quantize_vision_tower: bool) -> Any:
+        """A copy of `quantization_config` (a config object or its dict) whose list of modules left unquantized
+        (`llm_int8_skip_modules` of bitsandbytes, `modules_to_not_convert` of other quantizers) also holds
+        `_unquantized_module_names`. Given a list, the library skips nothing else by itself, so the head is named."""
+        from transformers.quantizers import AutoQuantizationConfig
+
+        if isinstance(quantization_config, dict):
+            quantization_config = AutoQuantizationConfig.from_dict(quantization_config)
+        quantization_config = copy.deepcopy(quantization_config)
+        for field in ("llm_int8_skip_modules", "modules_to_not_convert"):
+            if hasattr(quantization_config, field):
+                listed = list(getattr(quantization_config, field) or [])
+                kept = [
+                    name
+                    for name in cls._unquantized_module_names(quantize_vision_tower)
+                    if name not in listed
+                ]
+                setattr(quantization_config, field, listed + kept)
+                return quantization_config
+        raise ValueError(
+            f"{type(quantization_config).__name__} names no modules to leave unquantized (no llm_int8_skip_modules "
+            "or modules_to_not_convert): LAVCap's audio tower, fusion, projector and head must keep their precision"
+        )
 
     @classmethod
     def _from_pretrained_checking_shapes(
@@ -697,6 +744,8 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
     # not a sum to be divided over a gradient-accumulation window; the Trainer scales it per step.
     accepts_loss_kwargs = False
     generation_config_class = LavCapGenerationConfig
+    _media_modules_prefix = "model."
+    _output_head_names = ("lm_head",)
 
     def __init__(self, config: LavCapConfig) -> None:
         super().__init__(config)

@@ -55,6 +55,15 @@ class ModelArguments:
     merged_output_dir: str | None = field(
         default=None, metadata={"help": "After training, save the merged model and processor here."}
     )
+    quantize: str | None = field(
+        default=None,
+        metadata={
+            "help": "QLoRA: load the language model's linear layers in 4bit (NF4, double quantisation) or 8bit with "
+            "bitsandbytes (the quantization extra) and train the adapters on top, with activation checkpointing; "
+            "checkpoints hold the adapters and trained parts, which merge onto the unquantized model.",
+            "choices": ["4bit", "8bit"],
+        },
+    )
 
 
 @dataclass

@@ -20,6 +20,7 @@ from transformers import PreTrainedModel
 from ..model.configuration_lavcap import LavCapGenerationConfig
 from ..model.modeling_lavcap import RUNNING_STAT_NORMS, LavCapForConditionalGeneration
 from ..model.processing_lavcap import LavCapProcessor
+from ..quantization import is_quantized_layer
 
 TRAINED_MODULES = ("multi_modal_projector", "fusion")
 """Modules trained in full next to the adapters: the projector, and the fusion (OT logit scale, cross-attention)."""
@@ -128,12 +129,27 @@ def _is_adaptable(layer: nn.Module) -> bool:
     return isinstance(layer, nn.Linear) or type(layer).__name__ == "Conv1D"
 
 
+def merge_adapters(model: PeftModel) -> nn.Module:
+    """`merge_and_unload`, refused where the adapters sit on a quantized decoder (QLoRA): peft would dequantize each
+    weight, add the update and quantize it again, losing most of a small update. Such adapters merge onto the
+    unquantized model they were trained from (`merge_checkpoint`). The adapters are float32 (`apply_lora`, and
+    peft's loading of half-precision ones), so the update is added in float32 and rounded once to the weight's dtype.
+    """
+    if any(is_quantized_layer(module) for module in model.modules()):
+        raise ValueError(
+            "the adapters sit on a quantized decoder: merge them onto the unquantized model they were trained from "
+            "(lavcap_hf.training.lora.merge_checkpoint(checkpoint, output_dir), which loads it unquantized)"
+        )
+    return model.merge_and_unload()
+
+
 def merge_and_save(
     model: PeftModel, output_dir: str | os.PathLike, processor: LavCapProcessor | None = None
 ) -> LavCapForConditionalGeneration:
-    """Fold the adapters into the base weights (in place: `model` is unwrapped) and save a plain model folder, with
-    the processor, that `LavCapForConditionalGeneration.from_pretrained` and `pipeline(...)` load."""
-    merged = model.merge_and_unload()
+    """Fold the adapters into the base weights (in place: `model` is unwrapped; `merge_adapters`) and save a plain
+    model folder, with the processor, that `LavCapForConditionalGeneration.from_pretrained` and `pipeline(...)`
+    load."""
+    merged = merge_adapters(model)
     merged.save_pretrained(output_dir)
     if processor is not None:
         processor.save_pretrained(output_dir)
@@ -153,7 +169,8 @@ def load_trained(
             `generation_config.json`, where there is one, replaces the base model's.
         base_model: the model training started from, loaded or a folder; default: the base path recorded in
             `adapter_config.json`.
-        merge: fold the adapters into the weights and return a plain `LavCapForConditionalGeneration`.
+        merge: fold the adapters into the weights (`merge_adapters`) and return a plain
+            `LavCapForConditionalGeneration`; the base model must then be unquantized.
         from_pretrained_kwargs: for the base model's `from_pretrained` (dtype, device_map, ...).
     """
     if not isinstance(base_model, PreTrainedModel):
@@ -166,13 +183,15 @@ def load_trained(
     except OSError:  # a checkpoint without one decodes as its base model does
         pass
     model = PeftModel.from_pretrained(base_model, checkpoint)
-    return model.merge_and_unload() if merge else model
+    return merge_adapters(model) if merge else model
 
 
 def merge_checkpoint(
     checkpoint: str | os.PathLike, output_dir: str | os.PathLike, base_model: str | os.PathLike | None = None
 ) -> LavCapForConditionalGeneration:
-    """Merge a training checkpoint into a plain model folder, with the processor saved in the checkpoint."""
+    """Merge a training checkpoint into a plain model folder, with the processor saved in the checkpoint. The base
+    model is loaded unquantized, also for adapters trained on a quantized decoder (QLoRA): the folder holds the
+    base model's dtypes and loads without bitsandbytes."""
     merged = load_trained(checkpoint, base_model, merge=True)
     merged.save_pretrained(output_dir)
     LavCapProcessor.from_pretrained(checkpoint).save_pretrained(output_dir)

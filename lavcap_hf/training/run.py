@@ -3,6 +3,7 @@ components), the datasets, LoRA, the Trainer (or GaudiTrainer), resuming, and th
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -23,33 +24,24 @@ from ..model._compat import dtype_kwarg
 from ..model.configuration_lavcap import LavCapConfig
 from ..model.modeling_lavcap import LavCapForConditionalGeneration
 from ..model.processing_lavcap import LavCapProcessor
+from ..quantization import prepare_for_kbit_training, quantized_loading_kwargs
 from .arguments import DataArguments, LavCapArguments, ModelArguments, parse_arguments
 from .compat import processor_kwarg
-from .lora import apply_lora, merge_and_save
+from .lora import apply_lora, merge_and_save, merge_checkpoint
 from .trainer import LavCapTrainer, gaudi_trainer_class
 
 logger = logging.get_logger(__name__)
 
-# ----------------------------------------------------------------------------------------------------------------
-# Learning-rate schedule and token accuracy
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Trainer
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Arguments and run
-
 
 def load_model_and_processor(
-    arguments: ModelArguments,
+    arguments: ModelArguments, device: str | torch.device = "cpu"
 ) -> tuple[LavCapForConditionalGeneration, LavCapProcessor]:
     """The starting model and its processor, from a LAVCap folder or from pretrained components.
 
     With `audio_tower_float32` and a half-precision `dtype`, the CED tower's weights are read in float32 from the
     checkpoint (not cast back up from `dtype`) and recorded in `config.float32_modules`, so that the run's folders
-    reload them in float32 too.
+    reload them in float32 too. With `quantize`, a LAVCap folder's decoder is loaded quantized onto `device` (the
+    training device: bitsandbytes places the weights as it quantizes them).
     """
     dtype = getattr(torch, arguments.dtype) if arguments.dtype else None
     keep_audio = arguments.audio_tower_float32 and dtype not in (None, torch.float32)
@@ -59,6 +51,7 @@ def load_model_and_processor(
         config = LavCapConfig.from_pretrained(source)
         if keep_audio and config.uses_audio:
             kwargs["float32_modules"] = sorted({*config.float32_modules, "audio_tower"})
+        kwargs.update(quantized_loading_kwargs(arguments.quantize, device, dtype or torch.float32))
         model = LavCapForConditionalGeneration.from_pretrained(source, **kwargs)
         return model, LavCapProcessor.from_pretrained(source)
     if not arguments.language_model:
@@ -215,9 +208,17 @@ def run_training(arguments: LavCapArguments | Sequence[str] | None = None) -> Tr
         arguments = parse_arguments(arguments)
     training = arguments.training
     set_seed(training.seed)
-    model, processor = load_model_and_processor(arguments.model)
+    model, processor = load_model_and_processor(arguments.model, training.device)
     if not arguments.model.model_name_or_path:
-        save_base_model(model, processor, Path(training.output_dir) / "base_model", training.should_save)
+        base_folder = Path(training.output_dir) / "base_model"
+        with training.main_process_first(desc="saving the base model"):
+            save_base_model(model, processor, base_folder, training.should_save)
+        if arguments.model.quantize:
+            # A components build is quantized as it is read back from its saved folder.
+            quantized = dataclasses.replace(arguments.model, model_name_or_path=str(base_folder.resolve()))
+            model, processor = load_model_and_processor(quantized, training.device)
+    if arguments.model.quantize:
+        model = prepare_for_kbit_training(model)
     model = apply_lora(model, arguments.lora.lora_config(model.config.text_config.model_type))
     train_dataset = build_dataset(arguments.data, model.config, processor, training=True, seed=training.seed)
     if train_dataset is None:
@@ -227,7 +228,11 @@ def run_training(arguments: LavCapArguments | Sequence[str] | None = None) -> Tr
     trainer.train(resume_from_checkpoint=resume_target(training.resume_from_checkpoint, training.output_dir))
     trainer.save_model()
     if arguments.model.merged_output_dir and trainer.is_world_process_zero():
-        merge_and_save(
-            trainer.accelerator.unwrap_model(trainer.model), arguments.model.merged_output_dir, processor
-        )
+        if arguments.model.quantize:
+            # Onto the unquantized model, read again, never into the quantized weights.
+            merge_checkpoint(training.output_dir, arguments.model.merged_output_dir)
+        else:
+            merge_and_save(
+                trainer.accelerator.unwrap_model(trainer.model), arguments.model.merged_output_dir, processor
+            )
     return trainer
