@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Unpack
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoModel,
@@ -703,6 +702,9 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         # 5.x builds it from `generation_config_class`, 4.x a plain GenerationConfig.
         if not isinstance(self.generation_config, LavCapGenerationConfig):
             self.generation_config = LavCapGenerationConfig.from_model_config(config)
+        # 4.x finds no loss type in this class's name (5.x maps `ForConditionalGeneration`): name it, so that
+        # `loss_function` is the causal-LM loss without a warning.
+        self.loss_type = "ForCausalLM"
         self.model = LavCapModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         # Per instance, as the library's models whose tied names depend on their config: the head is tied (where
@@ -860,26 +862,22 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         logits = self.lm_head(hidden_states)
         lm_loss = None
         if labels is not None or shift_labels is not None:
-            lm_loss = self._lm_loss(logits, labels, shift_labels)
+            # The library's causal-LM loss: the mean next-token cross entropy, in fp32, over the targets that are
+            # not -100, i.e. `labels` shifted by one, or `shift_labels` as given (aligned before the sequence was cut
+            # into shards for sequence / context parallel training, they are the only correct ones there). Without
+            # `num_items_in_batch`: see `accepts_loss_kwargs`.
+            lm_loss = self.loss_function(
+                logits,
+                labels,
+                vocab_size=logits.shape[-1],
+                shift_labels=shift_labels,
+                ignore_index=IGNORE_INDEX,
+            )
         loss = lm_loss
         if lm_loss is not None and outputs.ot_loss is not None:
             loss = lm_loss + outputs.ot_loss
         decoder_fields = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
         return LavCapCausalLMOutputWithPast(loss=loss, logits=logits, lm_loss=lm_loss, **decoder_fields)
-
-    @staticmethod
-    def _lm_loss(
-        logits: torch.Tensor, labels: torch.LongTensor | None, shift_labels: torch.LongTensor | None = None
-    ) -> torch.Tensor:
-        """Mean next-token cross entropy over the targets that are not -100, in fp32. The targets of logits (B, L, V)
-        are `labels` (B, L) shifted by one, or `shift_labels` (B, L) as given: aligned before the sequence was cut
-        into shards (sequence / context parallel training), they are the only correct ones there."""
-        if shift_labels is None:
-            logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        flat_logits = logits.float().reshape(-1, logits.shape[-1])
-        return F.cross_entropy(
-            flat_logits, shift_labels.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX
-        )
 
     @torch.no_grad()
     def generate(
