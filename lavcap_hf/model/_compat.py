@@ -57,6 +57,17 @@ def register_key_renames(model_type: str, renames: dict[str, str]) -> dict[str, 
     return None
 
 
+try:
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # transformers 4.x: its causal LMs slice inline, as here
+
+    def slice_logits_to_keep(hidden_states: Any, logits_to_keep: Any) -> Any:
+        """The hidden states (B, L, d) of the positions whose logits are needed: the last N (an int; 0 keeps all),
+        or the positions a 1D tensor names."""
+        indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, indices, :]
+
+
 def multimodal_output_bases() -> tuple[type, type]:
     """The library's multimodal output classes (base model, causal LM): 5.x has them; for 4.x, stand-ins with
     the same per-modality fields on the plain outputs."""

@@ -36,6 +36,7 @@ from ._compat import (
     multimodal_output_bases,
     passed_generation_config_wins,
     register_key_renames,
+    slice_logits_to_keep,
 )
 from .checkpoint_files import checkpoint_shapes, hub_options
 from .configuration_lavcap import PIPELINE_TASK, LavCapConfig, LavCapGenerationConfig
@@ -838,6 +839,8 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         """
         shift_labels = kwargs.pop("shift_labels", None)
         keeps_all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        # The library's causal LMs do not refuse: their loss then fails on mismatched shapes, or, where as many
+        # positions are kept as there are tokens (a tensor of positions), is computed silently on the wrong ones.
         if (labels is not None or shift_labels is not None) and not keeps_all_logits:
             raise ValueError("the loss needs the logits of every position: pass logits_to_keep=0 with labels")
         outputs = self.model(
@@ -855,11 +858,7 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if not keeps_all_logits:
-            kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            hidden_states = hidden_states[:, kept]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         lm_loss = None
         if labels is not None or shift_labels is not None:
             # The library's causal-LM loss: the mean next-token cross entropy, in fp32, over the targets that are
