@@ -68,6 +68,19 @@ except ImportError:  # transformers 4.x: its causal LMs slice inline, as here
         return hidden_states[:, indices, :]
 
 
+try:
+    from transformers.utils import torch_compilable_check
+except ImportError:  # transformers 4.x
+
+    def torch_compilable_check(
+        cond: Any, msg: str | Callable[[], str], error_type: type[Exception] = ValueError
+    ) -> None:
+        """Raise `error_type` with `msg` (or what the callable `msg` returns) where `cond`, a bool or a bool tensor,
+        is not (all) true."""
+        if not (bool(cond.all()) if hasattr(cond, "all") else cond):
+            raise error_type(msg() if callable(msg) else msg)
+
+
 def multimodal_output_bases() -> tuple[type, type]:
     """The library's multimodal output classes (base model, causal LM): 5.x has them; for 4.x, stand-ins with
     the same per-modality fields on the plain outputs."""

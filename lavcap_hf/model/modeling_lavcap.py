@@ -37,6 +37,7 @@ from ._compat import (
     passed_generation_config_wins,
     register_key_renames,
     slice_logits_to_keep,
+    torch_compilable_check,
 )
 from .checkpoint_files import checkpoint_shapes, hub_options
 from .configuration_lavcap import PIPELINE_TASK, LavCapConfig, LavCapGenerationConfig
@@ -651,10 +652,12 @@ class LavCapModel(LavCapPreTrainedModel):
         )
         fits = (counts % per_clip == 0).all() & (counts.sum() == clips * per_clip)
         if counts.device.type in _ON_DEVICE_CHECK_TYPES or torch.compiler.is_compiling():
+            # Not the library's `torch_compilable_check`: it reads `fits` on the host, a wait for the device.
             torch._assert_async(fits, message)
-        elif not fits:
-            raise ValueError(
-                f"{message}; got {clips} clips for {len(counts)} prompts holding {counts.tolist()}"
+        else:
+            torch_compilable_check(
+                fits,
+                lambda: f"{message}; got {clips} clips for {len(counts)} prompts holding {counts.tolist()}",
             )
 
     def holds_placeholders(self, input_ids: torch.LongTensor) -> bool:
