@@ -135,9 +135,10 @@ class LavCapProcessor(ProcessorMixin):
 
     attributes = ["feature_extractor", "tokenizer"]
     valid_processor_kwargs = LavCapProcessorKwargs
-    # The library checks attributes against classes it can name; a remote-code copy of LavCapFeatureExtractor is
-    # not one of them, so the check uses its base class and `from_pretrained` below builds the real one.
-    feature_extractor_class = "SequenceFeatureExtractor"
+    # Read by 4.x only, whose `ProcessorMixin.__init__` checks each attribute against the class named here (an
+    # Auto class: its base class). Not "LavCapFeatureExtractor": 4.x finds that name only where this package has
+    # registered it, never in a remote-code copy. `from_pretrained` below builds the real one.
+    feature_extractor_class = "AutoFeatureExtractor"
     tokenizer_class = "AutoTokenizer"
 
     def __init__(
