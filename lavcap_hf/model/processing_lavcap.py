@@ -651,7 +651,8 @@ def _pad(
     rows: list[list[Any]], value: int | tuple[int, int], side: str, width: int | None
 ) -> np.ndarray | list[list[Any]]:
     """(B, width) int64 (B, width, 2 for pairs such as offsets) with `rows` padded with `value` on `side`; the rows
-    themselves when `width` is None (no padding)."""
+    themselves when `width` is None (no padding). (`tokenizer.pad` pads the tokenizer's own keys only: the labels and
+    the offsets would still be padded here, and one padder keeps all four aligned.)"""
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
     if width is None:
