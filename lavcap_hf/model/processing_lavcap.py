@@ -50,6 +50,7 @@ TRAINING_INSTRUCTIONS = (
 )
 """The paper's 8 training instructions, one drawn at random per training example (spelling as released)."""
 
+
 # One `<|audio|>` / `<|video|>` per conversation turn; the processor expands each to the model's token count.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -108,6 +109,11 @@ def add_lavcap_special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[int, 
         tokenizer.add_special_tokens({"pad_token": PAD_TOKEN})
     tokenizer.add_tokens([AUDIO_TOKEN, VIDEO_TOKEN], special_tokens=True)
     return tokenizer.convert_tokens_to_ids(AUDIO_TOKEN), tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
+
+
+def draw_training_instructions(generator: np.random.Generator, count: int) -> list[str]:
+    """`count` of the paper's training instructions, drawn uniformly (with replacement) from `generator`."""
+    return [TRAINING_INSTRUCTIONS[i] for i in generator.integers(len(TRAINING_INSTRUCTIONS), size=count)]
 
 
 class LavCapProcessor(ProcessorMixin):
@@ -222,9 +228,7 @@ class LavCapProcessor(ProcessorMixin):
         generator: np.random.Generator,
     ) -> list[str]:
         if random_instruction:
-            return [
-                TRAINING_INSTRUCTIONS[i] for i in generator.integers(len(TRAINING_INSTRUCTIONS), size=batch)
-            ]
+            return draw_training_instructions(generator, batch)
         if instruction is None or isinstance(instruction, str):
             return [instruction or DEFAULT_INSTRUCTION] * batch
         if len(instruction) != batch:
