@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..model.modeling_lavcap import IGNORE_INDEX
-from ..model.processing_lavcap import TRAINING_INSTRUCTIONS, LavCapProcessor
+from ..model.processing_lavcap import LavCapProcessor, draw_training_instructions
 
 CAPTION_PREFIX = "caption_"
 """Evaluation batches carry the teacher-forced rows (prompt + caption) under `caption_input_ids`,
@@ -60,10 +60,8 @@ class LavCapDataCollator:
             if missing:
                 raise ValueError(f"training clips need a caption; clips {missing} have none")
             if self.random_instruction:
-                instruction = [
-                    TRAINING_INSTRUCTIONS[i]
-                    for i in rng.integers(len(TRAINING_INSTRUCTIONS), size=len(items))
-                ]
+                # Drawn here, before the processor draws the SpecAugment masks from the same generator.
+                instruction = draw_training_instructions(rng, len(items))
         elif self.teacher_forcing and all(item["caption"] for item in items):
             captions = [item["caption"] for item in items]
         batch = self.processor(

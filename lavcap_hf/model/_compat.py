@@ -57,6 +57,30 @@ def register_key_renames(model_type: str, renames: dict[str, str]) -> dict[str, 
     return None
 
 
+try:
+    from transformers.modeling_utils import slice_logits_to_keep
+except ImportError:  # transformers 4.x: its causal LMs slice inline, as here
+
+    def slice_logits_to_keep(hidden_states: Any, logits_to_keep: Any) -> Any:
+        """The hidden states (B, L, d) of the positions whose logits are needed: the last N (an int; 0 keeps all),
+        or the positions a 1D tensor names."""
+        indices = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        return hidden_states[:, indices, :]
+
+
+try:
+    from transformers.utils import torch_compilable_check
+except ImportError:  # transformers 4.x
+
+    def torch_compilable_check(
+        cond: Any, msg: str | Callable[[], str], error_type: type[Exception] = ValueError
+    ) -> None:
+        """Raise `error_type` with `msg` (or what the callable `msg` returns) where `cond`, a bool or a bool tensor,
+        is not (all) true."""
+        if not (bool(cond.all()) if hasattr(cond, "all") else cond):
+            raise error_type(msg() if callable(msg) else msg)
+
+
 def multimodal_output_bases() -> tuple[type, type]:
     """The library's multimodal output classes (base model, causal LM): 5.x has them; for 4.x, stand-ins with
     the same per-modality fields on the plain outputs."""

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple, Unpack
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoModel,
@@ -38,6 +37,8 @@ from ._compat import (
     multimodal_output_bases,
     passed_generation_config_wins,
     register_key_renames,
+    slice_logits_to_keep,
+    torch_compilable_check,
 )
 from .checkpoint_files import checkpoint_shapes, hub_options
 from .configuration_lavcap import PIPELINE_TASK, LavCapConfig, LavCapGenerationConfig
@@ -698,10 +699,12 @@ class LavCapModel(LavCapPreTrainedModel):
         )
         fits = (counts % per_clip == 0).all() & (counts.sum() == clips * per_clip)
         if counts.device.type in _ON_DEVICE_CHECK_TYPES or torch.compiler.is_compiling():
+            # Not the library's `torch_compilable_check`: it reads `fits` on the host, a wait for the device.
             torch._assert_async(fits, message)
-        elif not fits:
-            raise ValueError(
-                f"{message}; got {clips} clips for {len(counts)} prompts holding {counts.tolist()}"
+        else:
+            torch_compilable_check(
+                fits,
+                lambda: f"{message}; got {clips} clips for {len(counts)} prompts holding {counts.tolist()}",
             )
 
     def holds_placeholders(self, input_ids: torch.LongTensor) -> bool:
@@ -752,6 +755,9 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         # 5.x builds it from `generation_config_class`, 4.x a plain GenerationConfig.
         if not isinstance(self.generation_config, LavCapGenerationConfig):
             self.generation_config = LavCapGenerationConfig.from_model_config(config)
+        # 4.x finds no loss type in this class's name (5.x maps `ForConditionalGeneration`): name it, so that
+        # `loss_function` is the causal-LM loss without a warning.
+        self.loss_type = "ForCausalLM"
         self.model = LavCapModel(config)
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         # Per instance, as the library's models whose tied names depend on their config: the head is tied (where
@@ -885,6 +891,8 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
         """
         shift_labels = kwargs.pop("shift_labels", None)
         keeps_all_logits = isinstance(logits_to_keep, int) and logits_to_keep == 0
+        # The library's causal LMs do not refuse: their loss then fails on mismatched shapes, or, where as many
+        # positions are kept as there are tokens (a tensor of positions), is computed silently on the wrong ones.
         if (labels is not None or shift_labels is not None) and not keeps_all_logits:
             raise ValueError("the loss needs the logits of every position: pass logits_to_keep=0 with labels")
         outputs = self.model(
@@ -902,33 +910,25 @@ class LavCapForConditionalGeneration(LavCapPreTrainedModel, GenerationMixin):
             return_dict=True,
             **kwargs,
         )
-        hidden_states = outputs.last_hidden_state
-        if not keeps_all_logits:
-            kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-            hidden_states = hidden_states[:, kept]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep))
         lm_loss = None
         if labels is not None or shift_labels is not None:
-            lm_loss = self._lm_loss(logits, labels, shift_labels)
+            # The library's causal-LM loss: the mean next-token cross entropy, in fp32, over the targets that are
+            # not -100, i.e. `labels` shifted by one, or `shift_labels` as given (aligned before the sequence was cut
+            # into shards for sequence / context parallel training, they are the only correct ones there). Without
+            # `num_items_in_batch`: see `accepts_loss_kwargs`.
+            lm_loss = self.loss_function(
+                logits,
+                labels,
+                vocab_size=logits.shape[-1],
+                shift_labels=shift_labels,
+                ignore_index=IGNORE_INDEX,
+            )
         loss = lm_loss
         if lm_loss is not None and outputs.ot_loss is not None:
             loss = lm_loss + outputs.ot_loss
         decoder_fields = {k: v for k, v in outputs.items() if k != "last_hidden_state"}
         return LavCapCausalLMOutputWithPast(loss=loss, logits=logits, lm_loss=lm_loss, **decoder_fields)
-
-    @staticmethod
-    def _lm_loss(
-        logits: torch.Tensor, labels: torch.LongTensor | None, shift_labels: torch.LongTensor | None = None
-    ) -> torch.Tensor:
-        """Mean next-token cross entropy over the targets that are not -100, in fp32. The targets of logits (B, L, V)
-        are `labels` (B, L) shifted by one, or `shift_labels` (B, L) as given: aligned before the sequence was cut
-        into shards (sequence / context parallel training), they are the only correct ones there."""
-        if shift_labels is None:
-            logits, shift_labels = logits[:, :-1], labels[:, 1:]
-        flat_logits = logits.float().reshape(-1, logits.shape[-1])
-        return F.cross_entropy(
-            flat_logits, shift_labels.reshape(-1).to(logits.device), ignore_index=IGNORE_INDEX
-        )
 
     @torch.no_grad()
     def generate(

@@ -50,6 +50,7 @@ TRAINING_INSTRUCTIONS = (
 )
 """The paper's 8 training instructions, one drawn at random per training example (spelling as released)."""
 
+
 # One `<|audio|>` / `<|video|>` per conversation turn; the processor expands each to the model's token count.
 CHAT_TEMPLATE = (
     "{%- for message in messages -%}"
@@ -110,6 +111,11 @@ def add_lavcap_special_tokens(tokenizer: PreTrainedTokenizerBase) -> tuple[int, 
     return tokenizer.convert_tokens_to_ids(AUDIO_TOKEN), tokenizer.convert_tokens_to_ids(VIDEO_TOKEN)
 
 
+def draw_training_instructions(generator: np.random.Generator, count: int) -> list[str]:
+    """`count` of the paper's training instructions, drawn uniformly (with replacement) from `generator`."""
+    return [TRAINING_INSTRUCTIONS[i] for i in generator.integers(len(TRAINING_INSTRUCTIONS), size=count)]
+
+
 class LavCapProcessor(ProcessorMixin):
     r"""Builds LAVCap model inputs from audio, frames (or precomputed frame embeddings) and captions.
 
@@ -135,9 +141,10 @@ class LavCapProcessor(ProcessorMixin):
 
     attributes = ["feature_extractor", "tokenizer"]
     valid_processor_kwargs = LavCapProcessorKwargs
-    # The library checks attributes against classes it can name; a remote-code copy of LavCapFeatureExtractor is
-    # not one of them, so the check uses its base class and `from_pretrained` below builds the real one.
-    feature_extractor_class = "SequenceFeatureExtractor"
+    # Read by 4.x only, whose `ProcessorMixin.__init__` checks each attribute against the class named here (an
+    # Auto class: its base class). Not "LavCapFeatureExtractor": 4.x finds that name only where this package has
+    # registered it, never in a remote-code copy. `from_pretrained` below builds the real one.
+    feature_extractor_class = "AutoFeatureExtractor"
     tokenizer_class = "AutoTokenizer"
 
     def __init__(
@@ -221,9 +228,7 @@ class LavCapProcessor(ProcessorMixin):
         generator: np.random.Generator,
     ) -> list[str]:
         if random_instruction:
-            return [
-                TRAINING_INSTRUCTIONS[i] for i in generator.integers(len(TRAINING_INSTRUCTIONS), size=batch)
-            ]
+            return draw_training_instructions(generator, batch)
         if instruction is None or isinstance(instruction, str):
             return [instruction or DEFAULT_INSTRUCTION] * batch
         if len(instruction) != batch:
@@ -650,7 +655,8 @@ def _pad(
     rows: list[list[Any]], value: int | tuple[int, int], side: str, width: int | None
 ) -> np.ndarray | list[list[Any]]:
     """(B, width) int64 (B, width, 2 for pairs such as offsets) with `rows` padded with `value` on `side`; the rows
-    themselves when `width` is None (no padding)."""
+    themselves when `width` is None (no padding). (`tokenizer.pad` pads the tokenizer's own keys only: the labels and
+    the offsets would still be padded here, and one padder keeps all four aligned.)"""
     if side not in ("left", "right"):
         raise ValueError(f"padding_side must be 'left' or 'right', got {side!r}")
     if width is None:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import Trainer
-from transformers.trainer_utils import set_seed
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, set_seed
 from transformers.utils import logging
 
 from ..convert import build_from_components
@@ -169,10 +169,11 @@ def last_complete_checkpoint(output_dir: str | os.PathLike) -> str | None:
 
     The Trainer writes a checkpoint's trainer state last, so a checkpoint whose `trainer_state.json` is missing or
     unreadable was cut off mid-save (a killed job): resuming skips it rather than loading a half-written folder.
+    (`transformers.trainer_utils.get_last_checkpoint` returns the newest folder, complete or not.)
     """
     complete = []
-    for path in Path(output_dir).glob("checkpoint-*"):
-        step = path.name.removeprefix("checkpoint-")
+    for path in Path(output_dir).glob(f"{PREFIX_CHECKPOINT_DIR}-*"):
+        step = path.name.removeprefix(f"{PREFIX_CHECKPOINT_DIR}-")
         if not (step.isdigit() and path.is_dir()):
             continue
         try:
