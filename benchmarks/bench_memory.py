@@ -294,9 +294,9 @@ def measured_training_gib(
 ) -> float:
     """Peak of two optimizer steps (the first allocates AdamW's state) of the recipe at `precision`, from a start
     with nothing else on the device."""
+    from lavcap_hf.lora import apply_lora
     from lavcap_hf.quantization import prepare_for_kbit_training
     from lavcap_hf.training.compat import enable_activation_checkpointing
-    from lavcap_hf.training.lora import apply_lora
 
     model = load(folder, precision, device)
     model.model.vision_tower = None  # the recipe trains on precomputed CLIP embeddings

@@ -41,11 +41,11 @@ from lavcap_hf import LavCapConfig, LavCapProcessor
 from lavcap_hf.data.clips import Clip
 from lavcap_hf.data.dataset import LavCapDataset
 from lavcap_hf.data.synthetic import PLACES, SOUNDS, make_caption
+from lavcap_hf.lora import apply_lora
 from lavcap_hf.model.optimal_transport import OptimalTransportFusion
 from lavcap_hf.testing.configs import paper_sized_config, small_lavcap_config
 from lavcap_hf.testing.tokenizers import word_level_tokenizer
 from lavcap_hf.training.compat import activation_checkpointing_argument
-from lavcap_hf.training.lora import apply_lora
 from lavcap_hf.training.trainer import LavCapTrainer
 
 SAMPLING_RATE = 16000

@@ -18,11 +18,11 @@ from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 
 from lavcap_hf import LavCapForConditionalGeneration
+from lavcap_hf.lora import apply_lora, lavcap_lora_config
 from lavcap_hf.model.modeling_ced import CedBlock
 from lavcap_hf.testing.configs import tiny_lavcap_config
 from lavcap_hf.testing.tokenizers import word_level_tokenizer
 from lavcap_hf.training.compat import enable_activation_checkpointing
-from lavcap_hf.training.lora import apply_lora, lavcap_lora_config
 
 # Training runs, benchmarks and launched processes: the opt-in integration tier (pyproject.toml).
 pytestmark = pytest.mark.integration

@@ -42,9 +42,9 @@ from lavcap_hf.convert import (
     part_dtypes,
     run_convert,
 )
+from lavcap_hf.lora import apply_lora, lavcap_lora_config
 from lavcap_hf.model._compat import dtype_kwarg
 from lavcap_hf.model.modeling_ced import interpolate_time_pos_embed
-from lavcap_hf.training.lora import apply_lora, lavcap_lora_config
 
 WIDTH, LAYERS, HEADS, PATCH, MEL, FRAMES = 128, 2, 2, 16, 64, 1024  # CED: heads = width // 64, as released
 RELEASE_TIME_PATCHES = 63  # the release's 1012 frames

@@ -13,8 +13,8 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from lavcap_hf import LavCapForConditionalGeneration
+from lavcap_hf.lora import apply_lora, lavcap_lora_config
 from lavcap_hf.testing.configs import tiny_lavcap_config
-from lavcap_hf.training.lora import apply_lora, lavcap_lora_config
 
 VOCAB = 96
 SPECIAL_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}

@@ -12,8 +12,8 @@ from transformers import AutoModel, GenerationMixin
 
 from lavcap_hf import FUSION_TYPES, LavCapConfig, LavCapForConditionalGeneration
 from lavcap_hf.convert import build_from_components
+from lavcap_hf.lora import apply_lora
 from lavcap_hf.testing.configs import paper_sized_config, tiny_lavcap_config
-from lavcap_hf.training.lora import apply_lora
 
 BOS, PAD = 1, 0
 

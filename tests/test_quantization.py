@@ -23,9 +23,9 @@ from lavcap_hf import LavCapForConditionalGeneration, LavCapModel, LavCapProcess
 from lavcap_hf.captioning.sharded_run import model_identity
 from lavcap_hf.data.media_encoding import write_media
 from lavcap_hf.data.synthetic import generate_dataset
+from lavcap_hf.lora import apply_lora, load_trained, merge_adapters, merge_checkpoint
 from lavcap_hf.model.media_decoding import load_media
 from lavcap_hf.quantization import bitsandbytes_config, quantized_module_names
-from lavcap_hf.training.lora import apply_lora, load_trained, merge_adapters, merge_checkpoint
 from lavcap_hf.training.run import run_training
 
 TASK = "audio-visual-captioning"

@@ -30,9 +30,9 @@ from lavcap_hf.data.clips import group_clips, load_manifest
 from lavcap_hf.data.collator import LavCapDataCollator
 from lavcap_hf.data.dataset import LavCapDataset
 from lavcap_hf.data.synthetic import generate_dataset
+from lavcap_hf.lora import apply_lora
 from lavcap_hf.model.processing_lavcap import TRAINING_INSTRUCTIONS
 from lavcap_hf.training.arguments import ModelArguments, parse_arguments
-from lavcap_hf.training.lora import apply_lora
 from lavcap_hf.training.run import build_dataset, build_trainer, load_model_and_processor
 from lavcap_hf.training.schedule import lavcap_lr_scheduler
 from lavcap_hf.training.trainer import LavCapTrainer, token_accuracy_counts

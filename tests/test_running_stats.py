@@ -23,10 +23,10 @@ from torch import nn
 
 from lavcap_hf import LavCapForConditionalGeneration
 from lavcap_hf.data.synthetic import generate_dataset
+from lavcap_hf.lora import apply_lora, load_trained, merge_and_save
 from lavcap_hf.model._compat import dtype_kwarg
 from lavcap_hf.model.modeling_ced import Float32BatchNorm2d
 from lavcap_hf.testing.configs import tiny_lavcap_config
-from lavcap_hf.training.lora import apply_lora, load_trained, merge_and_save
 from lavcap_hf.training.run import run_training
 
 STEPS = 200

@@ -25,10 +25,10 @@ from lavcap_hf.data.clips import group_clips, load_manifest
 from lavcap_hf.data.collator import LavCapDataCollator
 from lavcap_hf.data.dataset import LavCapDataset
 from lavcap_hf.data.synthetic import generate_dataset
+from lavcap_hf.lora import apply_lora, load_trained, merge_and_save, merge_checkpoint
 from lavcap_hf.model.configuration_lavcap import RELEASED_DECODING
 from lavcap_hf.training.arguments import parse_arguments
 from lavcap_hf.training.compat import processor_kwarg
-from lavcap_hf.training.lora import apply_lora, load_trained, merge_and_save, merge_checkpoint
 from lavcap_hf.training.run import resume_target, run_training
 from lavcap_hf.training.trainer import LavCapTrainer
 

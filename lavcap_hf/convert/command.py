@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..training.lora import apply_lora, lavcap_lora_config
+from ..lora import apply_lora, lavcap_lora_config
 from .checkpoints import read_checkpoint
 from .components import FLOAT32_PARTS, build_from_components, cast_model, part_dtypes
 from .official import convert_official_checkpoint, official_config_kwargs, official_lora_settings

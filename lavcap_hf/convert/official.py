@@ -150,7 +150,7 @@ def convert_official_checkpoint(
 
     With a plain model, the LoRA factors are merged into the base weights (`W + alpha / r * B @ A`, computed in
     float32 and rounded once to `merged_dtype`); with a
-    `PeftModel` from `lavcap_hf.training.lora.apply_lora` (same rank and alpha, see `official_lora_settings`) they are
+    `PeftModel` from `lavcap_hf.lora.apply_lora` (same rank and alpha, see `official_lora_settings`) they are
     loaded into its adapters, and the projector and OT logit scale into its `modules_to_save` copies.
 
     Args:

@@ -14,7 +14,7 @@ from typing import Any
 from peft import LoraConfig
 from transformers import HfArgumentParser, TrainingArguments
 
-from .lora import lavcap_lora_config
+from ..lora import lavcap_lora_config
 
 
 @dataclass

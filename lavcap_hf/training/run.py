@@ -20,6 +20,7 @@ from ..convert import build_from_components
 from ..data.clips import group_clips, load_clips
 from ..data.collator import LavCapDataCollator
 from ..data.dataset import LavCapDataset
+from ..lora import apply_lora, merge_and_save, merge_checkpoint
 from ..model._compat import dtype_kwarg
 from ..model.configuration_lavcap import LavCapConfig
 from ..model.modeling_lavcap import LavCapForConditionalGeneration
@@ -27,7 +28,6 @@ from ..model.processing_lavcap import LavCapProcessor
 from ..quantization import prepare_for_kbit_training, quantized_loading_kwargs
 from .arguments import DataArguments, LavCapArguments, ModelArguments, parse_arguments
 from .compat import processor_kwarg
-from .lora import apply_lora, merge_and_save, merge_checkpoint
 from .trainer import LavCapTrainer, gaudi_trainer_class
 
 logger = logging.get_logger(__name__)

@@ -198,7 +198,7 @@ class LavCapTrainerMixin:
 
     def _save(self, output_dir: str | None = None, state_dict: dict[str, torch.Tensor] | None = None) -> None:
         """The Trainer's save, and the model's generation config next to adapters (peft writes none), so that every
-        checkpoint and output folder carries the decoding it was trained for (see `lavcap_hf.training.lora.load_trained`)."""
+        checkpoint and output folder carries the decoding it was trained for (see `lavcap_hf.lora.load_trained`)."""
         unnested = nested_fsdp_units_removed(self.model) if getattr(self, "is_fsdp_enabled", False) else None
         with unnested or contextlib.nullcontext():
             super()._save(output_dir, state_dict)

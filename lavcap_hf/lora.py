@@ -17,10 +17,10 @@ from peft.tuners.tuners_utils import check_target_module_exists
 from torch import nn
 from transformers import PreTrainedModel
 
-from ..model.configuration_lavcap import LavCapGenerationConfig
-from ..model.modeling_lavcap import RUNNING_STAT_NORMS, LavCapForConditionalGeneration
-from ..model.processing_lavcap import LavCapProcessor
-from ..quantization import is_quantized_layer
+from .model.configuration_lavcap import LavCapGenerationConfig
+from .model.modeling_lavcap import RUNNING_STAT_NORMS, LavCapForConditionalGeneration
+from .model.processing_lavcap import LavCapProcessor
+from .quantization import is_quantized_layer
 
 TRAINED_MODULES = ("multi_modal_projector", "fusion")
 """Modules trained in full next to the adapters: the projector, and the fusion (OT logit scale, cross-attention)."""
@@ -138,7 +138,7 @@ def merge_adapters(model: PeftModel) -> nn.Module:
     if any(is_quantized_layer(module) for module in model.modules()):
         raise ValueError(
             "the adapters sit on a quantized decoder: merge them onto the unquantized model they were trained from "
-            "(lavcap_hf.training.lora.merge_checkpoint(checkpoint, output_dir), which loads it unquantized)"
+            "(lavcap_hf.lora.merge_checkpoint(checkpoint, output_dir), which loads it unquantized)"
         )
     return model.merge_and_unload()
 
