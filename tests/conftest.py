@@ -1,8 +1,10 @@
-"""Shared fixtures: one torch thread for every test; synthetic audio and frames for media and feature tests."""
+"""Shared fixtures: one torch thread for every test; synthetic audio and frames for media and feature tests; the saved
+scene model of the captioning, evaluation and quantization tests (a module may define its own `model_dir`)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine they slow down badly under load.
 # Set before torch is imported; subprocesses started by tests inherit it.
@@ -10,6 +12,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from helpers import save_scene_model  # noqa: E402
 
 # Frames carry their index in binary, one black (0) or white (1) vertical stripe per bit, which survives any
 # lossy codec; this many stripes allows 64 frames.
@@ -69,3 +72,11 @@ def read_frame_indices():
         return (bits * (1 << np.arange(INDEX_BITS))).sum(axis=1)
 
     return read
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    """A saved tiny model (`helpers.save_scene_model`, seed 0), one per test module that uses it."""
+    folder = tmp_path_factory.mktemp("model")
+    save_scene_model(folder)
+    return folder

@@ -39,13 +39,6 @@ GENERATION = ["--batch-size", "2", "--num-beams", "2", "--max-new-tokens", "4", 
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    save_scene_model(folder)
-    return folder
-
-
-@pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> Path:
     """18 half-second clips of 4 small frames, a text file named .mp4 and a video without audio, sorted so that
     the bad files fall into two different batches."""

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fault_injection import EXIT_STATUS as FAULT_EXIT_STATUS
-from helpers import save_scene_model
 from test_distributed_captioning import environment, free_port
 
 from lavcap_cli import main
@@ -41,13 +40,6 @@ PREDICTION_FILES = ["predictions.jsonl"] + [
 RUN_FILES = [*PREDICTION_FILES, "scores.json", "scores.md", "run.json"]
 # 6 clips in 3 batches of 2 (the 5 readable ones again for each modality condition): the 2 processes get 1 and 2.
 GENERATION = ["--batch-size", "2", "--num-beams", "2", "--max-new-tokens", "4", "--device", "cpu", "--quiet"]
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    save_scene_model(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")

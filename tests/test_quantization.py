@@ -14,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import save_scene_model
 from torch import nn
 from transformers import BitsAndBytesConfig, pipeline
 
@@ -35,13 +34,6 @@ needs_bitsandbytes = pytest.mark.skipif(
     __import__("importlib").util.find_spec("bitsandbytes") is None,
     reason="bitsandbytes (the quantization extra) is not installed in this environment",
 )
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("model")
-    save_scene_model(folder)
-    return folder
 
 
 @pytest.fixture(scope="module")
