@@ -20,7 +20,7 @@ A card "fits" when the figure plus `CARD_RESERVE_GIB` (the CUDA context and the 
 
     python benchmarks/bench_memory.py                               # paper size: estimates without a GPU
     python benchmarks/bench_memory.py --device cuda                 # paper size: measured on a CUDA GPU
-    python benchmarks/bench_memory.py --config small --measure --device cpu --new-tokens 4   # smoke run
+    python benchmarks/bench_memory.py --config quick --measure --device cpu --new-tokens 4   # smoke run, seconds
 """
 
 from __future__ import annotations
@@ -395,7 +395,13 @@ def print_table(rows: list[Row]) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--config", choices=("paper", "small"), default="paper")
+    parser.add_argument(
+        "--config",
+        choices=("paper", "small", "quick"),
+        default="paper",
+        help="paper: the paper's sizes; small: a small LAVCap with LLaMA's vocabulary; quick: the tiny test model "
+        "(checks the measuring path in seconds)",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--estimate", action="store_true", help="estimate from shapes (default without CUDA)")

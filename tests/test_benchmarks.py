@@ -553,10 +553,10 @@ def test_bench_memory_storage_formula_matches_bitsandbytes(precision):
 
 
 def test_bench_memory_measures_every_row_on_the_cpu(capsys):
-    """The measuring path GPU sessions run, on the small config on the CPU: a model saved once, loaded at each
+    """The measuring path GPU sessions run, on the tiny config on the CPU: a model saved once, loaded at each
     precision through from_pretrained, captioning and a (Q)LoRA step run, every row printed."""
     pytest.importorskip("bitsandbytes", reason="bitsandbytes (the quantization extra) is not installed")
-    args = ["--config", "small", "--measure", "--device", "cpu", "--new-tokens", "2", "--batch-sizes", "2"]
+    args = ["--config", "quick", "--measure", "--device", "cpu", "--new-tokens", "2", "--batch-sizes", "2"]
     rows = bench_memory.main(args + ["--train-batch", "2", "--caption-tokens", "4"])
     out = capsys.readouterr().out
     assert out.startswith("measured on cpu")
