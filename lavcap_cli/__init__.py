@@ -373,8 +373,9 @@ def main(argv: list[str] | None = None) -> int:
     Run as the program (`argv` None: the `lavcap` script, `python -m lavcap_hf`, each process of
     `accelerate launch`), a run that stops with a message for its user (`lavcap_hf.captioning.sharded_run.RunError`: refused
     settings, an output in use by another run) prints it once, from the main process, and exits with status 2 on
-    every process; so does a `--quantize` without bitsandbytes installed, before anything is loaded. A caller that
-    passes `argv` gets the exception.
+    every process; so does a `--quantize` without bitsandbytes installed, before anything is loaded. As the program,
+    the process group a command ran in is destroyed once it ends (`leave_process_group`). A caller that passes `argv`
+    gets the exception, and keeps its process group.
     """
     args = parse_command_line(argv)
     if getattr(args, "quantize", None) or getattr(args, "compare_quantization", False):
@@ -392,11 +393,23 @@ def main(argv: list[str] | None = None) -> int:
     from lavcap_hf.captioning.sharded_run import RunError
 
     try:
-        return args.run(args)
-    except RunError as error:
+        status = args.run(args)
+    except RunError as error:  # raised on every process, past the last collective call
         if error.main_process:
             print(f"lavcap {args.command}: {error}", file=sys.stderr)
-        return 2
+        status = 2
+    leave_process_group()
+    return status
+
+
+def leave_process_group() -> None:
+    """Destroy the process group a command ran in (each process of `accelerate launch`), while the interpreter is
+    whole. Left to interpreter exit, gloo's worker threads can still hold tensors then, and the process aborts after a
+    run that finished ("terminate called without an active exception", SIGABRT; pytorch/pytorch#190489). Only after a
+    command that ended on every process: after an exception the others may still wait in a collective call."""
+    torch = sys.modules.get("torch")  # never imported here: a command that used no torch has no group
+    if torch is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

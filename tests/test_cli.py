@@ -276,3 +276,22 @@ def test_caption_decodes_as_the_models_generation_config_unless_told_otherwise(
 def test_decoding_options_default_to_the_models_generation_config(command) -> None:
     args = parse_command_line(command)
     assert args.num_beams is None and args.max_new_tokens is None
+
+
+def test_the_program_leaves_the_process_group_its_command_ran_in(
+    model_dir, media_dir, tmp_path, monkeypatch
+) -> None:
+    """Run as the program (each process of `accelerate launch` runs `lavcap`), a command that ended destroys the
+    process group: left to interpreter exit, gloo's worker threads can abort a finished run (SIGABRT). A one-process
+    gloo group stands in for the launch."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        argv = ["lavcap", "caption", str(media_dir / "one.mp4"), "--model", str(model_dir), "--quiet"]
+        monkeypatch.setattr(sys, "argv", argv)
+        assert main() == 0
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

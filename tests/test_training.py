@@ -238,6 +238,7 @@ result = {
     "logs": trainer.state.log_history,
 }
 torch.save(result, f"{sys.argv[1]}/rank{trainer.args.process_index}.pt")
+torch.distributed.destroy_process_group()  # as `lavcap train` does (lavcap_cli.leave_process_group)
 """
 
 
@@ -351,6 +352,7 @@ result = {
     "logs": trainer.state.log_history,
 }
 torch.save(result, f"{sys.argv[1]}/rank{trainer.args.process_index}.pt")
+torch.distributed.destroy_process_group()  # as `lavcap train` does (lavcap_cli.leave_process_group)
 """
 
 
