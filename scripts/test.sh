@@ -65,12 +65,13 @@ for stack in "${stacks[@]}"; do
   python="$venvs/${prefix}$stack/bin/python"
   versions=$("$python" -c 'import importlib.metadata as m; print(", ".join(f"{p} {m.version(p)}" for p in ("transformers", "accelerate", "peft", "datasets", "torch")))')
   echo "== tests on the ${prefix}$stack stack ($versions; --randomly-seed=$seed): started"
-  # -m "" selects both tiers; -n 0: one process per stack (the two stacks share the cores). pytest-timeout fails a
+  # -m "" selects both tiers; -n 0: one process per stack (the two stacks share the cores); the 15 slowest tests are
+  # listed (--durations), so a CI log shows where the time went. pytest-timeout fails a
   # test that hangs (pyproject.toml); the outer limit also ends a hang that no signal reaches (a thread blocked in
   # native code): SIGABRT makes faulthandler print every thread's stack first.
   run_in_background "tests-$stack" env LAVCAP_OTHER_STACK_PYTHON="$venvs/${prefix}$other/bin/python" \
     timeout --signal=ABRT --kill-after=60 "$stack_limit" \
-    "$python" -X faulthandler -m pytest -q -p no:cacheprovider -m "" -n 0 --randomly-seed="$seed" "$@"
+    "$python" -X faulthandler -m pytest -q -p no:cacheprovider -m "" -n 0 --durations=15 --randomly-seed="$seed" "$@"
 done
 wait
 for stack in "${stacks[@]}"; do
