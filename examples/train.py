@@ -8,7 +8,9 @@ Every argument is described by `--help`; see examples/README.md for multi-GPU an
 
 import sys
 
+from lavcap_cli import leave_process_group
 from lavcap_hf.training.run import run_training
 
 if __name__ == "__main__":
     run_training(sys.argv[1:])
+    leave_process_group()  # under `accelerate launch`, as `lavcap train` does

@@ -126,7 +126,7 @@ def add_app_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def add_evaluate_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `lavcap evaluate` and `examples/evaluate.py`."""
+    """The options of `lavcap evaluate` and `examples/evaluate_model.py`."""
     parser.add_argument("--model", required=True, help="model folder or Hub id (model + processor)")
     parser.add_argument(
         "--data",

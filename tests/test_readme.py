@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shlex
+import subprocess
+import sys
 from pathlib import Path
 from unittest import mock
 
@@ -107,3 +110,31 @@ def test_the_readme_names_the_pinned_versions() -> None:
     for stack, versions in rows.items():
         pins = pinned_versions(stack)
         assert dict(zip(packages, versions, strict=True)) == {name: pins[name] for name in packages}, stack
+
+
+EXAMPLE_SCRIPTS = sorted((README.parent / "examples").glob("*.py"))
+
+
+@pytest.mark.parametrize("script", EXAMPLE_SCRIPTS, ids=lambda path: path.name)
+def test_no_example_script_shadows_an_installed_module(script: Path) -> None:
+    """`python examples/X.py` puts examples/ first on the import path: a script named like a module the package
+    imports would be imported in its place (examples/evaluate.py broke `import evaluate`, and with it every command
+    running examples/train.py)."""
+    assert importlib.util.find_spec(script.stem) is None, (
+        f"{script.name} shadows the installed module {script.stem}"
+    )
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("script", EXAMPLE_SCRIPTS, ids=lambda path: path.name)
+def test_each_example_script_runs_as_the_readme_runs_it(script: Path) -> None:
+    """`python examples/X.py --help`, as the README and examples/README.md run the scripts (from the repository root)."""
+    done = subprocess.run(
+        [sys.executable, str(script.relative_to(README.parent)), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=README.parent,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "usage:" in done.stdout

@@ -1,6 +1,6 @@
 """Evaluate a LAVCap model on a captioned split (AudioCaps test by default), as `lavcap evaluate` does.
 
-    python examples/evaluate.py --model path/to/lavcap --data dataset/audiocaps --output-dir exp/eval [--modality-test]
+    python examples/evaluate_model.py --model path/to/lavcap --data dataset/audiocaps --output-dir exp/eval [--modality-test]
 
 Writes predictions (JSONL), scores (JSON, for the model card) and a markdown table to --output-dir; rerunning the same
 command resumes an interrupted run. Every option is described by `--help`. The logic lives in
