@@ -557,6 +557,26 @@ def test_components_build_keeps_its_starting_model_as_the_adapters_base(workspac
         )
 
 
+def test_qlora_components_build_trains_on_the_4bit_reload_of_its_saved_starting_model(
+    workspace, tmp_path
+) -> None:
+    """`--quantize 4bit` with components: the starting model is saved unquantized (the adapters' base), and training
+    runs on it read back with a 4-bit decoder."""
+    pytest.importorskip("bitsandbytes", reason="bitsandbytes (the quantization extra) is not installed")
+    from lavcap_hf.quantization import quantized_module_names
+
+    save_component_parts(tmp_path)
+    output = tmp_path / "run"
+    args = common_args(workspace, output, "train_features.jsonl")[2:]  # no --model_name_or_path
+    args += ["--language_model", str(tmp_path / "llm"), "--audio_encoder", str(tmp_path / "ced.pt")]
+    args += ["--num_frames", "4", "--visual_embed_dim", "32", "--max_steps", "1", "--quantize", "4bit"]
+    trainer = run_training(args)
+    base = LavCapForConditionalGeneration.from_pretrained(output / "base_model")
+    assert not quantized_module_names(base)
+    quantized = quantized_module_names(trainer.model)
+    assert quantized and all(".language_model." in name for name in quantized)
+
+
 def test_accelerate_configs_are_valid_and_wrap_existing_layers(workspace) -> None:
     from accelerate.commands.config.config_args import load_config_from_file
 

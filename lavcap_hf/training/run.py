@@ -217,6 +217,7 @@ def run_training(arguments: LavCapArguments | Sequence[str] | None = None) -> Tr
         if arguments.model.quantize:
             # A components build is quantized as it is read back from its saved folder.
             quantized = dataclasses.replace(arguments.model, model_name_or_path=str(base_folder.resolve()))
+            del model  # the unquantized build leaves memory before the quantized one is read
             model, processor = load_model_and_processor(quantized, training.device)
     if arguments.model.quantize:
         model = prepare_for_kbit_training(model)
