@@ -363,8 +363,20 @@ def fsdp_launcher() -> list[str]:
             "--main_process_port", str(free_port())]  # fmt: skip
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(workspace, tmp_path_factory) -> tuple[Path, list[dict]]:
+    """The DDP run's 3 steps under FSDP (see the test below), saving a checkpoint at step 2: the output folder and
+    what each rank saved. One run serves the comparison with DDP and, as the uninterrupted run, the resume test."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    args = two_process_args(workspace, folder / "run") + FSDP_SAVE_STEPS
+    return folder / "run", run_two_processes(fsdp_launcher(), FSDP_SCRIPT, folder, args)
+
+
+FSDP_SAVE_STEPS = ["--save_steps", "2"]
+
+
 def test_two_process_fsdp_shards_the_model_and_ends_with_the_weights_of_ddp(
-    workspace, ddp_run, tmp_path
+    workspace, ddp_run, fsdp_run
 ) -> None:
     """`accelerate launch` with examples/accelerate/fsdp_7b.yaml (FSDP1, full shard, CedBlock and LlamaDecoderLayer
     units, use_orig_params, full state dict) on 2 CPU processes (gloo), in fp32, then the DDP run's 3 steps.
@@ -375,8 +387,7 @@ def test_two_process_fsdp_shards_the_model_and_ends_with_the_weights_of_ddp(
     FSDP1 read freed memory; and its plugin refuses `sync_module_states` on CPU (off here: every process loads the
     same weights). bf16 is off so that the weights can be compared with DDP's.
     """
-    output = tmp_path / "run"
-    ranks = run_two_processes(fsdp_launcher(), FSDP_SCRIPT, tmp_path, two_process_args(workspace, output))
+    output, ranks = fsdp_run
     assert [(r["world_size"], r["backend"], r["distributed_type"]) for r in ranks] == [
         (2, "gloo", "FSDP")
     ] * 2
@@ -417,25 +428,23 @@ def test_two_process_fsdp_shards_the_model_and_ends_with_the_weights_of_ddp(
         )
 
 
-def test_resumed_fsdp_run_ends_with_the_weights_of_an_uninterrupted_fsdp_run(workspace, tmp_path) -> None:
-    """3 FSDP steps saving at step 2, then a fresh FSDP run resumed from that checkpoint-2 to step 3.
+def test_resumed_fsdp_run_ends_with_the_weights_of_an_uninterrupted_fsdp_run(
+    workspace, fsdp_run, tmp_path
+) -> None:
+    """The FSDP run's 3 steps, saving at step 2, then a fresh FSDP run resumed from that checkpoint-2 to step 3.
 
     The checkpoint's `pytorch_model_fsdp.bin`, which the Trainer restores under FSDP, lacks the LoRA weights (peft
     0.21): they must come from its adapters file, or the resumed run restarts LoRA from its initialisation.
     """
-    steps = ["--save_steps", "2"]
-    full, resumed = tmp_path / "full", tmp_path / "resumed"
-    full.mkdir()
-    uninterrupted = run_two_processes(
-        fsdp_launcher(), FSDP_SCRIPT, full, two_process_args(workspace, full / "run") + steps
-    )
-    shutil.copytree(full / "run" / "checkpoint-2", resumed / "run" / "checkpoint-2")
+    full, uninterrupted = fsdp_run
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoint-2", resumed / "run" / "checkpoint-2")
     ranks = run_two_processes(
         fsdp_launcher(),
         FSDP_SCRIPT,
         resumed,
         two_process_args(workspace, resumed / "run")
-        + steps
+        + FSDP_SAVE_STEPS
         + ["--resume_from_checkpoint", str(resumed / "run" / "checkpoint-2")],
     )
     assert [r["distributed_type"] for r in ranks] == ["FSDP"] * 2
@@ -449,7 +458,7 @@ def test_resumed_fsdp_run_ends_with_the_weights_of_an_uninterrupted_fsdp_run(wor
         torch.testing.assert_close(final[name], tensor, rtol=1e-6, atol=1e-8, msg=name)
     # LoRA moved from its initialisation (lora_B starts at zero) before the checkpoint, and after it.
     start = initial_model(workspace).state_dict()
-    checkpointed = load_trained(full / "run" / "checkpoint-2").state_dict()
+    checkpointed = load_trained(full / "checkpoint-2").state_dict()
     lora = [name for name in expected if ".lora_B." in name]
     assert lora and all(not torch.equal(checkpointed[name], start[name]) for name in lora)
     assert all(not torch.equal(final[name], checkpointed[name]) for name in lora)
