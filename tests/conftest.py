@@ -1,9 +1,12 @@
 """Shared fixtures: one torch thread for every test; synthetic audio and frames for media and feature tests; the saved
-scene model of the captioning, evaluation and quantization tests (a module may define its own `model_dir`)."""
+scene model of the captioning, evaluation and quantization tests (a module may define its own `model_dir`). Hooks:
+`stack_independent` tests are held to their mark; modules with integration tests run first."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine they slow down badly under load.
@@ -13,6 +16,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from helpers import save_scene_model  # noqa: E402
+from stacks import code_run_of_differing_packages  # noqa: E402
 
 # Frames carry their index in binary, one black (0) or white (1) vertical stripe per bit, which survives any
 # lossy codec; this many stripes allows 64 frames.
@@ -80,3 +84,39 @@ def model_dir(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("model")
     save_scene_model(folder)
     return folder
+
+
+@contextlib.contextmanager
+def held_to_stack_independence(item: pytest.Item, phase: str) -> Iterator[None]:
+    """For a `stack_independent` test, fail `phase` if it ran a function of a package the stacks pin differently."""
+    if item.get_closest_marker("stack_independent") is None:
+        yield
+        return
+    with code_run_of_differing_packages() as ran:
+        yield
+    if ran:
+        pytest.fail(
+            f"marked stack_independent, but its {phase} ran code of {', '.join(sorted(ran))}, which the two stacks "
+            "pin at different versions: remove the mark, so that it runs on both stacks",
+            pytrace=False,
+        )
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item):
+    with held_to_stack_independence(item, "set-up"):
+        return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item: pytest.Item):
+    with held_to_stack_independence(item, "call"):
+        return (yield)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules with an integration test first, each kept whole, in the shuffled order otherwise (pytest-randomly
+    shuffles before this hook): the long tests start early, so that both stacks of `scripts/test.sh` end on short
+    ones together instead of one waiting for the other's last training run."""
+    heavy = {getattr(item, "module", None) for item in items if item.get_closest_marker("integration")}
+    items.sort(key=lambda item: getattr(item, "module", None) not in heavy)

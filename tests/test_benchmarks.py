@@ -60,6 +60,7 @@ def markdown_rows(text: str, header_start: str, exact: bool = False) -> list[dic
 # -- bench_ot and bench_train ---------------------------------------------------------------------------------------
 
 
+@pytest.mark.stack_independent  # torch and the OT module only (held to it, tests/conftest.py)
 def test_bench_ot_tables_agree_with_the_per_sample_loop(capsys):
     bench_ot.main(["--device", "cpu", "--batch-sizes", "3", "--repeats", "1", "--threads", "1"])
     out = capsys.readouterr().out

@@ -10,6 +10,9 @@ import pytest
 from lavcap_cli import main
 from lavcap_hf.evaluation.corenlp import CORENLP_JARS, fetch_corenlp, missing_corenlp_jars
 
+# No function of a package the stacks pin differently runs here (held to it, tests/conftest.py): one stack is enough.
+pytestmark = pytest.mark.stack_independent
+
 
 def release_zip(tmp_path, names=CORENLP_JARS):
     path = tmp_path / "stanford-corenlp-full-2015-12-09.zip"

@@ -23,6 +23,7 @@ OTHER_PYTHON = os.environ.get("LAVCAP_OTHER_STACK_PYTHON")
 
 pytestmark = [
     pytest.mark.integration,
+    pytest.mark.cross_stack,  # both directions from either stack: scripts/test.sh runs them from one
     pytest.mark.skipif(
         not OTHER_PYTHON,
         reason="needs the other stack's interpreter in LAVCAP_OTHER_STACK_PYTHON (scripts/test.sh sets it)",
@@ -105,12 +106,36 @@ PROCESS_THERE = textwrap.dedent(
     """
     import sys, numpy as np
     from lavcap_hf import LavCapProcessor
-    processor = LavCapProcessor.from_pretrained(sys.argv[1])
+    if sys.argv[1] == "new":
+        from lavcap_hf.testing.configs import tiny_lavcap_config
+        from lavcap_hf.testing.tokenizers import word_level_tokenizer
+        processor = LavCapProcessor.from_model_config(tiny_lavcap_config(), word_level_tokenizer(["a bird chirps"]))
+        processor.save_pretrained(sys.argv[3])
+    else:
+        processor = LavCapProcessor.from_pretrained(sys.argv[1])
     out = processor(audio=np.zeros(8000, np.float32), sampling_rate=16000, videos=np.zeros((4, 8, 8, 3), np.uint8),
                     captions="a bird chirps", return_tensors="np")
     np.save(sys.argv[2], out["input_ids"])
     """
 )
+
+
+def process_here(processor) -> np.ndarray:
+    """The input ids `processor` gives the clip and caption of PROCESS_THERE."""
+    return processor(
+        audio=np.zeros(8000, np.float32),
+        sampling_rate=16000,
+        videos=np.zeros((4, 8, 8, 3), np.uint8),
+        captions="a bird chirps",
+        return_tensors="np",
+    )["input_ids"]
+
+
+def process_there(*args: str) -> None:
+    result = subprocess.run(
+        [OTHER_PYTHON, "-c", PROCESS_THERE, *args], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_processor_saved_here_loads_there(tmp_path: Path) -> None:
@@ -121,18 +146,13 @@ def test_processor_saved_here_loads_there(tmp_path: Path) -> None:
         tiny_lavcap_config(), word_level_tokenizer(["a bird chirps"])
     )
     processor.save_pretrained(tmp_path / "processor")
-    result = subprocess.run(
-        [OTHER_PYTHON, "-c", PROCESS_THERE, str(tmp_path / "processor"), str(tmp_path / "ids.npy")],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    here = processor(
-        audio=np.zeros(8000, np.float32),
-        sampling_rate=16000,
-        videos=np.zeros((4, 8, 8, 3), np.uint8),
-        captions="a bird chirps",
-        return_tensors="np",
-    )["input_ids"]
-    np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), here)
+    process_there(str(tmp_path / "processor"), str(tmp_path / "ids.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), process_here(processor))
+
+
+def test_processor_saved_there_loads_here(tmp_path: Path) -> None:
+    from lavcap_hf import LavCapProcessor
+
+    process_there("new", str(tmp_path / "ids.npy"), str(tmp_path / "processor"))
+    processor = LavCapProcessor.from_pretrained(tmp_path / "processor")
+    np.testing.assert_array_equal(process_here(processor), np.load(tmp_path / "ids.npy"))

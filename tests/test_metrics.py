@@ -25,6 +25,9 @@ from lavcap_hf.evaluation.metrics import (
     missing_spice_files,
 )
 
+# No function of a package the stacks pin differently runs here (held to it, tests/conftest.py): one stack is enough.
+pytestmark = pytest.mark.stack_independent
+
 needs_java = pytest.mark.skipif(
     shutil.which("java") is None, reason="the PTB tokenizer and METEOR 1.5 run on a Java runtime"
 )

@@ -18,6 +18,9 @@ from lavcap_hf.model.optimal_transport import (
     ot_alignment_loss,
 )
 
+# No function of a package the stacks pin differently runs here (held to it, tests/conftest.py): one stack is enough.
+pytestmark = pytest.mark.stack_independent
+
 HIDDEN = 32
 OT_TYPES = OT_FUSION_TYPES
 

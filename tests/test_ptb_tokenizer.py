@@ -12,6 +12,9 @@ from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from lavcap_hf.evaluation.ptb_tokenizer import ptb_tokenize
 
+# No function of a package the stacks pin differently runs here (held to it, tests/conftest.py): one stack is enough.
+pytestmark = pytest.mark.stack_independent
+
 needs_java = pytest.mark.skipif(
     shutil.which("java") is None, reason="the reference is the PTB tokenizer jar (Java)"
 )

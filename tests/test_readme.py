@@ -15,6 +15,7 @@ import pytest
 import tomllib
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+from stacks import pinned_versions
 
 from lavcap_cli import parse_command_line
 from lavcap_hf.training.arguments import parse_arguments
@@ -66,20 +67,8 @@ def parse_readme_command(command: str) -> None:
         parse_arguments(words[script + 1 :] + ON_THIS_MACHINE)
 
 
-CONSTRAINTS = README.parent / "constraints"
 PYPROJECT = README.parent / "pyproject.toml"
 STACK_EXTRAS = {"current": ("dev", "app", "quantization"), "gaudi": ("gaudi", "dev", "app", "quantization")}
-
-
-def pinned_versions(stack: str) -> dict[str, str]:
-    """{canonical package name: version} of constraints/STACK.txt."""
-    pins = {}
-    for line in (CONSTRAINTS / f"{stack}.txt").read_text().splitlines():
-        line = line.split("#")[0].strip()
-        if line:
-            name, version = line.split("==")
-            pins[canonicalize_name(name)] = version
-    return pins
 
 
 @pytest.mark.parametrize("stack", sorted(STACK_EXTRAS))

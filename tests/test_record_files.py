@@ -18,6 +18,9 @@ from lavcap_hf.captioning.record_files import (
     write_atomic,
 )
 
+# No function of a package the stacks pin differently runs here (held to it, tests/conftest.py): one stack is enough.
+pytestmark = pytest.mark.stack_independent
+
 RECORDS = [{"id": "a", "prediction": "a dog barks"}, {"id": "b", "error": "unreadable"}]
 
 

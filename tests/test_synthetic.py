@@ -22,6 +22,9 @@ from lavcap_hf.data.synthetic import (
 )
 from lavcap_hf.model.media_decoding import load_media
 
+# No function of a package the stacks pin differently runs here (held to it, tests/conftest.py): one stack is enough.
+pytestmark = pytest.mark.stack_independent
+
 SAMPLING_RATE = 16000
 FPS = 10
 DURATION_RANGE = (1.0, 2.0)
