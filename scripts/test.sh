@@ -3,7 +3,7 @@
 # own virtual environment under .venvs/: transformers 5.x ("current") and optimum-habana 1.21.2's pins (transformers
 # 4.55, "gaudi"), each pinned to the versions last tested green (constraints/STACK.txt). The two stacks are set up and
 # tested side by side, one core each (the tests run one torch thread each). Tests whose outcome cannot depend on the
-# stack (the `stack_independent` and `cross_stack` marks, see pyproject.toml) run on the current stack only.
+# stack run on one of them (the `stack_independent` and `cross_stack` marks, see pyproject.toml).
 # Usage: scripts/test.sh [--newest] [pytest args]
 #   --newest: the newest versions pyproject.toml's ranges allow instead of the pinned ones, in .venvs/newest-STACK
 #   (scripts/update_constraints.sh pins them once they pass).
@@ -67,18 +67,20 @@ echo "== set up in ${SECONDS} s"
 seed=${LAVCAP_TEST_SEED:-$(( (RANDOM << 15) | RANDOM ))}
 echo "== test order: --randomly-seed=$seed"
 stack_limit=${LAVCAP_STACK_TIME_LIMIT:-2400}  # seconds per stack; a whole stack takes 5 to 15 minutes here
-# The marks of tests that one stack runs for both (pyproject.toml says why each is enough once).
-run_once="stack_independent or cross_stack"
+# The marks of tests that one stack runs for both (pyproject.toml says why each is enough once), by the stack that runs
+# them: each stack leaves out the other's.
+once_on_current="stack_independent"
+once_on_gaudi="cross_stack"
 for stack in "${stacks[@]}"; do
   other=gaudi; [ "$stack" = gaudi ] && other=current
   python="$venvs/${prefix}$stack/bin/python"
   versions=$("$python" -c 'import importlib.metadata as m; print(", ".join(f"{p} {m.version(p)}" for p in ("transformers", "accelerate", "peft", "datasets", "torch")))')
   echo "== tests on the ${prefix}$stack stack ($versions; --randomly-seed=$seed): started"
-  # -m: both tiers, less the tests run once on the gaudi stack; -n 0: one process per stack (the two stacks share
+  # -m: both tiers, less the tests the other stack runs for both; -n 0: one process per stack (the two stacks share
   # the cores); the 15 slowest tests are listed (--durations), so a CI log shows where the time went. pytest-timeout
   # fails a test that hangs (pyproject.toml); the outer limit also ends a hang that no signal reaches (a thread
   # blocked in native code): SIGABRT makes faulthandler print every thread's stack first.
-  selection=""; [ "$stack" = gaudi ] && selection="not ($run_once)"
+  selection="not $once_on_gaudi"; [ "$stack" = gaudi ] && selection="not $once_on_current"
   run_in_background "tests-$stack" env LAVCAP_OTHER_STACK_PYTHON="$venvs/${prefix}$other/bin/python" \
     timeout --signal=ABRT --kill-after=60 "$stack_limit" \
     "$python" -X faulthandler -m pytest -q -p no:cacheprovider -m "$selection" -n 0 --durations=15 \

@@ -1,9 +1,9 @@
 """The two tested stacks as their pins describe them, and the check behind the `stack_independent` mark.
 
-`scripts/test.sh` runs every test on the current stack and all but the `stack_independent` and `cross_stack` ones
-on the gaudi stack (pyproject.toml's markers say why each is enough once). A `stack_independent` test is held to it
-while it runs (tests/conftest.py): no function of a package the two stacks pin at different versions may run in its
-set-up or body, so its outcome cannot depend on which stack runs it.
+`scripts/test.sh` runs `stack_independent` tests on the current stack only and `cross_stack` ones from the gaudi stack
+only (pyproject.toml's markers say why each is enough once). A `stack_independent` test is held to its mark while it
+runs (tests/conftest.py): no function of a package the two stacks pin at different versions may run in its set-up or
+body, so its outcome cannot depend on which stack runs it.
 """
 
 from __future__ import annotations
