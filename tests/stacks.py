@@ -50,12 +50,16 @@ def code_locations_of_differing_packages() -> dict[str, str]:
             distribution = importlib.metadata.distribution(name)
         except importlib.metadata.PackageNotFoundError:
             continue  # pinned by the other stack only: nothing of it can run here
-        for file in distribution.files or ():
-            top = file.parts[0]
-            if top.endswith((".dist-info", ".data")) or top in ("..", "__pycache__") or file.suffix == ".pth":
+        # Each top-level entry once: a folder (a package) or a single module file.
+        tops = {
+            file.parts[0]: len(file.parts) > 1 for file in distribution.files or () if file.suffix != ".pth"
+        }
+        for top, is_folder in tops.items():
+            if top.endswith((".dist-info", ".data")) or top in ("..", "__pycache__"):
                 continue
-            for path in {str(distribution.locate_file(top)), os.path.realpath(distribution.locate_file(top))}:
-                locations[path + os.sep if len(file.parts) > 1 else path] = name
+            where = distribution.locate_file(top)
+            for path in {str(where), os.path.realpath(where)}:  # as imported, and with links resolved
+                locations[path + os.sep if is_folder else path] = name
     return locations
 
 
@@ -73,11 +77,11 @@ def code_run_of_differing_packages() -> Iterator[set[str]]:
             if filename.startswith(prefixes):
                 ran.add(next(locations[prefix] for prefix in prefixes if filename.startswith(prefix)))
 
-    previous = sys.getprofile()
+    previous = sys.getprofile(), threading.getprofile()
     sys.setprofile(profile)
     threading.setprofile(profile)
     try:
         yield ran
     finally:
-        sys.setprofile(previous)
-        threading.setprofile(None)
+        sys.setprofile(previous[0])
+        threading.setprofile(previous[1])

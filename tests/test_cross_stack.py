@@ -69,10 +69,9 @@ def batch_for(config) -> dict[str, torch.Tensor]:
     }
 
 
-def run_other(args: list[str]) -> str:
-    result = subprocess.run(
-        [OTHER_PYTHON, "-c", SAVE_AND_RUN, *args], capture_output=True, text=True, timeout=600
-    )
+def run_other(script: str, *args: str) -> str:
+    """Run `script` with `args` on the other stack's interpreter; returns what it printed."""
+    result = subprocess.run([OTHER_PYTHON, "-c", script, *args], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout.strip()
 
@@ -83,7 +82,9 @@ def test_saved_here_loads_there(tmp_path: Path) -> None:
     model.save_pretrained(tmp_path / "model")
     batch = batch_for(model.config)
     torch.save(batch, tmp_path / "batch.pt")
-    other_version = run_other([str(tmp_path / "model"), str(tmp_path), str(tmp_path / "batch.pt")])
+    other_version = run_other(
+        SAVE_AND_RUN, str(tmp_path / "model"), str(tmp_path), str(tmp_path / "batch.pt")
+    )
     assert other_version.split(".")[0] != transformers.__version__.split(".")[0], (
         "the other stack is the same stack"
     )
@@ -95,7 +96,7 @@ def test_saved_here_loads_there(tmp_path: Path) -> None:
 def test_saved_there_loads_here(tmp_path: Path) -> None:
     batch = batch_for(tiny_lavcap_config("ot_att"))
     torch.save(batch, tmp_path / "batch.pt")
-    run_other(["new", str(tmp_path), str(tmp_path / "batch.pt")])
+    run_other(SAVE_AND_RUN, "new", str(tmp_path), str(tmp_path / "batch.pt"))
     model = LavCapForConditionalGeneration.from_pretrained(tmp_path / "model").eval()
     with torch.no_grad():
         here = model(**batch).logits
@@ -131,13 +132,6 @@ def process_here(processor) -> np.ndarray:
     )["input_ids"]
 
 
-def process_there(*args: str) -> None:
-    result = subprocess.run(
-        [OTHER_PYTHON, "-c", PROCESS_THERE, *args], capture_output=True, text=True, timeout=600
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-
-
 def test_processor_saved_here_loads_there(tmp_path: Path) -> None:
     from lavcap_hf import LavCapProcessor
     from lavcap_hf.testing.tokenizers import word_level_tokenizer
@@ -146,13 +140,13 @@ def test_processor_saved_here_loads_there(tmp_path: Path) -> None:
         tiny_lavcap_config(), word_level_tokenizer(["a bird chirps"])
     )
     processor.save_pretrained(tmp_path / "processor")
-    process_there(str(tmp_path / "processor"), str(tmp_path / "ids.npy"))
+    run_other(PROCESS_THERE, str(tmp_path / "processor"), str(tmp_path / "ids.npy"))
     np.testing.assert_array_equal(np.load(tmp_path / "ids.npy"), process_here(processor))
 
 
 def test_processor_saved_there_loads_here(tmp_path: Path) -> None:
     from lavcap_hf import LavCapProcessor
 
-    process_there("new", str(tmp_path / "ids.npy"), str(tmp_path / "processor"))
+    run_other(PROCESS_THERE, "new", str(tmp_path / "ids.npy"), str(tmp_path / "processor"))
     processor = LavCapProcessor.from_pretrained(tmp_path / "processor")
     np.testing.assert_array_equal(process_here(processor), np.load(tmp_path / "ids.npy"))

@@ -545,15 +545,23 @@ def test_trainer_needs_the_raw_columns(workspace, tmp_path) -> None:
         )
 
 
+def components_args(workspace: Path, parts: Path, output_dir: Path, *extra: str) -> list[str]:
+    """A run built from components (`save_component_parts` written into `parts`) instead of a LAVCap folder."""
+    save_component_parts(parts)
+    return [
+        *common_args(workspace, output_dir, "train_features.jsonl")[2:],  # no --model_name_or_path
+        "--language_model", str(parts / "llm"), "--audio_encoder", str(parts / "ced.pt"),
+        "--num_frames", "4", "--visual_embed_dim", "32", *extra,
+    ]  # fmt: skip
+
+
 def test_components_build_keeps_its_starting_model_as_the_adapters_base(workspace, tmp_path) -> None:
     """A run built from a CED checkpoint and a causal LM folder saves the model it starts from (its new token rows
     are drawn at random), and the finished run loads from its output folder alone."""
-    save_component_parts(tmp_path)
     output = tmp_path / "run"
-    args = common_args(workspace, output, "train_features.jsonl")[2:]  # no --model_name_or_path
-    args += ["--language_model", str(tmp_path / "llm"), "--audio_encoder", str(tmp_path / "ced.pt")]
-    args += ["--num_frames", "4", "--visual_embed_dim", "32", "--max_steps", "2", "--learning_rate", "1e-2"]
-    trainer = run_training(args)
+    trainer = run_training(
+        components_args(workspace, tmp_path, output, "--max_steps", "2", "--learning_rate", "1e-2")
+    )
     assert (output / "base_model" / "model.safetensors").is_file()
     reloaded = load_trained(output).eval()
     assert reloaded.peft_config["default"].base_model_name_or_path == str((output / "base_model").resolve())
@@ -574,12 +582,10 @@ def test_qlora_components_build_trains_on_the_4bit_reload_of_its_saved_starting_
     pytest.importorskip("bitsandbytes", reason="bitsandbytes (the quantization extra) is not installed")
     from lavcap_hf.quantization import quantized_module_names
 
-    save_component_parts(tmp_path)
     output = tmp_path / "run"
-    args = common_args(workspace, output, "train_features.jsonl")[2:]  # no --model_name_or_path
-    args += ["--language_model", str(tmp_path / "llm"), "--audio_encoder", str(tmp_path / "ced.pt")]
-    args += ["--num_frames", "4", "--visual_embed_dim", "32", "--max_steps", "1", "--quantize", "4bit"]
-    trainer = run_training(args)
+    trainer = run_training(
+        components_args(workspace, tmp_path, output, "--max_steps", "1", "--quantize", "4bit")
+    )
     base = LavCapForConditionalGeneration.from_pretrained(output / "base_model")
     assert not quantized_module_names(base)
     quantized = quantized_module_names(trainer.model)
